@@ -1,0 +1,6 @@
+"""Where to change: attaching to transformers models and the `Intervention` handle."""
+
+from .adapters import UnsupportedModelError, model_spec
+from .handle import Intervention, apply, load_config
+
+__all__ = ["Intervention", "UnsupportedModelError", "apply", "load_config", "model_spec"]

@@ -1,0 +1,116 @@
+"""The `Intervention` handle that `intervene.apply` returns."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from ..interventions import Method, ModelSpec, method_class
+from .adapters import model_spec
+from .dispatch import Dispatcher
+
+SCHEMA = 1
+
+
+class Intervention:
+    """An intervention active on a model: a context manager, undone by `remove()` or on exit.
+
+    `enabled` toggles it without detaching (the eval runner's before/after on one loaded model);
+    `config` is the resolved config, which `save()` writes and `intervene.load_config` reads back.
+    """
+
+    def __init__(self, model: nn.Module, config: Method, spec: ModelSpec):
+        self.config = config
+        self.model_spec = spec
+        self.active_layers = config.active_layers()
+        self.enabled = True
+        self.state: dict[int, dict] = {}  # per-layer state of the current sequence
+        self._dispatcher = Dispatcher.of(model)
+        self._dispatcher.add(self)  # a fresh dispatcher has nothing to clash with, so a refusal leaves no trace
+
+    @property
+    def method(self) -> str:
+        return self.config.name
+
+    @property
+    def active(self) -> bool:
+        return self._dispatcher is not None
+
+    def remove(self) -> None:
+        """Detach; once the last intervention on a model is removed, it is exactly as before. Idempotent."""
+        if self._dispatcher is not None:
+            self._dispatcher.discard(self)
+            self._dispatcher = None
+            self.state.clear()
+
+    def __enter__(self) -> Intervention:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def to_dict(self) -> dict[str, Any]:
+        from .. import __version__
+
+        return {
+            "schema": SCHEMA,
+            "method": self.config.name,
+            "params": self.config.to_dict(),
+            "model": {
+                "name_or_path": self.model_spec.name_or_path,
+                "num_layers": self.model_spec.num_layers,
+                "num_heads": self.model_spec.num_heads,
+            },
+            "intervene_version": __version__,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+
+    def __repr__(self) -> str:
+        status = ("enabled" if self.enabled else "disabled") if self.active else "removed"
+        return f"<Intervention {self.config!r} ({status})>"
+
+
+def apply(model: nn.Module, method: str | Method, /, *, config=None, **params) -> Intervention:
+    """Apply `method` (a registry name or a config object) to `model` and return its handle.
+
+    `config` is a mapping of parameters or a path to a saved config; keyword `params` override it.
+    """
+    spec = model_spec(model)
+    if isinstance(method, Method):
+        if config is not None or params:
+            method = type(method).from_dict({**method.to_dict(), **_params(config, method.name), **params})
+    elif isinstance(method, str):
+        method = method_class(method).from_dict({**_params(config, method), **params})
+    else:
+        raise TypeError(f"method must be a registered name or a config object, got {type(method).__name__}")
+    return Intervention(model, method.resolve(spec), spec)
+
+
+def load_config(path: str | os.PathLike) -> Method:
+    """Read a config written by `Intervention.save` (replay it with `intervene.apply(model, config)`)."""
+    with open(path) as f:
+        saved = json.load(f)
+    if not isinstance(saved, Mapping) or "method" not in saved or "params" not in saved:
+        raise ValueError(f"{path}: not an intervene config (expected the keys 'method' and 'params')")
+    if saved.get("schema", SCHEMA) > SCHEMA:
+        raise ValueError(f"{path}: config schema {saved['schema']} is newer than this intervene ({SCHEMA}); upgrade")
+    return method_class(saved["method"]).from_dict(saved["params"])
+
+
+def _params(config, method: str) -> dict:
+    if config is None:
+        return {}
+    if isinstance(config, Mapping):
+        return dict(config)
+    saved = load_config(config)
+    if saved.name != method:
+        raise ValueError(f"{config}: this config is for method {saved.name!r}, not {method!r}")
+    return saved.to_dict()

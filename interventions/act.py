@@ -1,0 +1,114 @@
+"""ACT: attention-sink calibration (Yu et al., ICML 2024, "Unveiling and Harnessing Hidden Attention Sinks").
+
+In each selected head, a key is a sink when the mean attention it receives from the queries that can
+see it exceeds `threshold`; the first sink found (normally the initial token) is kept as it is. Each
+query row then keeps only `beta` of its mass on the other sinks, and the freed `(1 - beta)` goes to all
+non-sink keys in proportion to their probabilities. On a prompt this is exactly the official code's
+operation, but for every batch element, with padding and KV-cache chunks counted correctly.
+
+Decoding (one new token over a cache) is well defined, unlike the official code:
+- `decode="frozen"`: keep the sinks found on the prompt and calibrate each new row against them;
+- `decode="online"`: detect sinks on the new row itself (its probabilities are its column means);
+- `decode="off"`: leave generated rows alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from ..kernels import AttentionEdit, Redistribute
+from .base import (
+    LayerCall,
+    Method,
+    ModelSpec,
+    check_number,
+    head_mask,
+    register,
+    resolve_heads,
+    resolve_layers,
+)
+
+DECODE_MODES = ("frozen", "online", "off")
+
+
+@register("act")
+@dataclass(frozen=True)
+class ACT(Method):
+    """Attention-sink calibration: move (1 - beta) of the mass on hidden sinks to the other keys."""
+
+    beta: float = 0.4
+    threshold: float = 0.1
+    layers: Any = "auto"  # "auto" = 2..L-2 as in the official code, "all", or a list
+    heads: Any = "all"  # "all" or {layer: [query heads]}
+    decode: str = "frozen"
+
+    primitives = frozenset({"redistribute"})
+
+    def __post_init__(self):
+        check_number("act", "beta", self.beta, low=0.0, high=1.0)
+        check_number("act", "threshold", self.threshold, low=0.0, high=1.0, low_open=True)
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"act: decode={self.decode!r} is not one of {', '.join(DECODE_MODES)}")
+
+    def resolve(self, model: ModelSpec) -> ACT:
+        layers = self.layers
+        if layers == "auto" and isinstance(self.heads, dict):
+            layers = sorted(int(layer) for layer in self.heads)  # per-layer head lists name their layers
+        layers = resolve_layers(layers, model, method="act", auto=range(2, model.num_layers - 1))
+        return replace(self, layers=layers, heads=resolve_heads(self.heads, layers, model, method="act"))
+
+    def active_layers(self) -> frozenset[int]:
+        if self.beta == 1.0:
+            return frozenset()
+        if self.heads == "all":
+            return frozenset(self.layers)
+        return frozenset(layer for layer, hs in self.heads.items() if hs)
+
+    def edit(self, call: LayerCall, state: dict) -> AttentionEdit | None:
+        if call.decode and self.decode == "off":
+            return None
+        if call.decode and self.decode == "frozen":
+            if "sinks" not in state:
+                return None  # the prompt was run without this intervention: nothing was detected
+            sinks = self._frozen(state["sinks"], call.key_positions)  # [B, Hq, Nk]
+        else:
+            sums, counts = call.column_stats()  # [B, Hq, Nk], [B, 1, Nk]
+            positions = call.key_positions
+            if not call.decode:  # prompt chunks accumulate: every query that sees a key counts
+                sums, counts = _accumulate(state, sums, counts, positions)
+            sinks = _sinks(sums / counts.clamp_min(1.0), self.threshold)
+            if not call.decode:
+                state["sinks"] = (sinks, positions)
+        sinks = sinks & head_mask(self.heads, call.layer, sinks.shape[1], sinks.device)[None, :, None]
+        return AttentionEdit(redistribute=Redistribute(source=sinks, target=~sinks, p_move=1.0 - self.beta))
+
+    @staticmethod
+    def _frozen(detected, positions: torch.Tensor) -> torch.Tensor:
+        """Prompt sinks re-indexed to this call's keys; keys generated since are never sinks."""
+        sinks, sink_positions = detected
+        lookup = torch.zeros(*sinks.shape[:2], int(positions[-1]) + 1, dtype=torch.bool, device=sinks.device)
+        seen = sink_positions <= positions[-1]
+        lookup[:, :, sink_positions[seen]] = sinks[:, :, seen]
+        return lookup[:, :, positions]
+
+
+def _sinks(column_mean: torch.Tensor, threshold: float) -> torch.Tensor:
+    """[B, Hq, Nk] keys above the threshold, except the first one found in each head."""
+    detected = column_mean > threshold
+    first = detected & (detected.cumsum(dim=-1) == 1)
+    return detected & ~first
+
+
+def _accumulate(state: dict, sums, counts, positions):
+    """Add this prompt chunk's column statistics to those of the earlier chunks, by key position."""
+    if "sums" in state:
+        old_sums, old_counts, old_positions = state["sums"], state["counts"], state["positions"]
+        index = torch.searchsorted(positions, old_positions)  # earlier keys still held by the cache
+        held = (index < positions.numel()) & (positions[index.clamp_max(positions.numel() - 1)] == old_positions)
+        sums = sums.index_add(-1, index[held], old_sums[..., held])
+        counts = counts.index_add(-1, index[held], old_counts[..., held])
+    state.update(sums=sums, counts=counts, positions=positions)
+    return sums, counts

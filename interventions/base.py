@@ -1,0 +1,226 @@
+"""What every intervention shares: the method base class, the registry, the per-call view of a layer,
+and the validation of `layers` / `heads` scopes.
+
+A method is a frozen dataclass of its parameters. `resolve(model)` checks them against one model and
+fills `"auto"`; `edit(call, state)` turns one attention call of one layer into an `AttentionEdit`.
+Methods never touch a model: the hooks build the `LayerCall` and run the edit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, ClassVar
+
+import torch
+
+from .. import kernels
+from ..kernels import AttentionEdit
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The geometry of the attention layers a method may target."""
+
+    num_layers: int
+    num_heads: int  # query heads
+    num_kv_heads: int
+    name_or_path: str = ""
+
+
+@dataclass
+class LayerCall:
+    """One call of one attention layer, as the hooks saw it."""
+
+    layer: int
+    query: torch.Tensor  # [B, Hq, Nq, D], after RoPE
+    key: torch.Tensor  # [B, Hkv, Nk, D], cache included
+    attention_mask: torch.Tensor | None  # as the model's mask function built it
+    scale: float
+    causal: bool
+    past_length: int  # tokens in the cache before this call
+    padding_mask: torch.Tensor | None  # [B, past_length + Nq] bool, True = real token; None = no padding
+
+    @property
+    def decode(self) -> bool:
+        """One new token on top of a cache: a generation step rather than a (chunk of a) prompt."""
+        return self.query.shape[2] == 1 and self.past_length > 0
+
+    @cached_property
+    def key_positions(self) -> torch.Tensor:
+        """[Nk] absolute position of each key (a sliding-window cache holds only the latest ones)."""
+        total, held = self.past_length + self.query.shape[2], self.key.shape[2]
+        offset = total - held if held <= total else 0  # a static cache holds empty slots past `total`
+        return torch.arange(held, device=self.key.device) + offset
+
+    @cached_property
+    def query_valid(self) -> torch.Tensor | None:
+        """[B, Nq] True where the query is a real token, None when nothing is padded."""
+        if self.padding_mask is None:
+            return None
+        return self.padding_mask[:, self.past_length :].bool()
+
+    @cached_property
+    def first_key(self) -> torch.Tensor:
+        """[B] index among the keys of each row's first real token; -1 where the cache no longer holds it."""
+        batch = self.query.shape[0]
+        first = torch.zeros(batch, dtype=torch.long, device=self.key.device)
+        if self.padding_mask is not None:
+            first = self.padding_mask.int().argmax(dim=-1).to(self.key.device)
+        index = first - self.key_positions[0]
+        return torch.where(index >= 0, index, -1)
+
+    def column_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unmodified attention summed per key over this call's real queries, and their counts."""
+        return kernels.column_stats(
+            self.query,
+            self.key,
+            attention_mask=self.attention_mask,
+            scale=self.scale,
+            causal=self.causal,
+            query_mask=self.query_valid,
+        )
+
+
+class Method:
+    """Base of every registered intervention. Subclasses are frozen dataclasses."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    # AttentionEdit fields this method may set; two methods that set a non-composable one
+    # (redistribute, key_gain) on a common layer are refused at `apply` time.
+    primitives: ClassVar[frozenset[str]] = frozenset()
+
+    def resolve(self, model: ModelSpec) -> Method:
+        """This config checked against `model`, with every `"auto"` made explicit."""
+        return self
+
+    def active_layers(self) -> frozenset[int]:
+        """Layers this (resolved) config really edits; empty when its parameters are neutral."""
+        raise NotImplementedError
+
+    def edit(self, call: LayerCall, state: dict) -> AttentionEdit | None:
+        """The edit for one call of an active layer. `state` persists per layer across the calls of
+        one sequence (prefill chunks, then decode steps) and is cleared when a new sequence starts."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, params: Mapping[str, Any]) -> Method:
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise ValueError(
+                f"unknown parameter {unknown[0]!r} for method {cls.name!r}; its parameters are: {', '.join(known)}"
+            )
+        return cls(**params)
+
+
+def register(name: str):
+    """Class decorator adding a method to the registry under `name` (see `intervene.methods()`)."""
+
+    def add(cls: type[Method]) -> type[Method]:
+        if not (isinstance(cls, type) and issubclass(cls, Method) and dataclasses.is_dataclass(cls)):
+            raise TypeError(f"@register({name!r}) needs a dataclass subclassing intervene.Method, got {cls!r}")
+        if not cls.__dataclass_params__.frozen:
+            raise TypeError(f"@register({name!r}): {cls.__name__} must be a frozen dataclass")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"a method named {name!r} is already registered ({_REGISTRY[name].__qualname__})")
+        cls.name = name
+        if not cls.description:
+            cls.description = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        _REGISTRY[name] = cls
+        return cls
+
+    return add
+
+
+def registry() -> dict[str, type[Method]]:
+    return dict(_REGISTRY)
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+# --- scopes shared by the methods -------------------------------------------------------------
+
+
+def resolve_layers(layers, model: ModelSpec, *, method: str, auto: range) -> tuple[int, ...]:
+    """`"auto"` -> `auto`, `"all"` -> every layer, an int or a list -> checked, sorted, de-duplicated."""
+    if layers == "auto":
+        return tuple(auto)
+    if layers == "all":
+        return tuple(range(model.num_layers))
+    values = [layers] if isinstance(layers, int) else list(layers)
+    for layer in values:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < model.num_layers:
+            raise ValueError(
+                f"{method}: layer {layer!r} is out of range; this model has layers 0..{model.num_layers - 1}"
+            )
+    return tuple(sorted(set(values)))
+
+
+def resolve_heads(heads, layers: tuple[int, ...], model: ModelSpec, *, method: str):
+    """`"all"`, or `{layer: [query heads]}` checked against the model and against `layers`."""
+    if heads == "all":
+        return "all"
+    if not isinstance(heads, Mapping):
+        raise ValueError(f"{method}: heads must be 'all' or a mapping {{layer: [heads]}}, got {heads!r}")
+    resolved = {}
+    for layer, hs in heads.items():
+        layer = int(layer)  # JSON turns keys into strings
+        if layer not in layers:
+            raise ValueError(
+                f"{method}: heads are given for layer {layer}, which is not among layers={list(layers)}; "
+                "add it to `layers` or drop it from `heads`"
+            )
+        hs = [hs] if isinstance(hs, int) else list(hs)
+        for h in hs:
+            if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < model.num_heads:
+                raise ValueError(
+                    f"{method}: head {h!r} of layer {layer} is out of range; "
+                    f"this model has query heads 0..{model.num_heads - 1}"
+                )
+        resolved[layer] = tuple(sorted(set(hs)))
+    return resolved
+
+
+def head_mask(heads, layer: int, num_heads: int, device) -> torch.Tensor:
+    """[Hq] bool: the heads of `layer` in scope."""
+    if heads == "all":
+        return torch.ones(num_heads, dtype=torch.bool, device=device)
+    mask = torch.zeros(num_heads, dtype=torch.bool, device=device)
+    mask[list(heads.get(layer, ()))] = True
+    return mask
+
+
+def check_number(method: str, name: str, value, *, low=None, high=None, low_open=False) -> float:
+    """A finite real parameter within [low, high] (or (low, high] with `low_open`), else a clear error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{method}: {name} must be a finite number, got {value!r}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and value > high
+    if too_low or too_high:
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        bounds = f"{'(' if low_open else '['}{lo}, {hi}]"
+        raise ValueError(f"{method}: {name}={value!r} is out of range; it must lie in {bounds}")
+    return float(value)
+
+
+def _jsonable(value):
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return value

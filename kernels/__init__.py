@@ -1,0 +1,82 @@
+"""How an `AttentionEdit` is executed.
+
+Layouts follow transformers: q `[B, Hq, Nq, D]`, k/v `[B, Hkv, Nk, D]` (GQA when Hq > Hkv), output
+`[B, Nq, Hq, D]`. `attention_mask` is what transformers' mask functions produce: `None`, a bool
+`[B|1, 1, Nq, Nk]` (True = visible) or an additive float mask of that shape. With no mask and
+`causal=True`, causality is bottom-right aligned (the last query row sees every key), which is what a
+KV-cache decode step needs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .edit import AttentionEdit, Redistribute
+
+__all__ = ["AttentionEdit", "Redistribute", "modified_attention", "column_stats", "BACKENDS"]
+
+BACKENDS = ("auto", "reference")
+
+
+def modified_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    edit: AttentionEdit | None = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    causal: bool = True,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Attention with `edit` applied: `[B, Nq, Hq, D]` in q's dtype, plus the fp32 row log-sum-exp
+    `[B, Hq, Nq]` of the unredistributed logits when `return_lse`."""
+    _check(q, k, backend)
+    return reference.attention(
+        q,
+        k,
+        v,
+        edit or AttentionEdit(),
+        attention_mask=attention_mask,
+        scale=q.shape[-1] ** -0.5 if scale is None else scale,
+        causal=causal,
+        return_lse=return_lse,
+    )
+
+
+def column_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    causal: bool = True,
+    query_mask: torch.Tensor | None = None,
+    key_bias: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probability each key receives, summed over the query rows selected by `query_mask` `[B, Nq]`
+    (all rows when None), and how many of those rows can see it.
+
+    Returns `(sums [B, Hq, Nk], counts [B, 1|Hq, Nk])`, both fp32; `sums / counts` is the mean
+    attention a key receives from the queries that can really see it.
+    """
+    _check(q, k, backend)
+    return reference.column_stats(
+        q,
+        k,
+        attention_mask=attention_mask,
+        scale=q.shape[-1] ** -0.5 if scale is None else scale,
+        causal=causal,
+        query_mask=query_mask,
+        key_bias=key_bias,
+    )
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; available here: {', '.join(BACKENDS)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads cannot be grouped over {k.shape[1]} key/value heads")

@@ -1,0 +1,69 @@
+"""`AttentionEdit`: the few primitives every intervention reduces to (DESIGN §3).
+
+Shapes broadcast. `B` batch, `Hq` query heads, `Nq` query rows, `Nk` keys. All of them act on one
+attention call; an edit with every field `None` is plain attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Redistribute:
+    """Move the fraction `p_move` of each row's mass on `source` keys to `target` keys.
+
+    The moved mass is shared among target keys in proportion to their own probabilities; every other
+    key keeps its probability, so rows still sum to 1. A row with no mass on `source` or none on
+    `target` is left unchanged, as is a row whose `row_gate` is False.
+    """
+
+    source: torch.Tensor  # [B, Hq|1, Nk] bool
+    target: torch.Tensor  # [B, Hq|1, Nk] bool; keys also in `source` count as source
+    p_move: float | torch.Tensor  # scalar or [Hq], each in [0, 1]
+    row_gate: torch.Tensor | None = None  # [B, Hq, Nq] bool
+
+
+@dataclass(frozen=True)
+class AttentionEdit:
+    key_bias: torch.Tensor | None = None  # [B|1, Hq|1, Nq|1, Nk] float, added to the logits (natural log)
+    key_gain: tuple[torch.Tensor, float] | None = None  # (mask [B, Nk] bool, alpha): z + alpha*|z| there
+    redistribute: Redistribute | None = None
+    head_scale: torch.Tensor | None = None  # [B|1, Hq] multiplies each head's output
+
+    @property
+    def is_empty(self) -> bool:
+        return (
+            self.key_bias is None
+            and self.key_gain is None
+            and self.redistribute is None
+            and self.head_scale is None
+        )
+
+    def __add__(self, other: AttentionEdit) -> AttentionEdit:
+        """Compose two edits of one layer: biases add, head scales multiply.
+
+        Two redistributions (or two key gains) do not commute, so they are refused.
+        """
+        for name in ("key_gain", "redistribute"):
+            if getattr(self, name) is not None and getattr(other, name) is not None:
+                raise ValueError(
+                    f"two edits both set `{name}` on one layer; they do not commute and cannot be composed. "
+                    "Apply such interventions to disjoint layers, or remove one first."
+                )
+        return AttentionEdit(
+            key_bias=_combine(self.key_bias, other.key_bias, torch.add),
+            key_gain=self.key_gain if self.key_gain is not None else other.key_gain,
+            redistribute=self.redistribute if self.redistribute is not None else other.redistribute,
+            head_scale=_combine(self.head_scale, other.head_scale, torch.mul),
+        )
+
+
+def _combine(a, b, op):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return op(a, b)

@@ -1,0 +1,109 @@
+"""Pure-PyTorch reference backend: the specification, the CPU path and the test oracle.
+
+Softmax runs in fp32 and rows are processed in chunks, so memory stays bounded by
+`_CHUNK_SCORES` scores whatever the sequence length. Masked keys get probability exactly 0 and a
+fully masked row yields a zero output (never NaN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from .edit import AttentionEdit, Redistribute
+
+_CHUNK_SCORES = 1 << 24  # fp32 scores held at once: 64 MiB
+
+
+def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, return_lse):
+    B, Hq, Nq, D = q.shape
+    Hkv = k.shape[1]
+    v_grouped = v.float().unsqueeze(2)  # [B, Hkv, 1, Nk, Dv]
+    outputs, lses = [], []
+    for r0, r1, p, _, lse in _probability_rows(q, k, edit, attention_mask, scale, causal):
+        if edit.redistribute is not None:
+            p = _redistribute(p, edit.redistribute, r0, r1)
+        o = p.view(B, Hkv, Hq // Hkv, r1 - r0, -1) @ v_grouped  # [B, Hkv, G, rows, Dv]
+        outputs.append(o.view(B, Hq, r1 - r0, -1))
+        lses.append(lse)
+    out = torch.cat(outputs, dim=2)  # [B, Hq, Nq, Dv]
+    if edit.head_scale is not None:
+        out = out * edit.head_scale.float()[:, :, None, None]
+    out = out.transpose(1, 2).to(q.dtype)  # [B, Nq, Hq, Dv]
+    return (out, torch.cat(lses, dim=2)) if return_lse else out
+
+
+def column_stats(q, k, *, attention_mask, scale, causal, query_mask, key_bias):
+    B, Hq, _, _ = q.shape
+    Nk = k.shape[2]
+    sums = q.new_zeros(B, Hq, Nk, dtype=torch.float32)
+    counts = None
+    for r0, r1, p, keep, _ in _probability_rows(q, k, AttentionEdit(key_bias=key_bias), attention_mask, scale, causal):
+        if query_mask is not None:
+            rows = query_mask[:, None, r0:r1, None]  # [B, 1, rows, 1]
+            p, keep = p * rows, keep & rows
+        sums += p.sum(dim=2)
+        seen = keep.sum(dim=2, dtype=torch.float32).expand(B, -1, Nk)  # [B, 1|Hq, Nk]
+        counts = seen if counts is None else counts + seen
+    return sums, counts
+
+
+def _probability_rows(q, k, edit, attention_mask, scale, causal) -> Iterator:
+    """Yield `(r0, r1, probabilities [B, Hq, rows, Nk], keep [B|1, 1|Hq, rows, Nk], lse [B, Hq, rows])`."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    q_grouped = q.float().view(B, Hkv, Hq // Hkv, Nq, D)  # GQA without repeating K
+    k_t = k.float().transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, D, Nk]
+    step = max(1, _CHUNK_SCORES // (B * Hq * Nk))
+    for r0 in range(0, Nq, step):
+        r1 = min(Nq, r0 + step)
+        s = (q_grouped[:, :, :, r0:r1] @ k_t).view(B, Hq, r1 - r0, Nk) * scale
+        if edit.key_gain is not None:
+            gain_keys, alpha = edit.key_gain
+            s = s + alpha * s.abs() * gain_keys[:, None, None, :]
+        keep, additive = _mask_rows(attention_mask, r0, r1, Nq, Nk, causal, s.device)
+        if additive is not None:
+            s = s + additive
+        if edit.key_bias is not None:
+            s = s + _rows_of(edit.key_bias, r0, r1).float()
+        s = s.masked_fill(~keep, float("-inf"))
+        row_max = s.amax(dim=-1, keepdim=True)
+        row_max = row_max.masked_fill(row_max == float("-inf"), 0.0)  # fully masked rows
+        e = torch.exp(s - row_max)
+        total = e.sum(dim=-1, keepdim=True)
+        p = e / total.clamp_min(torch.finfo(torch.float32).tiny)
+        yield r0, r1, p, keep, (row_max + total.log()).squeeze(-1)
+
+
+def _mask_rows(attention_mask, r0, r1, Nq, Nk, causal, device):
+    """The visible keys of rows r0:r1 as a bool `keep`, plus any additive part of a float mask."""
+    if attention_mask is None:
+        if not causal:
+            return torch.ones(1, 1, 1, Nk, dtype=torch.bool, device=device), None
+        # bottom-right aligned: with a KV cache, row i is the query at key position i + Nk - Nq
+        rows = torch.arange(r0, r1, device=device)[:, None] + (Nk - Nq)
+        return (torch.arange(Nk, device=device)[None, :] <= rows)[None, None], None
+    m = _rows_of(attention_mask, r0, r1)
+    if m.dtype == torch.bool:
+        return m, None
+    keep = m > torch.finfo(m.dtype).min / 2  # HF eager masks use finfo.min for "masked"
+    return keep, m.float().masked_fill(~keep, 0.0)
+
+
+def _rows_of(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    return t[..., r0:r1, :] if t.shape[-2] > 1 else t
+
+
+def _redistribute(p: torch.Tensor, rd: Redistribute, r0: int, r1: int) -> torch.Tensor:
+    source = rd.source[:, :, None, :]  # [B, Hq|1, 1, Nk]
+    target = rd.target[:, :, None, :] & ~source
+    mass_source = (p * source).sum(dim=-1, keepdim=True)  # [B, Hq, rows, 1]
+    mass_target = (p * target).sum(dim=-1, keepdim=True)
+    p_move = torch.as_tensor(rd.p_move, dtype=torch.float32, device=p.device).reshape(1, -1, 1, 1)
+    active = (mass_source > 0) & (mass_target > 0)
+    if rd.row_gate is not None:
+        active = active & rd.row_gate[:, :, r0:r1, None]
+    keep_source = torch.where(active, 1.0 - p_move, 1.0)
+    grow_target = torch.where(active, 1.0 + p_move * mass_source / mass_target.clamp_min(1e-30), 1.0)
+    return p * torch.where(source, keep_source, torch.where(target, grow_target, 1.0))
