@@ -19,10 +19,11 @@ VOCAB = 96
 
 
 def tiny_llama(**overrides):
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **overrides,
-    )  # fmt: skip
+    config = LlamaConfig(**{
+        **dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+        **overrides,
+    })  # fmt: skip
     return LlamaForCausalLM(config)
 
 
@@ -55,9 +56,9 @@ def tiny_gpt2(**overrides):
 FACTORIES = {"llama": tiny_llama, "qwen2": tiny_qwen2, "gemma3": tiny_gemma3, "gpt2": tiny_gpt2}
 
 
-def build(arch: str, attn_implementation: str = "sdpa", dtype=torch.float32, seed: int = 0):
+def build(arch: str, attn_implementation: str = "sdpa", dtype=torch.float32, seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    model = FACTORIES[arch]().to(dtype).eval()
+    model = FACTORIES[arch](**overrides).to(dtype).eval()
     model.set_attn_implementation(attn_implementation)
     _sharpen(model)
     return model
@@ -91,3 +92,8 @@ def left_padded(prompts: list[list[int]], pad_id: int = 0):
 def prompt(length: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(1, VOCAB, (length,), generator=g).tolist()
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding, as `generate` builds them (GPT-2 has absolute positions)."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
