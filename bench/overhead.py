@@ -1,0 +1,109 @@
+"""Time cost of interventions relative to the unwrapped model, measured in one run.
+
+    python bench/overhead.py                       # the default model, CPU
+    python bench/overhead.py --model /path/to/ckpt --device cuda --batch-size 16
+
+Variants run interleaved, repeat after repeat, on the same left-padded batch of prompts; the table
+gives median times and their ratio to the unwrapped model (machines are noisy: compare ratios).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import intervene
+
+SENTENCES = [
+    "The committee met on Tuesday to review the budget for the coming year.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+    "She walked along the river until the lights of the town came into view.",
+    "Photosynthesis converts light energy into chemical energy stored in sugars.",
+    "The library closes early on public holidays, so plan your visit accordingly.",
+    "Mount Everest is the highest mountain above sea level on Earth.",
+    "After the storm, volunteers cleared the fallen branches from the park paths.",
+    "A prime number has exactly two distinct positive divisors.",
+]
+
+VARIANTS = {
+    "unwrapped": None,
+    "act (defaults)": ("act", {}),
+    "zerotuning (gamma=2)": ("zerotuning", {"gamma": 2.0}),
+}
+
+
+def prompts(batch_size: int) -> list[str]:
+    """Prompts of 2 to 2+batch_size sentences, so the batch is left-padded."""
+    return [" ".join(SENTENCES[i % 8 : i % 8 + 2 + i] * 2) for i in range(batch_size)]
+
+
+def timed(fn, device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    model, tokenizer = intervene.load_model(args.model, device=args.device)
+    device = str(model.device)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(prompts(args.batch_size), return_tensors="pt", padding=True).to(device)
+
+    def prefill():
+        with torch.no_grad():
+            model(**batch)
+
+    def generate():
+        with torch.no_grad():
+            model.generate(
+                **batch, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            )  # fmt: skip
+
+    times = {name: {"prefill": [], "generate": []} for name in VARIANTS}
+    for repeat in range(args.repeats + 1):  # the first round warms up and is dropped
+        for name, variant in VARIANTS.items():
+            handle = intervene.apply(model, variant[0], **variant[1]) if variant else None
+            for stage, fn in (("prefill", prefill), ("generate", generate)):
+                elapsed = timed(fn, device)
+                if repeat:
+                    times[name][stage].append(elapsed)
+            if handle:
+                handle.remove()
+
+    lengths = batch["attention_mask"].sum(-1)
+    print(
+        f"model {args.model} on {device}, {torch.get_num_threads()} threads; batch {args.batch_size}, prompt tokens "
+        f"{int(lengths.min())}-{int(lengths.max())}; generate = prefill + {args.new_tokens} decode steps; "
+        f"median of {args.repeats}\n"
+    )
+    print("| variant | prefill ms | ratio | generate ms | ratio |")
+    print("|---|---:|---:|---:|---:|")
+    base = {stage: statistics.median(times["unwrapped"][stage]) for stage in ("prefill", "generate")}
+    for name in VARIANTS:
+        cells = []
+        for stage in ("prefill", "generate"):
+            median = statistics.median(times[name][stage])
+            cells += [f"{median * 1e3:.0f}", f"{median / base[stage]:.2f}"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
