@@ -23,7 +23,16 @@ _EXPORTS = {
     "Method": "interventions",
     "register": "interventions",
 }
-__all__ = [*_EXPORTS, "methods"]
+__all__ = [
+    "Intervention",
+    "Method",
+    "UnsupportedModelError",
+    "apply",
+    "load_config",
+    "load_model",
+    "methods",
+    "register",
+]
 
 
 def methods() -> dict[str, str]:

@@ -58,10 +58,10 @@ def model_spec(model: nn.Module) -> ModelSpec:
 def _dispatches(cls: type) -> bool:
     """Whether the module defining `cls` computes attention through the AttentionInterface registry."""
     try:
-        source = open(sys.modules[cls.__module__].__file__).read()
+        with open(sys.modules[cls.__module__].__file__) as f:
+            return "ALL_ATTENTION_FUNCTIONS.get_interface(" in f.read()
     except (KeyError, OSError, TypeError):
         return False
-    return "ALL_ATTENTION_FUNCTIONS.get_interface(" in source
 
 
 def _unsupported(name: str) -> str:

@@ -20,16 +20,7 @@ from typing import Any
 import torch
 
 from ..kernels import AttentionEdit, Redistribute
-from .base import (
-    LayerCall,
-    Method,
-    ModelSpec,
-    check_number,
-    head_mask,
-    register,
-    resolve_heads,
-    resolve_layers,
-)
+from .base import LayerCall, Method, ModelSpec, check_number, head_mask, register, resolve_scope, scoped_layers
 
 DECODE_MODES = ("frozen", "online", "off")
 
@@ -41,7 +32,7 @@ class ACT(Method):
 
     beta: float = 0.4
     threshold: float = 0.1
-    layers: Any = "auto"  # "auto" = 2..L-2 as in the official code, "all", or a list
+    layers: Any = "auto"  # "auto" = 2..L-2, "all", or a list
     heads: Any = "all"  # "all" or {layer: [query heads]}
     decode: str = "frozen"
 
@@ -54,18 +45,12 @@ class ACT(Method):
             raise ValueError(f"act: decode={self.decode!r} is not one of {', '.join(DECODE_MODES)}")
 
     def resolve(self, model: ModelSpec) -> ACT:
-        layers = self.layers
-        if layers == "auto" and isinstance(self.heads, dict):
-            layers = sorted(int(layer) for layer in self.heads)  # per-layer head lists name their layers
-        layers = resolve_layers(layers, model, method="act", auto=range(2, model.num_layers - 1))
-        return replace(self, layers=layers, heads=resolve_heads(self.heads, layers, model, method="act"))
+        auto = range(2, model.num_layers - 1)  # the official code calibrates layers 2..L-2
+        layers, heads = resolve_scope(self.layers, self.heads, model, method="act", default="auto", auto=auto)
+        return replace(self, layers=layers, heads=heads)
 
     def active_layers(self) -> frozenset[int]:
-        if self.beta == 1.0:
-            return frozenset()
-        if self.heads == "all":
-            return frozenset(self.layers)
-        return frozenset(layer for layer, hs in self.heads.items() if hs)
+        return frozenset() if self.beta == 1.0 else scoped_layers(self.layers, self.heads)
 
     def edit(self, call: LayerCall, state: dict) -> AttentionEdit | None:
         if call.decode and self.decode == "off":

@@ -170,6 +170,22 @@ def resolve_layers(layers, model: ModelSpec, *, method: str, auto: range) -> tup
     return tuple(sorted(set(values)))
 
 
+def resolve_scope(layers, heads, model: ModelSpec, *, method: str, default: str, auto: range):
+    """Checked `(layers, heads)`; when `layers` is left at its `default` and `heads` maps layers to
+    head lists, those layers are the scope."""
+    if layers == default and isinstance(heads, Mapping):
+        layers = sorted(int(layer) for layer in heads)
+    layers = resolve_layers(layers, model, method=method, auto=auto)
+    return layers, resolve_heads(heads, layers, model, method=method)
+
+
+def scoped_layers(layers: tuple[int, ...], heads) -> frozenset[int]:
+    """The layers of a resolved scope that have at least one head in it."""
+    if heads == "all":
+        return frozenset(layers)
+    return frozenset(layer for layer, hs in heads.items() if hs)
+
+
 def resolve_heads(heads, layers: tuple[int, ...], model: ModelSpec, *, method: str):
     """`"all"`, or `{layer: [query heads]}` checked against the model and against `layers`."""
     if heads == "all":

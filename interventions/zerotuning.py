@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..kernels import AttentionEdit
-from .base import LayerCall, Method, ModelSpec, check_number, head_mask, register, resolve_heads, resolve_layers
+from .base import LayerCall, Method, ModelSpec, check_number, head_mask, register, resolve_scope, scoped_layers
 
 
 @register("zerotuning")
@@ -33,18 +33,12 @@ class ZeroTuning(Method):
         check_number("zerotuning", "gamma", self.gamma, low=0.0, low_open=True)
 
     def resolve(self, model: ModelSpec) -> ZeroTuning:
-        layers = self.layers
-        if layers == "all" and isinstance(self.heads, dict):
-            layers = sorted(int(layer) for layer in self.heads)
-        layers = resolve_layers(layers, model, method="zerotuning", auto=range(model.num_layers))
-        return replace(self, layers=layers, heads=resolve_heads(self.heads, layers, model, method="zerotuning"))
+        every = range(model.num_layers)
+        layers, heads = resolve_scope(self.layers, self.heads, model, method="zerotuning", default="all", auto=every)
+        return replace(self, layers=layers, heads=heads)
 
     def active_layers(self) -> frozenset[int]:
-        if self.gamma == 1.0:
-            return frozenset()
-        if self.heads == "all":
-            return frozenset(self.layers)
-        return frozenset(layer for layer, hs in self.heads.items() if hs)
+        return frozenset() if self.gamma == 1.0 else scoped_layers(self.layers, self.heads)
 
     def edit(self, call: LayerCall, state: dict) -> AttentionEdit:
         batch, num_heads, _, _ = call.query.shape

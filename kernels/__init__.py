@@ -14,7 +14,7 @@ import torch
 from . import reference
 from .edit import AttentionEdit, Redistribute
 
-__all__ = ["AttentionEdit", "Redistribute", "modified_attention", "column_stats", "BACKENDS"]
+__all__ = ["BACKENDS", "AttentionEdit", "Redistribute", "column_stats", "modified_attention"]
 
 BACKENDS = ("auto", "reference")
 

@@ -33,15 +33,6 @@ class AttentionEdit:
     redistribute: Redistribute | None = None
     head_scale: torch.Tensor | None = None  # [B|1, Hq] multiplies each head's output
 
-    @property
-    def is_empty(self) -> bool:
-        return (
-            self.key_bias is None
-            and self.key_gain is None
-            and self.redistribute is None
-            and self.head_scale is None
-        )
-
     def __add__(self, other: AttentionEdit) -> AttentionEdit:
         """Compose two edits of one layer: biases add, head scales multiply.
 

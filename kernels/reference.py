@@ -17,8 +17,7 @@ _CHUNK_SCORES = 1 << 24  # fp32 scores held at once: 64 MiB
 
 
 def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, return_lse):
-    B, Hq, Nq, D = q.shape
-    Hkv = k.shape[1]
+    B, Hq, Hkv = q.shape[0], q.shape[1], k.shape[1]
     v_grouped = v.float().unsqueeze(2)  # [B, Hkv, 1, Nk, Dv]
     outputs, lses = [], []
     for r0, r1, p, _, lse in _probability_rows(q, k, edit, attention_mask, scale, causal):

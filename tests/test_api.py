@@ -8,8 +8,9 @@ import torch
 from transformers import BloomConfig, BloomForCausalLM
 
 import intervene
-from conftest import build, left_padded, positions, prompt
 from intervene.kernels import AttentionEdit
+
+from conftest import build, left_padded, positions, prompt
 
 NEUTRAL = {
     "act": dict(beta=1.0, layers="all"),
@@ -213,5 +214,6 @@ def test_models_outside_the_attention_interface_are_refused():
         intervene.apply(torch.nn.Linear(2, 2), "act")
     model = build("llama")
     model.config._attn_implementation = "flex_attention"
-    with pytest.raises(intervene.UnsupportedModelError, match="runs 'flex_attention' attention.*set_attn_implementation"):
+    expected = r"runs 'flex_attention' attention.*set_attn_implementation"
+    with pytest.raises(intervene.UnsupportedModelError, match=expected):
         intervene.apply(model, "act")

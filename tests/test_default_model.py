@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import intervene
+
 from conftest import positions
 
 
@@ -18,7 +19,7 @@ def test_act_on_the_real_model_finds_sinks_and_is_padding_invariant(smollm2):
     model, tokenizer = smollm2
     texts = ["The capital of France is", "Water boils at one hundred degrees Celsius, and ice melts at"]
     batch = tokenizer(texts, return_tensors="pt", padding=True)
-    run = lambda ids, mask: model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits  # noqa: E731
+    run = lambda ids, mask: model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
     with torch.no_grad():
         baseline = run(batch.input_ids, batch.attention_mask)
         with intervene.apply(model, "act", beta=1.0):

@@ -7,6 +7,7 @@ import torch
 
 from intervene import kernels
 from intervene.kernels import AttentionEdit, Redistribute, reference
+
 from oracles import explicit_probabilities
 
 
@@ -195,7 +196,7 @@ def test_column_stats_count_the_queries_that_can_see_each_key():
 def test_column_stats_under_a_sliding_window():
     q, k, _ = qkv(n=8)
     window = torch.ones(8, 8, dtype=torch.bool).tril() & ~torch.ones(8, 8, dtype=torch.bool).tril(-3)
-    sums, counts = kernels.column_stats(q, k, attention_mask=window[None, None], scale=0.3)
+    _, counts = kernels.column_stats(q, k, attention_mask=window[None, None], scale=0.3)
     torch.testing.assert_close(counts[0, 0], torch.tensor([3, 3, 3, 3, 3, 3, 2, 1]).float())
 
 
@@ -208,7 +209,7 @@ def test_half_precision_inputs_keep_their_dtype_and_stay_close():
 
 def test_bad_backend_and_head_grouping_are_refused():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match="unknown attention backend 'cuda'.*auto, reference"):
+    with pytest.raises(ValueError, match=r"unknown attention backend 'cuda'.*auto, reference"):
         kernels.modified_attention(q, k, v, backend="cuda")
-    with pytest.raises(ValueError, match="4 query heads cannot be grouped over 3"):
+    with pytest.raises(ValueError, match=r"4 query heads cannot be grouped over 3"):
         kernels.modified_attention(q, k[:, :1].repeat(1, 3, 1, 1), v[:, :1].repeat(1, 3, 1, 1))

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import intervene
+
 import oracles
 from conftest import build, left_padded, positions, prompt
 
@@ -30,7 +31,8 @@ def oracle_logits(model, name, ids, mask):
 def test_act_prefill_equals_the_official_operation(arch, beta, threshold):
     model = build(arch)
     ids, mask = left_padded(PROMPTS)
-    name = oracles.register_oracle(f"oracle_act_{beta}_{threshold}", lambda A, layer: oracles.official_act(A, beta, threshold))
+    official = lambda A, layer: oracles.official_act(A, beta, threshold)
+    name = oracles.register_oracle(f"oracle_act_{beta}_{threshold}", official)
     expected = oracle_logits(model, name, ids, mask)
     baseline = logits(model, ids, mask)
     with intervene.apply(model, "act", beta=beta, threshold=threshold, layers="all"):
@@ -113,6 +115,7 @@ def test_a_prompt_alone_and_inside_a_left_padded_batch_give_the_same_logits(arch
     ids, mask = left_padded(batch)
     with intervene.apply(model, method, **METHODS[method]):
         together = logits(model, ids, mask)
+        assert torch.isfinite(together).all()  # padding rows see no key: zero output, never NaN
         for row, tokens in enumerate(batch):
             alone = logits(model, torch.tensor([tokens]), None)[0]
             torch.testing.assert_close(together[row, -len(tokens) :], alone, atol=1e-5, rtol=1e-5)
@@ -187,11 +190,10 @@ def test_act_decode_modes():
     for layer in range(4):
         assert state[layer]["sinks"][0].any()
     # "off" leaves the generated row alone: the same as switching ACT off for the step
-    with intervene.apply(model, "act", layers="all") as handle:
-        with torch.no_grad():
-            out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
-            handle.enabled = False
-            plain = model(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=out.past_key_values)
+    with intervene.apply(model, "act", layers="all") as handle, torch.no_grad():
+        out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
+        handle.enabled = False
+        plain = model(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=out.past_key_values)
     torch.testing.assert_close(off, plain.logits[:, -1], atol=1e-6, rtol=1e-6)
     assert not torch.allclose(frozen, off, atol=1e-4) and not torch.allclose(online, off, atol=1e-4)
     assert not torch.allclose(frozen, online, atol=1e-4)
@@ -201,11 +203,10 @@ def test_act_decode_modes():
 def test_generate_with_a_kv_cache_and_left_padding(arch, method):
     model = build(arch)
     ids, mask = left_padded([prompt(9, 4), prompt(4, 5)])
-    with intervene.apply(model, method, **METHODS[method]):
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                pad_token_id=0, output_scores=True, return_dict_in_generate=True,
-            )  # fmt: skip
+    with intervene.apply(model, method, **METHODS[method]), torch.no_grad():
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+            pad_token_id=0, output_scores=True, return_dict_in_generate=True,
+        )  # fmt: skip
     assert out.sequences.shape == (2, ids.shape[1] + 6)
     assert all(torch.isfinite(score).all() for score in out.scores)
