@@ -29,9 +29,9 @@ from .adapters import WRAPPABLE, UnsupportedModelError, attention_layers, text_c
 
 NAME = "intervene"  # no "flash", "sdpa", "flex_attention" or "/": transformers reads those substrings
 
-_BY_MODULE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention module -> (dispatcher, layer)
-_BY_MODEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> dispatcher
-_BY_CONFIG: dict[int, Dispatcher] = {}  # id(text config) -> dispatcher, for the mask function
+# id(text config) -> the dispatcher attached to that model. Weak: the decoder's hooks keep a dispatcher
+# alive exactly as long as its model, and a collected model leaves no entry behind (nor a reused id).
+_ATTACHED: weakref.WeakValueDictionary[int, Dispatcher] = weakref.WeakValueDictionary()
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Dispatcher:
                 f"{' or '.join(map(repr, WRAPPABLE))}. Call model.set_attn_implementation('sdpa') first "
                 "(or load it with attn_implementation='sdpa')."
             )
-        self.layers = attention_layers(model)
+        self.layers = frozenset(attention_layers(model))
         self.handles: list = []  # active Intervention handles, in order of application
         self.context: CallContext | None = None
         self._model = weakref.ref(model)
@@ -67,14 +67,11 @@ class Dispatcher:
         if config._attn_implementation != NAME:
             self._detach(model)
             raise UnsupportedModelError(f"{type(model).__name__} refused the attention implementation {NAME!r}")
-        for layer, module in self.layers.items():
-            _BY_MODULE[module] = (self, layer)
-        _BY_MODEL[model] = self
-        _BY_CONFIG[self._config_id] = self
+        _ATTACHED[self._config_id] = self
 
     @staticmethod
     def of(model: nn.Module) -> Dispatcher:
-        return _BY_MODEL.get(model) or Dispatcher(model)
+        return _ATTACHED.get(id(text_config(model))) or Dispatcher(model)
 
     def add(self, handle) -> None:
         for other in self.handles:
@@ -99,10 +96,7 @@ class Dispatcher:
         for hook in self._hooks:
             hook.remove()
         model.set_attn_implementation(self.previous)
-        for module in self.layers.values():
-            _BY_MODULE.pop(module, None)
-        _BY_MODEL.pop(model, None)
-        _BY_CONFIG.pop(self._config_id, None)
+        _ATTACHED.pop(self._config_id, None)
 
     # -- per forward ------------------------------------------------------------------------------
 
@@ -143,8 +137,9 @@ class Dispatcher:
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The function transformers calls for every attention layer of an intervened model."""
-    dispatcher, layer = _BY_MODULE.get(module, (None, None))
-    if dispatcher is None:  # a module of a model we are not attached to that shares the name
+    dispatcher = _ATTACHED.get(id(getattr(module, "config", None)))
+    layer = getattr(module, "layer_idx", None)
+    if dispatcher is None or layer not in dispatcher.layers:  # e.g. a deep copy of an intervened model
         return ALL_ATTENTION_FUNCTIONS["sdpa"](
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
@@ -170,7 +165,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 
 def _mask(*args, config=None, **kwargs):
     """The mask the model's previous implementation would have built (bool for sdpa, float for eager)."""
-    dispatcher = _BY_CONFIG.get(id(config))
+    dispatcher = _ATTACHED.get(id(config))
     build = eager_mask if dispatcher is not None and dispatcher.previous == "eager" else sdpa_mask
     return build(*args, config=config, **kwargs)
 

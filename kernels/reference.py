@@ -18,12 +18,12 @@ _CHUNK_SCORES = 1 << 24  # fp32 scores held at once: 64 MiB
 
 def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, return_lse):
     B, Hq, Hkv = q.shape[0], q.shape[1], k.shape[1]
-    v_grouped = v.float().unsqueeze(2)  # [B, Hkv, 1, Nk, Dv]
+    v = v.float()
     outputs, lses = [], []
     for r0, r1, p, _, lse in _probability_rows(q, k, edit, attention_mask, scale, causal):
         if edit.redistribute is not None:
             p = _redistribute(p, edit.redistribute, r0, r1)
-        o = p.view(B, Hkv, Hq // Hkv, r1 - r0, -1) @ v_grouped  # [B, Hkv, G, rows, Dv]
+        o = p.reshape(B, Hkv, -1, p.shape[-1]) @ v  # [B, Hkv, G*rows, Dv]: a KV head's queries share its values
         outputs.append(o.view(B, Hq, r1 - r0, -1))
         lses.append(lse)
     out = torch.cat(outputs, dim=2)  # [B, Hq, Nq, Dv]
@@ -52,12 +52,13 @@ def _probability_rows(q, k, edit, attention_mask, scale, causal) -> Iterator:
     """Yield `(r0, r1, probabilities [B, Hq, rows, Nk], keep [B|1, 1|Hq, rows, Nk], lse [B, Hq, rows])`."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    q_grouped = q.float().view(B, Hkv, Hq // Hkv, Nq, D)  # GQA without repeating K
-    k_t = k.float().transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, D, Nk]
+    q_grouped = q.float().view(B, Hkv, Hq // Hkv, Nq, D)
+    k_t = k.float().transpose(-1, -2)  # [B, Hkv, D, Nk]
     step = max(1, _CHUNK_SCORES // (B * Hq * Nk))
     for r0 in range(0, Nq, step):
         r1 = min(Nq, r0 + step)
-        s = (q_grouped[:, :, :, r0:r1] @ k_t).view(B, Hq, r1 - r0, Nk) * scale
+        rows = q_grouped[:, :, :, r0:r1].reshape(B, Hkv, -1, D)  # GQA: a KV head's query heads stacked as rows
+        s = (rows @ k_t).view(B, Hq, r1 - r0, Nk) * scale
         if edit.key_gain is not None:
             gain_keys, alpha = edit.key_gain
             s = s + alpha * s.abs() * gain_keys[:, None, None, :]

@@ -1,7 +1,10 @@
 """The public API: neutral parameters, remove/enable, composition, configs, the registry, and errors."""
 
+import copy
 import dataclasses
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -75,6 +78,25 @@ def test_remove_leaves_no_hooks_behind():
     with intervene.apply(model, "act"):
         assert len(model.model._forward_pre_hooks) == hooks_before[0] + 1
     assert (len(model.model._forward_pre_hooks), len(model.model._forward_hooks)) == hooks_before
+
+
+def test_a_model_dropped_without_remove_is_freed():
+    model = build("llama")
+    handle = intervene.apply(model, "act")
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+    handle.remove()
+
+
+def test_a_deep_copy_of_an_intervened_model_runs_unedited(batch):
+    model = build("llama")
+    ids, mask = batch
+    expected = run(model, ids, mask)
+    with intervene.apply(model, "act"):
+        twin = copy.deepcopy(model)
+    assert torch.equal(run(twin, ids, mask), expected)
 
 
 def test_key_biases_and_head_scales_compose(batch):
