@@ -20,7 +20,7 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
     B, Hq, Hkv = q.shape[0], q.shape[1], k.shape[1]
     v = v.float()
     outputs, lses = [], []
-    for r0, r1, p, _, lse in _probability_rows(q, k, edit, attention_mask, scale, causal):
+    for r0, r1, p, _, lse in _probability_rows(q, k, edit, attention_mask, scale, causal, lse=return_lse):
         if edit.redistribute is not None:
             p = _redistribute(p, edit.redistribute, r0, r1)
         o = p.reshape(B, Hkv, -1, p.shape[-1]) @ v  # [B, Hkv, G*rows, Dv]: a KV head's queries share its values
@@ -48,32 +48,35 @@ def column_stats(q, k, *, attention_mask, scale, causal, query_mask, key_bias):
     return sums, counts
 
 
-def _probability_rows(q, k, edit, attention_mask, scale, causal) -> Iterator:
-    """Yield `(r0, r1, probabilities [B, Hq, rows, Nk], keep [B|1, 1|Hq, rows, Nk], lse [B, Hq, rows])`."""
+def _probability_rows(q, k, edit, attention_mask, scale, causal, lse=False) -> Iterator:
+    """Yield `(r0, r1, probabilities [B, Hq, rows, Nk], keep [B|1, 1|Hq, rows, Nk], lse [B, Hq, rows] | None)`."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    q_grouped = q.float().view(B, Hkv, Hq // Hkv, Nq, D)
+    q_grouped = (q.float() * scale).view(B, Hkv, Hq // Hkv, Nq, D)
     k_t = k.float().transpose(-1, -2)  # [B, Hkv, D, Nk]
     step = max(1, _CHUNK_SCORES // (B * Hq * Nk))
     for r0 in range(0, Nq, step):
         r1 = min(Nq, r0 + step)
         rows = q_grouped[:, :, :, r0:r1].reshape(B, Hkv, -1, D)  # GQA: a KV head's query heads stacked as rows
-        s = (rows @ k_t).view(B, Hq, r1 - r0, Nk) * scale
+        s = (rows @ k_t).view(B, Hq, r1 - r0, Nk)
         if edit.key_gain is not None:
             gain_keys, alpha = edit.key_gain
             s = s + alpha * s.abs() * gain_keys[:, None, None, :]
         keep, additive = _mask_rows(attention_mask, r0, r1, Nq, Nk, causal, s.device)
         if additive is not None:
-            s = s + additive
+            s += additive
         if edit.key_bias is not None:
-            s = s + _rows_of(edit.key_bias, r0, r1).float()
-        s = s.masked_fill(~keep, float("-inf"))
-        row_max = s.amax(dim=-1, keepdim=True)
-        row_max = row_max.masked_fill(row_max == float("-inf"), 0.0)  # fully masked rows
-        e = torch.exp(s - row_max)
-        total = e.sum(dim=-1, keepdim=True)
-        p = e / total.clamp_min(torch.finfo(torch.float32).tiny)
-        yield r0, r1, p, keep, (row_max + total.log()).squeeze(-1)
+            s += _rows_of(edit.key_bias, r0, r1).float()
+        s.masked_fill_(~keep, float("-inf"))
+        row_lse = torch.logsumexp(s, dim=-1) if lse else None  # -inf on a fully masked row
+        seen = keep.any(dim=-1, keepdim=True)  # [B|1, 1|Hq, rows, 1]
+        fully_masked = not bool(seen.all())
+        if fully_masked:  # give such rows 0 probabilities rather than softmax's NaN
+            s.masked_fill_(~seen, 0.0)
+        p = torch.softmax(s, dim=-1)
+        if fully_masked:
+            p.masked_fill_(~seen, 0.0)
+        yield r0, r1, p, keep, row_lse
 
 
 def _mask_rows(attention_mask, r0, r1, Nq, Nk, causal, device):
@@ -98,12 +101,12 @@ def _rows_of(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
 def _redistribute(p: torch.Tensor, rd: Redistribute, r0: int, r1: int) -> torch.Tensor:
     source = rd.source[:, :, None, :]  # [B, Hq|1, 1, Nk]
     target = rd.target[:, :, None, :] & ~source
-    mass_source = (p * source).sum(dim=-1, keepdim=True)  # [B, Hq, rows, 1]
-    mass_target = (p * target).sum(dim=-1, keepdim=True)
+    mass_source = p @ source.transpose(-1, -2).float()  # [B, Hq, rows, 1]
+    mass_target = p @ target.transpose(-1, -2).float()
     p_move = torch.as_tensor(rd.p_move, dtype=torch.float32, device=p.device).reshape(1, -1, 1, 1)
     active = (mass_source > 0) & (mass_target > 0)
     if rd.row_gate is not None:
         active = active & rd.row_gate[:, :, r0:r1, None]
     keep_source = torch.where(active, 1.0 - p_move, 1.0)
     grow_target = torch.where(active, 1.0 + p_move * mass_source / mass_target.clamp_min(1e-30), 1.0)
-    return p * torch.where(source, keep_source, torch.where(target, grow_target, 1.0))
+    return p.mul_(torch.where(source, keep_source, torch.where(target, grow_target, 1.0)))
