@@ -114,12 +114,17 @@ class Method:
 
     @classmethod
     def from_dict(cls, params: Mapping[str, Any]) -> Method:
-        known = [f.name for f in dataclasses.fields(cls)]
+        fields = dataclasses.fields(cls)
+        known = [f.name for f in fields]
         unknown = sorted(set(params) - set(known))
         if unknown:
             raise ValueError(
                 f"unknown parameter {unknown[0]!r} for method {cls.name!r}; its parameters are: {', '.join(known)}"
             )
+        required = [f.name for f in fields if f.default is f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in params]
+        if missing:
+            raise ValueError(f"method {cls.name!r} needs the parameter {missing[0]!r} (e.g. {missing[0]}=...)")
         return cls(**params)
 
 

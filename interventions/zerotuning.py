@@ -23,7 +23,7 @@ from .base import LayerCall, Method, ModelSpec, check_number, head_mask, registe
 class ZeroTuning(Method):
     """Initial-token scaling: multiply the first real token's attention by gamma, renormalise."""
 
-    gamma: float = 1.0
+    gamma: float
     layers: Any = "all"
     heads: Any = "all"  # "all" or {layer: [query heads]}
 

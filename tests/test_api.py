@@ -217,6 +217,7 @@ def test_methods_lists_the_builtins_and_register_adds_one(batch, monkeypatch):
         ("act", {"alpha": 5}, r"unknown parameter 'alpha' for method 'act'; its parameters are: beta, threshold"),
         ("zerotuning", {"gamma": 0.0}, r"zerotuning: gamma=0.0 is out of range; it must lie in \(0.0, inf\]"),
         ("zerotuning", {"gamma": float("nan")}, r"gamma must be a finite number, got nan"),
+        ("zerotuning", {}, r"method 'zerotuning' needs the parameter 'gamma' \(e.g. gamma=...\)"),
         ("heads", {"scales": [1.0]}, r"scales must be a mapping \{layer: \{head: weight\}\}"),
         ("heads", {"scales": {7: {0: 0.5}}}, r"heads: layer 7 is out of range"),
     ],

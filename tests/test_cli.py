@@ -1,17 +1,124 @@
-"""The command line, through typer's runner."""
+"""The command line, through typer's runner: the real default model end to end, a local checkpoint
+directory, user tasks, and clear failures."""
 
+import json
+
+import pytest
+from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
+import intervene
 from intervene.cli import app
+from intervene.evals.model import BUILTIN, cache_root
+
+from conftest import build
 
 
-def test_methods_lists_every_registered_method():
-    result = CliRunner().invoke(app, ["methods"])
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def results_of(output_dir):
+    (path,) = output_dir.glob("*/results.json")
+    return json.loads(path.read_text()), path.parent
+
+
+def test_methods_and_tasks_list_what_is_registered():
+    result = invoke("methods")
     assert result.exit_code == 0
-    names = [line.split()[0] for line in result.output.splitlines()]
-    assert names == ["act", "heads", "zerotuning"]
+    assert [line.split()[0] for line in result.output.splitlines()] == ["act", "heads", "zerotuning"]
+    result = invoke("tasks")
+    assert result.exit_code == 0
+    assert [line.split()[0] for line in result.output.splitlines()] == [
+        "cldr_currency",
+        "cldr_language",
+        "mmlu_dev",
+        "unanswerable_qa",
+    ]
 
 
-def test_help_lists_the_commands():
-    result = CliRunner().invoke(app, ["--help"])
-    assert result.exit_code == 0 and "methods" in result.output
+def test_eval_on_the_real_default_model(tmp_path):
+    result = invoke(
+        "eval", "--method", "act", "--param", "beta=0.5", "--tasks", "cldr_language,mmlu_dev,unanswerable_qa",
+        "--limit", 6, "--batch-size", 4, "--device", "cpu", "--output-path", tmp_path,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    document, run_dir = results_of(tmp_path)
+    assert document["intervention"]["method"] == "act" and document["intervention"]["params"]["beta"] == 0.5
+    assert document["config"]["model"] == "smollm2-135m" and document["seed"] == 1234
+    assert {"intervene", "torch", "transformers"} <= set(document["versions"])
+    expected = {"cldr_language": {"acc", "acc_norm"}, "mmlu_dev": {"acc"}}
+    expected["unanswerable_qa"] = {"acc", "hallucination", "abstention"}
+    assert {task: set(metrics) for task, metrics in document["results"].items()} == expected
+    for task, metrics in document["results"].items():
+        for metric in metrics.values():
+            assert metric["n"] == 6
+            assert metric["delta"] == pytest.approx(metric["intervened"] - metric["baseline"])
+            assert metric["ci95"][0] - 1e-9 <= metric["delta"] <= metric["ci95"][1] + 1e-9
+            assert 0 <= metric["p_value"] <= 1
+        samples = (run_dir / f"samples_{task}.jsonl").read_text().splitlines()
+        assert len(samples) == 6 and {"baseline", "intervened"} <= set(json.loads(samples[0]))
+    assert "| cldr_language | acc | 6 |" in result.output
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    intervene.load_model("smollm2-135m", device="cpu")
+    tokenizer = AutoTokenizer.from_pretrained(cache_root() / BUILTIN["smollm2-135m"].cache_name)
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    build("llama", vocab_size=len(tokenizer)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_eval_on_a_local_checkpoint_with_a_user_task_and_yaml(tmp_path, tiny_checkpoint):
+    data = tmp_path / "facts.jsonl"
+    data.write_text(
+        json.dumps({"q": "Water is", "opts": ["wet", "dry"], "a": 0}) + "\n"
+        + json.dumps({"q": "Fire is", "opts": ["cold", "hot"], "a": 1}) + "\n"
+    )  # fmt: skip
+    (tmp_path / "facts.yaml").write_text(
+        "task: facts\ndata_files: {test: facts.jsonl}\ndoc_to_text: q\ndoc_to_choice: opts\ndoc_to_target: a\n"
+    )
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"query": "Snow is", "choices": ["white", "black"], "gold": 0}) + "\n")
+    result = invoke(
+        "eval", "--model", tiny_checkpoint, "--method", "zerotuning", "--param", "gamma=2",
+        "--tasks", f"{tmp_path / 'facts.yaml'},{plain}", "--output-path", tmp_path / "out",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    document, _ = results_of(tmp_path / "out")
+    assert document["results"]["facts"]["acc"]["n"] == 2 and document["results"]["plain"]["acc"]["n"] == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "actt"], "unknown method 'actt'; known methods: act, heads, zerotuning"),
+        (["--method", "act", "--param", "beta=2"], "act: beta=2 is out of range"),
+        (["--method", "act", "--param", "beta"], "--param 'beta' is not key=value"),
+        ([], "give exactly one of --method NAME or --config FILE"),
+        (["--method", "act", "--tasks", "nosuchtask"], "unknown task 'nosuchtask'"),
+        (["--method", "act", "--tasks", "missing.jsonl"], "task file missing.jsonl does not exist"),
+        (["--method", "act", "--model", "/nonexistent/model"], "cannot load model '/nonexistent/model'"),
+    ],
+)
+def test_bad_input_exits_nonzero_with_a_message_and_no_traceback(tmp_path, args, message):
+    result = invoke("eval", "--tasks", "cldr_language", "--limit", 1, "--output-path", tmp_path, *args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"query": "a", "choices": ["x", "y"], "gold": 0}\n{"query": oops}\n', "broken.jsonl:2: not valid JSON"),
+        ("", "broken.jsonl has no records"),
+    ],
+)
+def test_a_broken_user_task_names_file_and_line(tmp_path, content, message):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(content)
+    result = invoke("eval", "--method", "act", "--tasks", path, "--output-path", tmp_path)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output

@@ -1,0 +1,35 @@
+"""What a run reports: the lm-eval-shaped results document and the markdown table."""
+
+from __future__ import annotations
+
+import platform
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    import intervene
+
+    return {
+        "intervene": intervene.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def markdown(results: dict, timing: dict) -> str:
+    lines = [
+        "| task | metric | n | baseline | intervened | delta | 95% CI | McNemar p | s/item before → after |",
+        "|---|---|---:|---:|---:|---:|---|---:|---|",
+    ]
+    for task, metrics in results.items():
+        t = timing[task]
+        speed = f"{t['baseline_s_per_item']:.3f} → {t['intervened_s_per_item']:.3f}"
+        for name, m in metrics.items():
+            lines.append(
+                f"| {task} | {name} | {m['n']} | {m['baseline']:.4f} | {m['intervened']:.4f} | {m['delta']:+.4f} "
+                f"| [{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}] | {m['p_value']:.3g} | {speed} |"
+            )
+    return "\n".join(lines)

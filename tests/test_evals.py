@@ -1,0 +1,161 @@
+"""Tasks from files, scorers against direct computations, paired statistics."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import intervene
+from intervene.evals import scorers, stats
+from intervene.evals.model import BUILTIN, cache_root
+from intervene.evals.tasks import Item, Task, TaskError, builtin_tasks, resolve_task
+
+from conftest import build
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    intervene.load_model("smollm2-135m", device="cpu")  # converts the default model once if needed
+    return AutoTokenizer.from_pretrained(cache_root() / BUILTIN["smollm2-135m"].cache_name)
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    return build("llama", vocab_size=len(tokenizer))
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_builtin_tasks_have_calib_and_test_splits():
+    tasks = builtin_tasks()
+    assert set(tasks) == {"cldr_language", "cldr_currency", "mmlu_dev", "unanswerable_qa"}
+    for task in tasks.values():
+        calib, test = task.items("calib"), task.items("test")
+        assert len(calib) > 50 and len(test) > 150
+        assert not {i.query for i in calib} & {i.query for i in test}
+    qa = tasks["unanswerable_qa"].items("test")
+    assert any(i.answers == [] for i in qa) and any(i.answers for i in qa)
+
+
+def test_a_query_choices_gold_jsonl_is_a_task_as_it_stands(tmp_path):
+    path = write_jsonl(tmp_path / "mine.jsonl", [{"query": "2+2=", "choices": ["3", "4"], "gold": 1}] * 3)
+    task = resolve_task(str(path))
+    assert task.name == "mine" and task.output_type == "multiple_choice"
+    assert task.items() == [Item(query="2+2=", choices=["3", "4"], gold=1)] * 3
+    assert len(task.items(limit=2)) == 2
+
+
+def test_a_yaml_with_templates_reads_other_layouts(tmp_path):
+    write_jsonl(tmp_path / "qa.jsonl", [{"q": "Capital of France?", "options": ["Rome", "Paris"], "answer": "Paris"}])
+    (tmp_path / "qa.yaml").write_text(
+        "task: capitals\n"
+        "output_type: multiple_choice\n"
+        "data_files: {test: qa.jsonl}\n"
+        'doc_to_text: "Question: {{q}}\\nAnswer:"\n'
+        "doc_to_choice: options\n"
+        "doc_to_target: answer\n"
+    )
+    task = resolve_task(str(tmp_path / "qa.yaml"))
+    assert task.name == "capitals"
+    assert task.items() == [Item(query="Question: Capital of France?\nAnswer:", choices=["Rome", "Paris"], gold=1)]
+
+
+def test_csv_files_load_the_same_way_with_field_flags(tmp_path):
+    (tmp_path / "t.csv").write_text('text,a,b,label\n"Is ice cold?",yes,no,0\n')
+    fields = {"doc_to_text": "{{text}}", "doc_to_choice": "{{[a, b]}}", "doc_to_target": "label"}
+    task = resolve_task(str(tmp_path / "t.csv"), **fields)
+    assert task.items() == [Item(query="Is ice cold?", choices=["yes", "no"], gold=0)]
+
+
+GOOD = '{"query": "a", "choices": ["x", "y"], "gold": 0}'
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ([GOOD, '{"query": "b", "choices": ["x"'], r"bad\.jsonl:2: not valid JSON"),
+        (['{"query": "a", "choices": ["x", "y"], "gold": 5}'], r"bad\.jsonl:1: gold must index one of the 2 choices"),
+        ([GOOD, "", "[1, 2]"], r"bad\.jsonl:3: a record must be a JSON object"),
+        (['{"question": "a", "choices": ["x", "y"], "gold": 0}'], r"bad\.jsonl:1: the record has no field 'query'"),
+        (['{"query": "a", "choices": "x", "gold": 0}'], r"bad\.jsonl:1: 'x' is neither a choice nor a Python literal"),
+        ([], r"bad\.jsonl has no records"),
+    ],
+)
+def test_malformed_task_files_name_the_file_line_and_problem(tmp_path, lines, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + ("\n" if lines else ""))
+    with pytest.raises(TaskError, match=message):
+        resolve_task(str(path)).items()
+
+
+def test_unknown_and_missing_tasks_are_refused(tmp_path):
+    with pytest.raises(TaskError, match=r"unknown task 'cldr_lang'.*built-in tasks are cldr_currency, cldr_language"):
+        resolve_task("cldr_lang")
+    with pytest.raises(TaskError, match=r"task file .*nope\.jsonl does not exist"):
+        resolve_task(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(TaskError, match="output_type 'regression' is not one of"):
+        Task(name="t", output_type="regression")
+
+
+def test_multiple_choice_log_likelihoods_match_a_direct_forward(tokenizer, tiny):
+    task = Task(name="t")
+    items = [Item("The capital of France is", ["Paris", "a big city"], 0), Item("One plus one is", ["two", "3"], 1)]
+    results = scorers.score(task, items, tiny, tokenizer)
+    for item, result in zip(items, results, strict=True):
+        for choice, loglik in zip(item.choices, result["loglikelihoods"], strict=True):
+            context = tokenizer(item.query).input_ids
+            continuation = tokenizer(" " + choice, add_special_tokens=False).input_ids
+            with torch.no_grad():
+                logprobs = tiny(torch.tensor([context + continuation])).logits[0].log_softmax(-1)
+            expected = sum(logprobs[len(context) - 1 + i, t].item() for i, t in enumerate(continuation))
+            assert loglik == pytest.approx(expected, abs=1e-4)
+        assert result["acc"] == float(np.argmax(result["loglikelihoods"]) == item.gold)
+        norm = [ll / len((" " + c).encode()) for ll, c in zip(result["loglikelihoods"], item.choices, strict=True)]
+        assert result["acc_norm"] == float(np.argmax(norm) == item.gold)
+
+
+def test_classification_takes_the_argmax_over_label_tokens(tokenizer, tiny):
+    task = Task(name="t", output_type="classification")
+    items = [Item("Is the sky blue? Answer:", ["yes", "no"], 0), Item("Pick a letter:", list("ABCD"), 2)]
+    results = scorers.score(task, items, tiny, tokenizer)
+    for item, result in zip(items, results, strict=True):
+        with torch.no_grad():
+            last = tiny(torch.tensor([tokenizer(item.query).input_ids])).logits[0, -1].log_softmax(-1)
+        labels = [tokenizer(" " + c, add_special_tokens=False).input_ids[-1] for c in item.choices]
+        assert result["label_logprobs"] == pytest.approx(last[labels].tolist(), abs=1e-4)
+        assert result["pred"] == int(last[labels].argmax())
+
+
+def test_generation_outcomes_are_consistent(tokenizer, tiny):
+    task = Task(name="t", output_type="generate_until", generation_kwargs={"max_new_tokens": 4})
+    items = [Item("Official language of France?", answers=["French"]), Item("Language of Zubrowka?", answers=[])]
+    for result in scorers.score(task, items, tiny, tokenizer):
+        assert isinstance(result["output"], str)
+        assert result["hallucination"] == float(not result["abstention"] and not result["acc"])
+
+
+@pytest.mark.parametrize(
+    "text, abstains",
+    [("I don't know.", True), ("I don’t know", True), ("That country does not exist", True), ("French", False)],
+)
+def test_abstention_phrases(text, abstains):
+    assert bool(scorers.ABSTAIN.search(text.lower().replace("’", "'"))) == abstains
+
+
+def test_paired_bootstrap_and_mcnemar():
+    rng = np.random.default_rng(0)
+    baseline = rng.random(200) < 0.5
+    intervened = baseline.copy()
+    intervened[:30] = True
+    low, high = stats.paired_bootstrap_ci(baseline, intervened, seed=1)
+    delta = intervened.mean() - baseline.mean()
+    assert low <= delta <= high and low > 0
+    assert stats.paired_bootstrap_ci(baseline, intervened, seed=1) == (low, high)  # seeded
+    assert stats.mcnemar_p([0] * 5, [1] * 5) == pytest.approx(2 / 32)
+    assert stats.mcnemar_p([1, 0, 1], [1, 0, 1]) == 1.0
+    assert stats.mcnemar_p([1, 1, 0, 0], [0, 0, 1, 1]) == 1.0
