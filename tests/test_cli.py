@@ -71,7 +71,7 @@ def tiny_checkpoint(tmp_path_factory):
     return directory
 
 
-def test_eval_on_a_local_checkpoint_with_a_user_task_and_yaml(tmp_path, tiny_checkpoint):
+def test_eval_on_a_local_checkpoint_with_builtin_and_user_tasks(tmp_path, tiny_checkpoint):
     data = tmp_path / "facts.jsonl"
     data.write_text(
         json.dumps({"q": "Water is", "opts": ["wet", "dry"], "a": 0}) + "\n"
@@ -82,13 +82,16 @@ def test_eval_on_a_local_checkpoint_with_a_user_task_and_yaml(tmp_path, tiny_che
     )
     plain = tmp_path / "plain.jsonl"
     plain.write_text(json.dumps({"query": "Snow is", "choices": ["white", "black"], "gold": 0}) + "\n")
-    result = invoke(
-        "eval", "--model", tiny_checkpoint, "--method", "zerotuning", "--param", "gamma=2",
-        "--tasks", f"{tmp_path / 'facts.yaml'},{plain}", "--output-path", tmp_path / "out",
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    document, _ = results_of(tmp_path / "out")
-    assert document["results"]["facts"]["acc"]["n"] == 2 and document["results"]["plain"]["acc"]["n"] == 1
+    for method, param in (("act", "beta=0.4"), ("zerotuning", "gamma=2")):
+        result = invoke(
+            "eval", "--model", tiny_checkpoint, "--method", method, "--param", param,
+            "--tasks", f"cldr_language,mmlu_dev,unanswerable_qa,{tmp_path / 'facts.yaml'},{plain}", "--limit", 3,
+            "--output-path", tmp_path / method,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        document, _ = results_of(tmp_path / method)
+        assert document["results"]["facts"]["acc"]["n"] == 2 and document["results"]["plain"]["acc"]["n"] == 1
+        assert document["results"]["unanswerable_qa"]["hallucination"]["n"] == 3
 
 
 @pytest.mark.parametrize(
