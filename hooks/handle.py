@@ -85,10 +85,11 @@ def apply(model: nn.Module, method: str | Method, /, *, config=None, **params) -
     """
     spec = model_spec(model)
     if isinstance(method, Method):
+        _check_model(method, spec)
         if config is not None or params:
-            method = type(method).from_dict({**method.to_dict(), **_params(config, method.name), **params})
+            method = type(method).from_dict({**method.to_dict(), **_params(config, method.name, spec), **params})
     elif isinstance(method, str):
-        method = method_class(method).from_dict({**_params(config, method), **params})
+        method = method_class(method).from_dict({**_params(config, method, spec), **params})
     else:
         raise TypeError(f"method must be a registered name or a config object, got {type(method).__name__}")
     return Intervention(model, method.resolve(spec), spec)
@@ -102,15 +103,30 @@ def load_config(path: str | os.PathLike) -> Method:
         raise ValueError(f"{path}: not an intervene config (expected the keys 'method' and 'params')")
     if saved.get("schema", SCHEMA) > SCHEMA:
         raise ValueError(f"{path}: config schema {saved['schema']} is newer than this intervene ({SCHEMA}); upgrade")
-    return method_class(saved["method"]).from_dict(saved["params"])
+    method = method_class(saved["method"]).from_dict(saved["params"])
+    object.__setattr__(method, "saved_for", saved.get("model"))  # provenance, not a parameter
+    return method
 
 
-def _params(config, method: str) -> dict:
+def _check_model(method: Method, spec: ModelSpec) -> None:
+    saved = method.saved_for
+    if not saved or (saved.get("num_layers"), saved.get("num_heads")) == (spec.num_layers, spec.num_heads):
+        return
+    raise ValueError(
+        f"this {method.name} config was saved for {saved.get('name_or_path') or 'another model'} "
+        f"({saved.get('num_layers')} layers x {saved.get('num_heads')} heads), not for "
+        f"{spec.name_or_path or 'this model'} ({spec.num_layers} layers x {spec.num_heads} heads); "
+        "calibrate one for this model with `intervene calibrate`"
+    )
+
+
+def _params(config, method: str, spec: ModelSpec) -> dict:
     if config is None:
         return {}
     if isinstance(config, Mapping):
         return dict(config)
     saved = load_config(config)
+    _check_model(saved, spec)
     if saved.name != method:
         raise ValueError(f"{config}: this config is for method {saved.name!r}, not {method!r}")
     return saved.to_dict()

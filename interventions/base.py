@@ -95,6 +95,9 @@ class Method:
     # AttentionEdit fields this method may set; two methods that set a non-composable one
     # (redistribute, key_gain) on a common layer are refused at `apply` time.
     primitives: ClassVar[frozenset[str]] = frozenset()
+    # For a config read from a file: the model it was saved or calibrated for ({name_or_path,
+    # num_layers, num_heads}); `apply` refuses to use it on a model of another shape.
+    saved_for: ClassVar[dict | None] = None
 
     def resolve(self, model: ModelSpec) -> Method:
         """This config checked against `model`, with every `"auto"` made explicit."""

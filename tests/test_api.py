@@ -169,6 +169,19 @@ def test_saved_configs_replay_exactly(tmp_path, batch):
         intervene.apply(model, "zerotuning", config=tmp_path / "act.json")
 
 
+def test_a_config_saved_for_another_model_shape_is_refused(tmp_path):
+    with intervene.apply(build("llama"), "zerotuning", gamma=2.0) as handle:
+        handle.save(tmp_path / "zt.json")
+    bigger = build("llama", num_hidden_layers=6)
+    bigger.name_or_path = "bigger-llama"
+    expected = r"saved for .*\(4 layers x 4 heads\), not for bigger-llama \(6 layers x 4 heads\)"
+    with pytest.raises(ValueError, match=expected):
+        intervene.apply(bigger, intervene.load_config(tmp_path / "zt.json"))
+    with pytest.raises(ValueError, match=expected):
+        intervene.apply(bigger, "zerotuning", config=tmp_path / "zt.json")
+    assert bigger.config._attn_implementation == "sdpa"
+
+
 def test_methods_lists_the_builtins_and_register_adds_one(batch, monkeypatch):
     monkeypatch.setattr(intervene.interventions.base, "_REGISTRY", dict(intervene.interventions.base._REGISTRY))
     listed = intervene.methods()
