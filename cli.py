@@ -100,6 +100,8 @@ def evaluate(
         for task in chosen:  # fail on a broken task before loading anything heavy
             task.items(split, 1)
         spec = intervene.load_config(config) if config else method
+        if config and json.loads(config.read_text()).get("calibration", {}).get("split") == split:
+            raise ValueError(f"{config} was calibrated on the {split!r} split; evaluate it on another (--split test)")
         if method:
             method_class(method).from_dict(params)  # an unknown method or a bad value fails before the model loads
         torch.manual_seed(seed)
@@ -152,6 +154,74 @@ def evaluate(
     typer.echo(f"\n{model} · {handle.method} {json.dumps(handle.config.to_dict())}\n")
     typer.echo(report.markdown(results, timing))
     typer.echo(f"\nresults: {run_dir / 'results.json'}")
+
+
+@app.command()
+def calibrate(
+    method: Annotated[str, typer.Option(help="act or zerotuning (or any registered method with `heads`).")],
+    model: Annotated[
+        str, typer.Option(help="Built-in model name, local checkpoint directory or hub id.")
+    ] = "smollm2-135m",
+    param: Annotated[list[str] | None, typer.Option(help="Method parameter used while profiling, key=value.")] = None,
+    tasks: Annotated[str | None, typer.Option(help="Comma-separated tasks (default: all built-in tasks).")] = None,
+    split: Annotated[str, typer.Option(help="The split to calibrate on; never the one you report.")] = "calib",
+    granularity: Annotated[str, typer.Option(help="Candidates: layer, head_index (across layers) or head.")] = "layer",
+    select: Annotated[str, typer.Option(help="min_delta=D, top_k=K or top_fraction=F.")] = "min_delta=0.0",
+    gammas: Annotated[
+        str | None, typer.Option(help="zerotuning: comma-separated gammas tried on the selection.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N items of each task.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Items per forward pass.")] = 16,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cuda if available).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
+    output_path: Annotated[Path, typer.Option(help="Folder for config.json and the resumable profile log.")] = Path(
+        "intervene_calibration"
+    ),
+    seed: Annotated[int, typer.Option(help="Recorded with the artifact.")] = 1234,
+) -> None:
+    """Find the heads (and strength) where an intervention helps on a calibration split; save a config."""
+    if split == "test":
+        raise _fail("calibrating on the test split would tune on the numbers you report; use --split calib")
+    rule, _, value = select.partition("=")
+    try:
+        value = float(value)
+        gamma_grid = [float(g) for g in gammas.split(",")] if gammas else []
+    except ValueError:
+        raise _fail(f"--select {select!r} / --gammas {gammas!r}: give numbers, e.g. top_k=5, 0.5,2,3") from None
+    params = _params(param or [])
+
+    import intervene
+    from intervene.evals import calibrate as engine
+    from intervene.evals.tasks import TaskError, builtin_tasks, resolve_task
+    from intervene.interventions import method_class
+
+    try:
+        if rule not in engine.RULES or granularity not in engine.GRANULARITIES:
+            raise ValueError(
+                f"--select takes {', '.join(engine.RULES)} and --granularity {', '.join(engine.GRANULARITIES)}"
+            )
+        chosen = [resolve_task(name.strip()) for name in (tasks.split(",") if tasks else builtin_tasks())]
+        for task in chosen:
+            task.items(split, 1)
+        method_class(method).from_dict(params)
+        loaded, tokenizer = intervene.load_model(model, dtype=dtype, device=device)
+        artifact = engine.calibrate(
+            loaded, tokenizer, method, params, chosen, granularity=granularity, rule=rule, value=value,
+            gammas=gamma_grid, split=split, limit=limit, batch_size=batch_size, seed=seed, output=output_path,
+            say=lambda text: typer.echo(text, err=True),
+        )  # fmt: skip
+    except (TaskError, ValueError, OSError) as error:
+        raise _fail(str(error)) from None
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted: run the same command again to resume from {output_path}/profile.jsonl", err=True)
+        raise typer.Exit(130) from None
+    found = artifact["calibration"]
+    typer.echo(f"baseline objective {found['baseline']['objective']:.4f}; selected {len(found['selected'])} of "
+               f"{len(found['profile'])} candidates: {', '.join(found['selected']) or 'none helped'}")  # fmt: skip
+    typer.echo(f"with the selection: {found['result']['objective']:.4f}; params {json.dumps(artifact['params'])}")
+    typer.echo(
+        f"config: {output_path / 'config.json'}  (replay: intervene eval --config {output_path / 'config.json'})"
+    )
 
 
 @app.command()

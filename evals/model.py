@@ -57,6 +57,8 @@ def load_model(name_or_path: str, *, dtype: torch.dtype | str | None = None, dev
             f"cannot load model {name_or_path!r}: {error}. Use a built-in name ({', '.join(BUILTIN)}), "
             "a local checkpoint directory, or a hub id on a machine that reaches the hub."
         ) from None
+    if name_or_path in BUILTIN:
+        model.name_or_path = name_or_path  # configs record the built-in name, not this machine's cache path
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer
 

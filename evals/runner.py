@@ -20,7 +20,7 @@ def evaluate(model, tokenizer, handle, tasks, *, samples_dir, split="test", limi
     """`(results, timing)`: `results[task][metric]` with both scores, the paired delta, its bootstrap 95% CI,
     McNemar's p and n; `timing[task]` in seconds per item. Per-sample logs go to `samples_dir`."""
     results, timing = {}, {}
-    with _progress() as progress:
+    with progress_bar() as progress:
         for task in tasks:
             items = task.items(split, limit)
             log = Path(samples_dir) / f"samples_{task.name}.jsonl"
@@ -80,7 +80,7 @@ def _reference(item) -> dict:
     return {"query": item.query, "choices": item.choices, "gold": item.gold}
 
 
-def _progress():
+def progress_bar():
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

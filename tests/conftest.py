@@ -97,3 +97,23 @@ def prompt(length: int, seed: int) -> list[int]:
 def positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids that skip left padding, as `generate` builds them (GPT-2 has absolute positions)."""
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    import intervene
+    from intervene.evals.model import BUILTIN, cache_root
+
+    intervene.load_model("smollm2-135m", device="cpu")  # converts the default model once if needed
+    return AutoTokenizer.from_pretrained(cache_root() / BUILTIN["smollm2-135m"].cache_name)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, smollm2_tokenizer):
+    """A saved tiny random Llama with the default model's tokenizer: a local checkpoint directory."""
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    build("llama", vocab_size=len(smollm2_tokenizer)).save_pretrained(directory)
+    smollm2_tokenizer.save_pretrained(directory)
+    return directory

@@ -4,14 +4,9 @@ directory, user tasks, and clear failures."""
 import json
 
 import pytest
-from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
-import intervene
 from intervene.cli import app
-from intervene.evals.model import BUILTIN, cache_root
-
-from conftest import build
 
 
 def invoke(*args):
@@ -59,16 +54,6 @@ def test_eval_on_the_real_default_model(tmp_path):
         samples = (run_dir / f"samples_{task}.jsonl").read_text().splitlines()
         assert len(samples) == 6 and {"baseline", "intervened"} <= set(json.loads(samples[0]))
     assert "| cldr_language | acc | 6 |" in result.output
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    intervene.load_model("smollm2-135m", device="cpu")
-    tokenizer = AutoTokenizer.from_pretrained(cache_root() / BUILTIN["smollm2-135m"].cache_name)
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    build("llama", vocab_size=len(tokenizer)).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def test_eval_on_a_local_checkpoint_with_builtin_and_user_tasks(tmp_path, tiny_checkpoint):

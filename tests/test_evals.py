@@ -5,20 +5,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer
 
-import intervene
 from intervene.evals import scorers, stats
-from intervene.evals.model import BUILTIN, cache_root
 from intervene.evals.tasks import Item, Task, TaskError, builtin_tasks, resolve_task
 
 from conftest import build
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    intervene.load_model("smollm2-135m", device="cpu")  # converts the default model once if needed
-    return AutoTokenizer.from_pretrained(cache_root() / BUILTIN["smollm2-135m"].cache_name)
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,186 @@
+"""Calibration: find the heads (and, for ZeroTuning, the strength) where an intervention helps.
+
+The engine of methods-llm §8.6: the baseline is scored once on a `calib` split; then each candidate
+(one layer, one head index across layers, or one (layer, head)) gets the intervention alone and is
+scored on the same items. A selection rule keeps the candidates that helped; for ZeroTuning a grid of
+gammas is then tried on the selected heads. The objective is the mean, over tasks, of each task's
+first metric (accuracy).
+
+Every finished candidate is appended to `profile.jsonl` in the output folder, so a run that is
+interrupted and restarted with the same arguments skips what it already did and ends with the same
+artifact. The artifact is a config that `intervene.load_config` and `intervene eval --config` replay,
+plus the whole profiling table and the calibration data spec.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from . import scorers
+from .runner import progress_bar
+
+GRANULARITIES = ("layer", "head_index", "head")
+RULES = ("min_delta", "top_k", "top_fraction")
+
+
+def candidates(granularity: str, layers: list[int], num_heads: int) -> list[dict]:
+    """Each candidate is a label and the `heads` scope `{layer: [heads]}` it turns on alone."""
+    every = list(range(num_heads))
+    if granularity == "layer":
+        return [{"label": f"layer {layer}", "heads": {layer: every}} for layer in layers]
+    if granularity == "head_index":
+        return [{"label": f"head {h} of every layer", "heads": {layer: [h] for layer in layers}} for h in every]
+    if granularity == "head":
+        return [{"label": f"layer {layer} head {h}", "heads": {layer: [h]}} for layer in layers for h in every]
+    raise ValueError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
+
+
+def select(profile: list[dict], rule: str, value: float) -> list[dict]:
+    """The candidates a rule keeps, best first; never one whose delta is <= 0.
+
+    - `min_delta`: every candidate whose delta is at least `value`;
+    - `top_k`: the `value` best;
+    - `top_fraction`: the best `value` fraction (rounded up).
+    """
+    ranked = sorted(profile, key=lambda c: -c["delta"])  # stable: ties keep the sweep's order
+    if rule == "min_delta":
+        kept = [c for c in ranked if c["delta"] >= value]
+    elif rule == "top_k":
+        kept = ranked[: int(value)]
+    elif rule == "top_fraction":
+        kept = ranked[: math.ceil(value * len(ranked))]
+    else:
+        raise ValueError(f"selection rule {rule!r} is not one of {', '.join(RULES)}")
+    return [c for c in kept if c["delta"] > 0]
+
+
+def union(chosen: list[dict]) -> dict[int, list[int]]:
+    heads: dict[int, set[int]] = {}
+    for candidate in chosen:
+        for layer, hs in candidate["heads"].items():
+            heads.setdefault(int(layer), set()).update(hs)
+    return {layer: sorted(hs) for layer, hs in sorted(heads.items())}
+
+
+def objective(model, tokenizer, tasks: dict, batch_size: int) -> dict[str, float]:
+    """Each task's mean first metric on its items (`tasks`: task -> items), and their mean as `objective`."""
+    scores = {}
+    for name, (task, items) in tasks.items():
+        metric = scorers.METRICS[task.output_type][0]
+        items = sorted(items, key=lambda item: -len(item.query))  # similar lengths share a batch
+        values = []
+        for start in range(0, len(items), batch_size):
+            values += [r[metric] for r in scorers.score(task, items[start : start + batch_size], model, tokenizer)]
+        scores[name] = float(np.mean(values))
+    scores["objective"] = float(np.mean(list(scores.values())))
+    return scores
+
+
+class ProfileLog:
+    """The append-only record of a calibration run; its first line pins the run's settings."""
+
+    def __init__(self, path: Path, settings: dict):
+        self.path = path
+        self.done: dict[str, dict] = {}
+        if path.exists():
+            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            if lines and lines[0] != {"settings": settings}:
+                raise ValueError(
+                    f"{path} belongs to a calibration run with other settings; "
+                    "resume it with the same arguments, or choose another --output-path"
+                )
+            self.done = {entry["key"]: entry for entry in lines[1:]}
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"settings": settings}) + "\n")
+
+    def get_or_run(self, key: str, run) -> dict:
+        if key not in self.done:
+            entry = {"key": key, **run()}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            self.done[key] = entry
+        return self.done[key]
+
+
+def calibrate(
+    model, tokenizer, method: str, params: dict, tasks: list, *, granularity="layer", rule="min_delta",
+    value=0.0, gammas=(), split="calib", limit=None, batch_size=16, seed=0, output: Path, say=print,
+) -> dict:  # fmt: skip
+    """Profile, select and return the artifact (also written to `output/config.json`)."""
+    import intervene
+    from intervene.hooks import model_spec
+    from intervene.interventions import method_class
+
+    if split == "test":
+        raise ValueError("calibrating on the test split would tune on the numbers you report; use the calib split")
+    spec = model_spec(model)
+    layers = list(method_class(method).from_dict(params).resolve(spec).layers)
+    items = {task.name: (task, task.items(split, limit)) for task in tasks}
+    settings = {
+        "model": spec.name_or_path, "method": method, "params": params, "tasks": sorted(items), "split": split,
+        "limit": limit, "granularity": granularity, "rule": rule, "value": value, "gammas": list(gammas), "seed": seed,
+    }  # fmt: skip
+    log = ProfileLog(Path(output) / "profile.jsonl", json.loads(json.dumps(settings)))
+
+    def scored(config: dict):
+        def run():
+            with intervene.apply(model, method, **config):
+                return {"scores": objective(model, tokenizer, items, batch_size)}
+
+        return run
+
+    sweep = candidates(granularity, layers, spec.num_heads)
+    n_items = sum(len(i) for _, i in items.values())
+    say(
+        f"calibrating {method} on {n_items} {split} items of {', '.join(items)}: baseline + {len(sweep)} "
+        f"candidates ({granularity}) + {len(gammas)} gammas + the selection = "
+        f"{(len(sweep) + len(gammas) + 2) * n_items} item scorings"
+    )
+    baseline = log.get_or_run("baseline", lambda: {"scores": objective(model, tokenizer, items, batch_size)})["scores"]
+    profile = []
+    with progress_bar() as progress:
+        bar = progress.add_task("candidates", total=len(sweep))
+        for candidate in sweep:
+            entry = log.get_or_run(candidate["label"], scored({**params, "heads": candidate["heads"]}))
+            delta = entry["scores"]["objective"] - baseline["objective"]
+            profile.append({**candidate, "scores": entry["scores"], "delta": delta})
+            progress.advance(bar)
+    chosen = select(profile, rule, value)
+    final = {**params, "heads": union(chosen)}
+    tried = []
+    for gamma in gammas:  # ZeroTuning: the strength, on the selected heads
+        entry = log.get_or_run(f"gamma {gamma}", scored({**final, "gamma": gamma}))
+        tried.append({"gamma": gamma, "scores": entry["scores"]})
+    if tried:
+        final["gamma"] = max(tried, key=lambda t: t["scores"]["objective"])["gamma"]
+    selected = log.get_or_run("selected", scored(final))["scores"]
+
+    config = method_class(method).from_dict(final).resolve(spec)
+    artifact = {
+        "schema": 1,
+        "method": method,
+        "params": config.to_dict(),
+        "model": {"name_or_path": spec.name_or_path, "num_layers": spec.num_layers, "num_heads": spec.num_heads},
+        "intervene_version": intervene.__version__,
+        "calibration": {
+            "split": split,
+            "tasks": {name: {"items": len(i), "files": t.data_files[t.split(split)]} for name, (t, i) in items.items()},
+            "limit": limit,
+            "seed": seed,
+            "granularity": granularity,
+            "selection": {rule: value},
+            "profiled_with": params,
+            "baseline": baseline,
+            "profile": profile,
+            "selected": [c["label"] for c in chosen],
+            "gammas": tried,
+            "result": selected,
+        },
+    }
+    (Path(output) / "config.json").write_text(json.dumps(artifact, indent=2) + "\n")
+    return artifact
