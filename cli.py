@@ -82,6 +82,12 @@ def evaluate(
     if (method is None) == (config is None):
         raise _fail("give exactly one of --method NAME or --config FILE (see `intervene methods`)")
     params = _params(param or [])
+    from intervene.evals.model import shipped_config
+
+    if method and not params and (shipped := shipped_config(model, method)):
+        typer.echo(f"using the {method} config calibrated for {model} that ships with intervene: {shipped}", err=True)
+        typer.echo("(give --param to set parameters yourself, or --config for another config)", err=True)
+        method, config = None, shipped
     if dtype not in (None, "float32", "bfloat16", "float16"):
         raise _fail(f"--dtype {dtype!r} is not one of float32, bfloat16, float16")
 

@@ -35,6 +35,15 @@ BUILTIN = {
 }
 
 
+SHIPPED = Path(__file__).parent.parent / "configs"  # calibrated configs: configs/<model>/<method>/config.json
+
+
+def shipped_config(name: str, method: str) -> Path | None:
+    """The calibrated config shipped for a built-in model and method, if there is one."""
+    path = SHIPPED / name / method / "config.json"
+    return path if name in BUILTIN and path.is_file() else None
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("INTERVENE_CACHE", Path.home() / ".cache" / "intervene"))
 

@@ -44,6 +44,12 @@ class ACT(Method):
         if self.decode not in DECODE_MODES:
             raise ValueError(f"act: decode={self.decode!r} is not one of {', '.join(DECODE_MODES)}")
 
+    @classmethod
+    def from_official(cls, head_lists: list[list[int]], *, first_layer: int = 2, **params) -> ACT:
+        """A head list as GATECH-EIC/ACT publishes it (`models/augment_index.py`): entry i holds the
+        query heads calibrated in layer `first_layer + i`."""
+        return cls(heads={first_layer + i: list(hs) for i, hs in enumerate(head_lists) if hs}, **params)
+
     def resolve(self, model: ModelSpec) -> ACT:
         auto = range(2, model.num_layers - 1)  # the official code calibrates layers 2..L-2
         layers, heads = resolve_scope(self.layers, self.heads, model, method="act", default="auto", auto=auto)

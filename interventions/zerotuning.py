@@ -32,6 +32,13 @@ class ZeroTuning(Method):
     def __post_init__(self):
         check_number("zerotuning", "gamma", self.gamma, low=0.0, low_open=True)
 
+    @classmethod
+    def from_official(cls, setting: tuple) -> ZeroTuning:
+        """The official code's `(rate, target_layers, target_heads)`: one gamma, the same head
+        indices in every target layer."""
+        rate, layers, heads = setting
+        return cls(gamma=rate, heads={layer: list(heads) for layer in layers})
+
     def resolve(self, model: ModelSpec) -> ZeroTuning:
         every = range(model.num_layers)
         layers, heads = resolve_scope(self.layers, self.heads, model, method="zerotuning", default="all", auto=every)

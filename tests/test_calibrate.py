@@ -1,6 +1,7 @@
 """Calibration: candidates, selection rules, the artifact's round trip, resuming, and never tuning on test."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +11,10 @@ import intervene
 from intervene.cli import app
 from intervene.evals import calibrate as engine
 from intervene.evals.tasks import resolve_task
+from intervene.interventions.act import ACT
+from intervene.interventions.zerotuning import ZeroTuning
 
-from conftest import left_padded, positions, prompt
+from conftest import build, left_padded, positions, prompt
 
 
 def profile(*deltas):
@@ -128,3 +131,26 @@ def test_the_test_split_is_never_tuned_on(tiny_checkpoint, small_task, tmp_path)
     assert refused.exit_code == 2 and "was calibrated on the 'calib' split" in refused.output
     replayed = CliRunner().invoke(app, [*base, "--output-path", str(tmp_path / "e")])
     assert replayed.exit_code == 0, replayed.output
+
+
+PUBLISHED = Path(__file__).parent.parent / "configs" / "published"
+
+
+def test_the_official_act_head_lists_import_and_apply_to_their_geometry():
+    config = intervene.load_config(PUBLISHED / "llama-2-7b-chat" / "act-classification" / "config.json")
+    assert config.saved_for["name_or_path"] == "meta-llama/Llama-2-7b-chat-hf"
+    assert sum(map(len, config.heads.values())) == 184  # the official list: 184 of 928 candidate heads
+    assert ACT.from_official([[1, 3], [], [0]], beta=0.3).heads == {2: [1, 3], 4: [0]}
+    shaped = build("llama", num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, hidden_size=64)
+    with intervene.apply(shaped, config) as handle:
+        assert handle.config.layers[0] == 2 and len(handle.config.layers) == 28
+        assert handle.config.heads[2] == (2, 8, 12, 13, 16, 17, 20, 25)
+    with pytest.raises(ValueError, match=r"saved for meta-llama/Llama-2-7b-chat-hf \(32 layers x 32 heads\)"):
+        intervene.apply(build("llama"), config)
+
+
+def test_a_zerotuning_setting_imports_as_one_gamma_on_the_same_heads_of_each_layer():
+    config = ZeroTuning.from_official((2.5, [0, 3], [1, 2]))
+    assert config == ZeroTuning(gamma=2.5, heads={0: [1, 2], 3: [1, 2]})
+    with intervene.apply(build("llama"), config) as handle:
+        assert handle.active_layers == {0, 3}
