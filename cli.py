@@ -176,6 +176,9 @@ def calibrate(
     gammas: Annotated[
         str | None, typer.Option(help="zerotuning: comma-separated gammas tried on the selection.")
     ] = None,
+    gamma_by: Annotated[
+        str, typer.Option(help="Pick the gamma by calib accuracy or by lowest entropy (no labels).")
+    ] = ("accuracy"),
     limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N items of each task.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Items per forward pass.")] = 16,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cuda if available).")] = None,
@@ -213,8 +216,8 @@ def calibrate(
         loaded, tokenizer = intervene.load_model(model, dtype=dtype, device=device)
         artifact = engine.calibrate(
             loaded, tokenizer, method, params, chosen, granularity=granularity, rule=rule, value=value,
-            gammas=gamma_grid, split=split, limit=limit, batch_size=batch_size, seed=seed, output=output_path,
-            say=lambda text: typer.echo(text, err=True),
+            gammas=gamma_grid, gamma_by=gamma_by, split=split, limit=limit, batch_size=batch_size, seed=seed,
+            output=output_path, say=lambda text: typer.echo(text, err=True),
         )  # fmt: skip
     except (TaskError, ValueError, OSError) as error:
         raise _fail(str(error)) from None

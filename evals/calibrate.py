@@ -67,16 +67,20 @@ def union(chosen: list[dict]) -> dict[int, list[int]]:
 
 
 def objective(model, tokenizer, tasks: dict, batch_size: int) -> dict[str, float]:
-    """Each task's mean first metric on its items (`tasks`: task -> items), and their mean as `objective`."""
-    scores = {}
+    """Each task's mean first metric on its items (`tasks`: task -> items), their mean as `objective`,
+    and the mean entropy over the choices of the tasks that have choices (`entropy`, label-free)."""
+    scores, entropies = {}, []
     for name, (task, items) in tasks.items():
         metric = scorers.METRICS[task.output_type][0]
         items = sorted(items, key=lambda item: -len(item.query))  # similar lengths share a batch
-        values = []
+        results = []
         for start in range(0, len(items), batch_size):
-            values += [r[metric] for r in scorers.score(task, items[start : start + batch_size], model, tokenizer)]
-        scores[name] = float(np.mean(values))
+            results += scorers.score(task, items[start : start + batch_size], model, tokenizer)
+        scores[name] = float(np.mean([r[metric] for r in results]))
+        entropies += [r["entropy"] for r in results if "entropy" in r]
     scores["objective"] = float(np.mean(list(scores.values())))
+    if entropies:
+        scores["entropy"] = float(np.mean(entropies))
     return scores
 
 
@@ -109,21 +113,28 @@ class ProfileLog:
 
 def calibrate(
     model, tokenizer, method: str, params: dict, tasks: list, *, granularity="layer", rule="min_delta",
-    value=0.0, gammas=(), split="calib", limit=None, batch_size=16, seed=0, output: Path, say=print,
+    value=0.0, gammas=(), gamma_by="accuracy", split="calib", limit=None, batch_size=16, seed=0, output: Path,
+    say=print,
 ) -> dict:  # fmt: skip
-    """Profile, select and return the artifact (also written to `output/config.json`)."""
+    """Profile, select and return the artifact (also written to `output/config.json`). The gamma grid
+    is judged `by` calibration accuracy, or by the lowest entropy over choices (no labels needed)."""
     import intervene
     from intervene.hooks import model_spec
     from intervene.interventions import method_class
 
     if split == "test":
         raise ValueError("calibrating on the test split would tune on the numbers you report; use the calib split")
+    if gamma_by not in ("accuracy", "entropy"):
+        raise ValueError(f"gamma_by={gamma_by!r} is not one of accuracy, entropy")
+    if gamma_by == "entropy" and all(task.output_type == "generate_until" for task in tasks):
+        raise ValueError("gamma_by='entropy' needs a multiple_choice or classification task")
     spec = model_spec(model)
     layers = list(method_class(method).from_dict(params).resolve(spec).layers)
     items = {task.name: (task, task.items(split, limit)) for task in tasks}
     settings = {
         "model": spec.name_or_path, "method": method, "params": params, "tasks": sorted(items), "split": split,
-        "limit": limit, "granularity": granularity, "rule": rule, "value": value, "gammas": list(gammas), "seed": seed,
+        "limit": limit, "granularity": granularity, "rule": rule, "value": value, "gammas": list(gammas),
+        "gamma_by": gamma_by, "seed": seed,
     }  # fmt: skip
     log = ProfileLog(Path(output) / "profile.jsonl", json.loads(json.dumps(settings)))
 
@@ -157,7 +168,8 @@ def calibrate(
         entry = log.get_or_run(f"gamma {gamma}", scored({**final, "gamma": gamma}))
         tried.append({"gamma": gamma, "scores": entry["scores"]})
     if tried:
-        final["gamma"] = max(tried, key=lambda t: t["scores"]["objective"])["gamma"]
+        key, pick = ("objective", max) if gamma_by == "accuracy" else ("entropy", min)
+        final["gamma"] = pick(tried, key=lambda t: t["scores"][key])["gamma"]
     selected = log.get_or_run("selected", scored(final))["scores"]
 
     config = method_class(method).from_dict(final).resolve(spec)
@@ -179,6 +191,7 @@ def calibrate(
             "profile": profile,
             "selected": [c["label"] for c in chosen],
             "gammas": tried,
+            "gamma_by": gamma_by,
             "result": selected,
         },
     }

@@ -1,7 +1,7 @@
 """Scorers: turn a batch of items into one result per item, with the per-item metrics of its task.
 
 - `multiple_choice`: log-likelihood of each choice after the query (`acc`; `acc_norm` divides by the
-  choice's length in bytes, as lm-eval does);
+  choice's length in bytes, as lm-eval does; `entropy` of the distribution over the choices);
 - `classification`: ACT-style, the argmax over the choices' label tokens at the last position, each
   label being the last token of " " + choice;
 - `generate_until`: greedy generation, cut at the stop strings, matched against the accepted answers;
@@ -58,6 +58,7 @@ def multiple_choice(task, items, model, tokenizer) -> list[dict]:
                 "pred_norm": pred_norm,
                 "acc": float(pred == item.gold),
                 "acc_norm": float(pred_norm == item.gold),
+                "entropy": _entropy(loglik),
             }
         )
     return results
@@ -71,7 +72,9 @@ def classification(task, items, model, tokenizer) -> list[dict]:
         labels = [_encode(tokenizer, task.target_delimiter + choice)[-1] for choice in item.choices]
         scores = logprobs[row, labels].tolist()
         pred = _argmax(scores)
-        results.append({"label_logprobs": scores, "pred": pred, "acc": float(pred == item.gold)})
+        results.append(
+            {"label_logprobs": scores, "pred": pred, "acc": float(pred == item.gold), "entropy": _entropy(scores)}
+        )
     return results
 
 
@@ -144,6 +147,12 @@ def _last_logits(model, tokenizer, sequences: list[list[int]], keep: int) -> tor
             use_cache=False,
         )
     return out.logits.float().cpu()
+
+
+def _entropy(scores: list[float]) -> float:
+    """Entropy (nats) of the model's distribution over the choices: needs no label."""
+    logp = torch.tensor(scores).log_softmax(dim=0)
+    return float(-(logp.exp() * logp).sum())
 
 
 def _argmax(values: list[float]) -> int:

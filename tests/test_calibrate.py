@@ -154,3 +154,15 @@ def test_a_zerotuning_setting_imports_as_one_gamma_on_the_same_heads_of_each_lay
     assert config == ZeroTuning(gamma=2.5, heads={0: [1, 2], 3: [1, 2]})
     with intervene.apply(build("llama"), config) as handle:
         assert handle.active_layers == {0, 3}
+
+
+def test_the_gamma_can_be_chosen_without_labels_by_entropy(tiny_checkpoint, small_task, tmp_path):
+    artifact = run_calibration(
+        tiny_checkpoint, small_task, tmp_path / "cal", rule="top_fraction", value=1.0, gammas=[0.25, 1.0, 4.0],
+        gamma_by="entropy",
+    )  # fmt: skip
+    tried = artifact["calibration"]["gammas"]
+    assert artifact["params"]["gamma"] == min(tried, key=lambda t: t["scores"]["entropy"])["gamma"]
+    assert all(t["scores"]["entropy"] > 0 for t in tried)
+    with pytest.raises(ValueError, match="gamma_by='loss' is not one of accuracy, entropy"):
+        run_calibration(tiny_checkpoint, small_task, tmp_path / "other", gamma_by="loss")
