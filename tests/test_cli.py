@@ -2,6 +2,7 @@
 directory, user tasks, and clear failures."""
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -110,3 +111,15 @@ def test_a_broken_user_task_names_file_and_line(tmp_path, content, message):
     path.write_text(content)
     result = invoke("eval", "--method", "act", "--tasks", path, "--output-path", tmp_path)
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_eval_uses_the_config_shipped_for_the_default_model(tmp_path):
+    shipped = json.loads(
+        (Path(__file__).parent.parent / "configs" / "smollm2-135m" / "act" / "config.json").read_text()
+    )
+    assert shipped["calibration"]["split"] == "calib"
+    result = invoke("eval", "--method", "act", "--tasks", "cldr_language", "--limit", 2, "--output-path", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "using the act config calibrated for smollm2-135m that ships with intervene" in result.output
+    document, _ = results_of(tmp_path)
+    assert document["intervention"]["params"] == shipped["params"]
