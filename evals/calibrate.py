@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -152,7 +153,12 @@ def calibrate(
         f"candidates ({granularity}) + {len(gammas)} gammas + the selection = "
         f"{(len(sweep) + len(gammas) + 2) * n_items} item scorings"
     )
+    began = time.perf_counter()
     baseline = log.get_or_run("baseline", lambda: {"scores": objective(model, tokenizer, items, batch_size)})["scores"]
+    if (elapsed := time.perf_counter() - began) > 1:  # scored now, not read back from the log
+        say(
+            f"baseline took {elapsed:.0f} s: the rest needs about {elapsed * (len(sweep) + len(gammas) + 1) / 60:.0f} min"
+        )
     profile = []
     with progress_bar() as progress:
         bar = progress.add_task("candidates", total=len(sweep))
