@@ -156,9 +156,8 @@ def calibrate(
     began = time.perf_counter()
     baseline = log.get_or_run("baseline", lambda: {"scores": objective(model, tokenizer, items, batch_size)})["scores"]
     if (elapsed := time.perf_counter() - began) > 1:  # scored now, not read back from the log
-        say(
-            f"baseline took {elapsed:.0f} s: the rest needs about {elapsed * (len(sweep) + len(gammas) + 1) / 60:.0f} min"
-        )
+        rest = elapsed * (len(sweep) + len(gammas) + 1) / 60
+        say(f"baseline took {elapsed:.0f} s: the rest needs about {rest:.0f} min")
     profile = []
     with progress_bar() as progress:
         bar = progress.add_task("candidates", total=len(sweep))
