@@ -116,7 +116,7 @@ class Dispatcher:
 
     # -- per layer --------------------------------------------------------------------------------
 
-    def edit_for(self, layer: int, module, query, key, attention_mask, scale, causal):
+    def edit_for(self, layer: int, query, key, attention_mask, scale, causal):
         call, edit = None, None
         for handle in self.handles:
             if not handle.enabled or layer not in handle.active_layers:
@@ -146,7 +146,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
-    edit = dispatcher.edit_for(layer, module, query, key, attention_mask, scale, causal)
+    edit = dispatcher.edit_for(layer, query, key, attention_mask, scale, causal)
     if edit is None:
         return dispatcher.fall_through(module)(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
