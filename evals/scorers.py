@@ -6,30 +6,89 @@
   label being the last token of " " + choice;
 - `generate_until`: greedy generation, cut at the stop strings, matched against the accepted answers;
   an item with no accepted answer expects an abstention ("I don't know"), and a confident answer that
-  is not accepted is a hallucination.
+  is not accepted is a hallucination;
+- `pope`: greedy generation of a short answer, read as yes/no by POPE's rule (below); `acc`,
+  `precision`, `recall`, `f1` (of "yes") and `yes_ratio` over the whole set;
+- `chair`: greedy generation of a caption; `chair_s` (share of captions naming an object not in the
+  image), `chair_i` (share of object mentions that are hallucinated), `recall` (share of the images'
+  objects that the captions name) and `length` (words per caption).
 
-Batches are left-padded and positions skip the padding.
+Batches are left-padded and positions skip the padding. Items with an image go through the model's
+processor and its chat template (a user turn holding the image and the query); the model must be a
+vision-language one. Every metric is a ratio of sums of per-item counts (`COUNTS`), so the runner can
+resample items and recompute a corpus-level metric such as F1 exactly.
 """
 
 from __future__ import annotations
 
 import re
 
+import numpy as np
 import torch
+
+from . import chair
+from .tasks import TaskError
 
 METRICS = {
     "multiple_choice": ("acc", "acc_norm"),
     "classification": ("acc",),
     "generate_until": ("acc", "hallucination", "abstention"),
+    "pope": ("acc", "precision", "recall", "f1", "yes_ratio"),
+    "chair": ("chair_s", "chair_i", "recall", "length"),
 }
+# The per-item numbers whose sums over the items give the metrics (see `corpus_metrics`); for the other
+# output types each metric is the mean of its per-item value.
+COUNTS = {
+    "pope": ("acc", "tp", "pred_yes", "label_yes"),
+    "chair": ("chair_s", "n_hallucinated", "n_mentioned", "n_covered", "n_objects", "length"),
+}
+# Metrics that are means of a per-item 0/1 outcome, for which McNemar's test applies.
+PAIRED_BINARY = {"pope": ("acc",), "chair": ("chair_s",)}
 ABSTAIN = re.compile(
     r"\b(i don't know|i do not know|don't know|not sure|unknown|no such country|does not exist|"
     r"doesn't exist|not a real|fictional|no official language|cannot answer|can't answer)\b"
 )
 
 
-def score(task, items, model, tokenizer) -> list[dict]:
-    return SCORERS[task.output_type](task, items, model, tokenizer)
+def score(task, items, model, processor) -> list[dict]:
+    """Per-item results; `processor` is the model's tokenizer, or its processor for a vision-language model."""
+    if task.needs_images:
+        if getattr(processor, "image_processor", None) is None:
+            raise TaskError(
+                f"task {task.name!r} needs images, but the model's {type(processor).__name__} reads text only"
+            )
+        return SCORERS[task.output_type](task, items, model, processor)
+    return SCORERS[task.output_type](task, items, model, getattr(processor, "tokenizer", processor))
+
+
+def counts(output_type: str) -> tuple[str, ...]:
+    return COUNTS.get(output_type, METRICS[output_type])
+
+
+def corpus_metrics(output_type: str, sums: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    """Each metric from the sums of the per-item `counts(output_type)` over n items; `sums` is [..., counts]
+    (a leading axis holds bootstrap resamples). A ratio with nothing to divide by is 0."""
+    s = dict(zip(counts(output_type), np.moveaxis(np.asarray(sums, dtype=float), -1, 0), strict=True))
+    if output_type == "pope":
+        return {
+            "acc": s["acc"] / n,
+            "precision": _ratio(s["tp"], s["pred_yes"]),
+            "recall": _ratio(s["tp"], s["label_yes"]),
+            "f1": _ratio(2 * s["tp"], s["pred_yes"] + s["label_yes"]),  # 2PR/(P+R) = 2TP/(2TP+FP+FN)
+            "yes_ratio": s["pred_yes"] / n,
+        }
+    if output_type == "chair":
+        return {
+            "chair_s": s["chair_s"] / n,
+            "chair_i": _ratio(s["n_hallucinated"], s["n_mentioned"]),
+            "recall": _ratio(s["n_covered"], s["n_objects"]),
+            "length": s["length"] / n,
+        }
+    return {name: s[name] / n for name in METRICS[output_type]}
+
+
+def _ratio(numerator, denominator):
+    return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
 
 
 def multiple_choice(task, items, model, tokenizer) -> list[dict]:
@@ -78,20 +137,10 @@ def classification(task, items, model, tokenizer) -> list[dict]:
     return results
 
 
-def generate_until(task, items, model, tokenizer) -> list[dict]:
+def generate_until(task, items, model, processor) -> list[dict]:
     settings = {"max_new_tokens": 32, "until": ["\n"], **task.generation_kwargs}
-    ids, mask = _left_pad([_encode(tokenizer, item.query, special=True) for item in items], _pad_id(tokenizer))
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids.to(model.device),
-            attention_mask=mask.to(model.device),
-            max_new_tokens=settings["max_new_tokens"],
-            do_sample=False,
-            pad_token_id=_pad_id(tokenizer),
-        )
     results = []
-    for row, item in enumerate(items):
-        text = tokenizer.decode(out[row, ids.shape[1] :], skip_special_tokens=True).lstrip()
+    for text, item in zip(_generate(items, model, processor, settings["max_new_tokens"]), items, strict=True):
         for stop in settings["until"]:
             text = text.split(stop)[0]
         output = text.strip()
@@ -109,11 +158,94 @@ def generate_until(task, items, model, tokenizer) -> list[dict]:
     return results
 
 
+def pope_answer(output: str) -> str:
+    """POPE's reading of an answer: its first sentence (up to the first "."), commas dropped, split on
+    spaces; "no", "No" or "not" among the words means no, anything else yes (POPE's and LLaVA's rule)."""
+    words = output.split(".")[0].replace(",", "").split(" ")
+    return "no" if {"no", "No", "not"} & set(words) else "yes"
+
+
+def pope(task, items, model, processor) -> list[dict]:
+    settings = {"max_new_tokens": 8, **task.generation_kwargs}  # an answer is one word or a short sentence
+    results = []
+    for output, item in zip(_generate(items, model, processor, settings["max_new_tokens"]), items, strict=True):
+        output = output.strip()
+        said_yes, is_yes = pope_answer(output) == "yes", item.gold == 1
+        results.append(
+            {
+                "output": output,
+                "answer": "yes" if said_yes else "no",
+                "acc": float(said_yes == is_yes),
+                "tp": float(said_yes and is_yes),
+                "pred_yes": float(said_yes),
+                "label_yes": float(is_yes),
+            }
+        )
+    return results
+
+
+def chair_captions(task, items, model, processor) -> list[dict]:
+    settings = {"max_new_tokens": 64, **task.generation_kwargs}
+    vocab = chair.vocabulary(task.coco_synonyms or chair.SYNONYMS)
+    outputs = _generate(items, model, processor, settings["max_new_tokens"])
+    return [
+        {"output": output.strip(), **chair.score(output, set(item.objects), vocab)}
+        for output, item in zip(outputs, items, strict=True)
+    ]
+
+
 SCORERS = {
     "multiple_choice": multiple_choice,
     "classification": classification,
     "generate_until": generate_until,
+    "pope": pope,
+    "chair": chair_captions,
 }
+
+
+def _generate(items, model, processor, max_new_tokens: int) -> list[str]:
+    """Greedy continuations of a left-padded batch, decoded without special tokens."""
+    if items[0].image is None:
+        ids, mask = _left_pad([_encode(processor, item.query, special=True) for item in items], _pad_id(processor))
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        tokenizer = processor
+    else:
+        inputs = _image_inputs(items, processor, model.dtype)
+        tokenizer = processor.tokenizer
+    with torch.no_grad():
+        out = model.generate(
+            **{k: v.to(model.device) for k, v in inputs.items()},
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=_pad_id(tokenizer),
+        )
+    width = inputs["input_ids"].shape[1]
+    return [tokenizer.decode(row[width:], skip_special_tokens=True).lstrip() for row in out]
+
+
+def _image_inputs(items, processor, dtype) -> dict:
+    from PIL import Image
+
+    images = []
+    for item in items:
+        try:
+            with Image.open(item.image) as image:
+                images.append(image.convert("RGB"))
+        except OSError as error:
+            raise TaskError(f"image {item.image} cannot be read ({error})") from None
+    prompts = [_prompt(processor, item.query) for item in items]
+    inputs = processor(images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return dict(inputs)
+
+
+def _prompt(processor, query: str) -> str:
+    """The processor's chat template around one user turn (image, then query); without a template, the
+    image placeholder on a line before the query."""
+    if getattr(processor, "chat_template", None):
+        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": query}]}]
+        return processor.apply_chat_template(turn, add_generation_prompt=True)
+    return f"{processor.image_token}\n{query}"
 
 
 def _encode(tokenizer, text: str, special: bool = False) -> list[int]:

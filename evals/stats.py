@@ -7,13 +7,30 @@ import math
 import numpy as np
 
 
-def paired_bootstrap_ci(baseline, intervened, *, resamples: int = 2000, seed: int = 0, level: float = 0.95):
-    """Percentile CI of mean(intervened) - mean(baseline), resampling items with replacement."""
-    differences = np.asarray(intervened, dtype=float) - np.asarray(baseline, dtype=float)
+def paired_bootstrap_ci(
+    baseline, intervened, *, statistic=None, resamples: int = 2000, seed: int = 0, level: float = 0.95
+):
+    """Percentile CI of statistic(intervened) - statistic(baseline), resampling items with replacement (the
+    same items for both).
+
+    Without `statistic`, the inputs are per-item scores and the statistic is their mean. With it, each input
+    is [items, k] per-item counts, and `statistic(sums, n)` maps their sums over a resample ([resamples, k])
+    to the metric ([resamples]): a corpus-level metric such as F1 is recomputed on every resample."""
+    base, after = np.asarray(baseline, dtype=float), np.asarray(intervened, dtype=float)
+    n = len(base)
     rng = np.random.default_rng(seed)
-    means = differences[rng.integers(0, len(differences), size=(resamples, len(differences)))].mean(axis=1)
+    picks = rng.integers(0, n, size=(resamples, n))
+    if statistic is None:
+        differences = (after - base)[picks].mean(axis=1)
+    else:
+        differences = np.concatenate(
+            [  # in blocks of resamples, so that memory stays at a few [block, n, k] arrays
+                statistic(after[block].sum(axis=1), n) - statistic(base[block].sum(axis=1), n)
+                for block in np.array_split(picks, max(1, resamples // 100))
+            ]
+        )
     tail = (1 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
+    low, high = np.percentile(differences, [tail, 100 - tail])
     return float(low), float(high)
 
 

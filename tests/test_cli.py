@@ -28,7 +28,9 @@ def test_methods_and_tasks_list_what_is_registered():
     assert [line.split()[0] for line in result.output.splitlines()] == [
         "cldr_currency",
         "cldr_language",
+        "easy-vqa",
         "mmlu_dev",
+        "pope-photos",
         "unanswerable_qa",
     ]
 
@@ -83,7 +85,7 @@ def test_eval_on_a_local_checkpoint_with_builtin_and_user_tasks(tmp_path, tiny_c
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--method", "actt"], "unknown method 'actt'; known methods: act, heads, zerotuning"),
+        (["--method", "actt"], "unknown method 'actt'; known methods: act, heads, pai, var, vhr, zerotuning"),
         (["--method", "act", "--param", "beta=2"], "act: beta=2 is out of range"),
         (["--method", "act", "--param", "beta"], "--param 'beta' is not key=value"),
         ([], "give exactly one of --method NAME or --config FILE"),
