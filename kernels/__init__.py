@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .edit import AttentionEdit, Redistribute
+from .edit import AttentionEdit, KeyGain, MassGate, Redistribute
 
-__all__ = ["BACKENDS", "AttentionEdit", "Redistribute", "column_stats", "modified_attention"]
+__all__ = ["BACKENDS", "AttentionEdit", "KeyGain", "MassGate", "Redistribute", "column_stats", "modified_attention"]
 
 BACKENDS = ("auto", "reference")
 

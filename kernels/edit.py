@@ -17,19 +17,42 @@ class Redistribute:
 
     The moved mass is shared among target keys in proportion to their own probabilities; every other
     key keeps its probability, so rows still sum to 1. A row with no mass on `source` or none on
-    `target` is left unchanged, as is a row whose `row_gate` is False.
+    `target` is left unchanged, as is a row whose `row_gate` is False or which fails `mass_gate`.
     """
 
     source: torch.Tensor  # [B, Hq|1, Nk] bool
     target: torch.Tensor  # [B, Hq|1, Nk] bool; keys also in `source` count as source
     p_move: float | torch.Tensor  # scalar or [Hq], each in [0, 1]
-    row_gate: torch.Tensor | None = None  # [B, Hq, Nq] bool
+    row_gate: torch.Tensor | None = None  # [B, Hq|1, Nq] bool
+    mass_gate: MassGate | None = None
+
+
+@dataclass(frozen=True)
+class MassGate:
+    """A per-row gate read from the row's own unmodified probabilities (VAR's image-centric heads).
+
+    A row passes when its mass on `keys` is at least `min_mass` and the part of that mass lying on
+    source keys is positive and at most `max_source_share` of it.
+    """
+
+    keys: torch.Tensor  # [B, Nk] bool
+    min_mass: float
+    max_source_share: float
+
+
+@dataclass(frozen=True)
+class KeyGain:
+    """PAI's logit transform `z + alpha*|z|` on the logits of `keys`, in the rows `rows` (all when None)."""
+
+    keys: torch.Tensor  # [B, Nk] bool
+    alpha: float
+    rows: torch.Tensor | None = None  # [B, Nq] bool
 
 
 @dataclass(frozen=True)
 class AttentionEdit:
     key_bias: torch.Tensor | None = None  # [B|1, Hq|1, Nq|1, Nk] float, added to the logits (natural log)
-    key_gain: tuple[torch.Tensor, float] | None = None  # (mask [B, Nk] bool, alpha): z + alpha*|z| there
+    key_gain: KeyGain | None = None
     redistribute: Redistribute | None = None
     head_scale: torch.Tensor | None = None  # [B|1, Hq] multiplies each head's output
 

@@ -60,8 +60,11 @@ def _probability_rows(q, k, edit, attention_mask, scale, causal, lse=False) -> I
         rows = q_grouped[:, :, :, r0:r1].reshape(B, Hkv, -1, D)  # GQA: a KV head's query heads stacked as rows
         s = (rows @ k_t).view(B, Hq, r1 - r0, Nk)
         if edit.key_gain is not None:
-            gain_keys, alpha = edit.key_gain
-            s = s + alpha * s.abs() * gain_keys[:, None, None, :]
+            gain = edit.key_gain
+            where = gain.keys[:, None, None, :]  # [B, 1, 1, Nk]
+            if gain.rows is not None:
+                where = where & gain.rows[:, None, r0:r1, None]  # [B, 1, rows, Nk]
+            s = s + gain.alpha * s.abs() * where
         keep, additive = _mask_rows(attention_mask, r0, r1, Nq, Nk, causal, s.device)
         if additive is not None:
             s += additive
@@ -107,6 +110,13 @@ def _redistribute(p: torch.Tensor, rd: Redistribute, r0: int, r1: int) -> torch.
     active = (mass_source > 0) & (mass_target > 0)
     if rd.row_gate is not None:
         active = active & rd.row_gate[:, :, r0:r1, None]
+    if rd.mass_gate is not None:
+        gate = rd.mass_gate
+        keys = gate.keys[:, None, None, :]  # [B, 1, 1, Nk]
+        mass_keys = p @ keys.transpose(-1, -2).float()  # [B, Hq, rows, 1]
+        mass_shared = p @ (keys & source).transpose(-1, -2).float()
+        share = mass_shared / mass_keys.clamp_min(1e-30)
+        active = active & (mass_keys >= gate.min_mass) & (mass_shared > 0) & (share <= gate.max_source_share)
     keep_source = torch.where(active, 1.0 - p_move, 1.0)
     grow_target = torch.where(active, 1.0 + p_move * mass_source / mass_target.clamp_min(1e-30), 1.0)
     return p.mul_(torch.where(source, keep_source, torch.where(target, grow_target, 1.0)))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from intervene import kernels
-from intervene.kernels import AttentionEdit, Redistribute, reference
+from intervene.kernels import AttentionEdit, KeyGain, MassGate, Redistribute, reference
 
 from oracles import explicit_probabilities
 
@@ -86,7 +86,7 @@ def test_row_sums_stay_one_under_every_edit():
     source = torch.rand(2, 4, 9, generator=g) < 0.3
     edit = AttentionEdit(
         key_bias=torch.randn(2, 4, 1, 9, generator=g),
-        key_gain=(torch.rand(2, 9, generator=g) < 0.5, 0.7),
+        key_gain=KeyGain(torch.rand(2, 9, generator=g) < 0.5, 0.7, rows=torch.rand(2, 9, generator=g) < 0.5),
         redistribute=Redistribute(source=source, target=~source, p_move=torch.tensor([0.2, 0.5, 0.9, 1.0])),
     )
     probs = kernels.modified_attention(q, k, eye, edit, attention_mask=padded_keep(2, 9, [0, 2]), scale=0.3)
@@ -114,11 +114,14 @@ def test_scale_and_renormalise_equals_log_bias():
 
 def test_key_gain_is_z_plus_alpha_abs_z():
     q, k, v = qkv(kv_heads=4)
-    gain_keys = torch.zeros(2, 9, dtype=torch.bool)
-    gain_keys[:, 2:5] = True
-    out = kernels.modified_attention(q, k, v, AttentionEdit(key_gain=(gain_keys, 0.5)), scale=0.3)
+    keys = torch.zeros(2, 9, dtype=torch.bool)
+    keys[:, 2:5] = True
+    rows = torch.zeros(2, 9, dtype=torch.bool)
+    rows[:, 6:] = True
+    out = kernels.modified_attention(q, k, v, AttentionEdit(key_gain=KeyGain(keys, 0.5, rows)), scale=0.3)
     logits = q @ k.transpose(-1, -2) * 0.3
-    logits = logits + 0.5 * logits.abs() * gain_keys[:, None, None, :]
+    where = rows[:, None, :, None] & keys[:, None, None, :]  # [B, 1, Nq, Nk]
+    logits = logits + 0.5 * logits.abs() * where
     logits = logits.masked_fill(~torch.ones(9, 9, dtype=torch.bool).tril(), float("-inf"))
     expected = (logits.softmax(-1) @ v).transpose(1, 2)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
@@ -146,6 +149,32 @@ def test_redistribution_moves_mass_in_proportion_and_respects_the_gate():
         return torch.where(on, moved, A)
 
     torch.testing.assert_close(out, explicit(q, k, v, 0.3, transform=move), atol=1e-6, rtol=1e-6)
+
+
+def test_mass_gate_reads_each_rows_own_probabilities():
+    q, k, v = qkv()
+    source = torch.zeros(2, 1, 9, dtype=torch.bool)
+    source[:, :, [0, 4]] = True  # 0 is outside the gate keys (a text sink), 4 inside (an image sink)
+    image = torch.zeros(2, 9, dtype=torch.bool)
+    image[:, 3:7] = True
+    gate = MassGate(keys=image, min_mass=0.2, max_source_share=0.5)
+    edit = AttentionEdit(redistribute=Redistribute(source=source, target=image[:, None], p_move=0.4, mass_gate=gate))
+    out = kernels.modified_attention(q, k, v, edit, scale=0.3)
+
+    def move(A, b):
+        m_img = A[:, :, image[b]].sum(-1, keepdim=True)
+        m_sink_img = A[:, :, 4:5]
+        m_s = A[:, :, [0, 4]].sum(-1, keepdim=True)
+        m_t = A[:, :, [3, 5, 6]].sum(-1, keepdim=True)
+        on = (m_img >= 0.2) & (m_sink_img > 0) & (m_sink_img / m_img <= 0.5) & (m_t > 0)
+        moved = A.clone()
+        moved[:, :, [0, 4]] *= 0.6
+        moved[:, :, [3, 5, 6]] *= 1 + 0.4 * m_s / m_t.clamp_min(1e-30)
+        return torch.where(on, moved, A)
+
+    expected = explicit(q, k, v, 0.3, transform=move)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(out, kernels.modified_attention(q, k, v, scale=0.3))  # some rows pass the gate
 
 
 def test_head_scale_multiplies_each_head():
