@@ -12,6 +12,10 @@ from ..interventions import ModelSpec
 # The implementations whose masks and fall-through we reproduce exactly.
 WRAPPABLE = ("eager", "sdpa")
 
+# Vision-language families (config.model_type) whose image tokens we can locate: each marks every image
+# position in `input_ids` with `config.image_token_id`, and runs a causal decoder as its language model.
+VISION_LANGUAGE = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm")
+
 
 class UnsupportedModelError(ValueError):
     """The model cannot be intervened on through transformers' AttentionInterface."""
@@ -25,6 +29,36 @@ def text_config(model: nn.Module):
             "load one with AutoModelForCausalLM.from_pretrained(...) or intervene.load_model(...)"
         )
     return config.get_text_config()
+
+
+def is_vision_language(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "vision_config", None) is not None
+
+
+def text_config_key(model: nn.Module) -> str | None:
+    """The name of the language model's sub-config of a VLM (None for a text model): the only one we switch."""
+    if not is_vision_language(model):
+        return None
+    config = model.config
+    text = config.get_text_config()
+    for key in getattr(config, "sub_configs", {}):
+        if getattr(config, key, None) is text:
+            return key
+    raise UnsupportedModelError(f"{type(model).__name__}: cannot tell which sub-config is the language model's")
+
+
+def image_token_id(model: nn.Module) -> int | None:
+    """The id marking image positions in `input_ids` of a supported VLM; None for a text model."""
+    if not is_vision_language(model):
+        return None
+    config = model.config
+    token = getattr(config, "image_token_id", None)
+    if config.model_type not in VISION_LANGUAGE or token is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} ({config.model_type!r}) is a vision-language model intervene has no adapter for; "
+            f"supported families: {', '.join(VISION_LANGUAGE)}. Use a model of one of those families."
+        )
+    return int(token)
 
 
 def attention_layers(model: nn.Module) -> dict[int, nn.Module]:
@@ -51,6 +85,7 @@ def model_spec(model: nn.Module) -> ModelSpec:
         num_heads=heads,
         num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         name_or_path=getattr(model, "name_or_path", "") or getattr(config, "_name_or_path", ""),
+        image_token_id=image_token_id(model),
     )
 
 

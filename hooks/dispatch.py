@@ -7,7 +7,10 @@ layers that no active intervention edits fall through to that implementation, so
 give the unwrapped model's logits bit for bit.
 
 A forward pre-hook on the decoder records what a layer cannot see: how long the cache was before the
-call and which tokens are padding.
+call and which tokens are padding. On a vision-language model only the language model's attention is
+switched; a pre-hook on the model itself reads `input_ids` to find the image tokens, pre-hooks on the
+decoder layers hand their input hidden states to the methods, and when a method asks for it (VHR) the
+prompt is also run without its image, with its own cache, just before the main pass.
 """
 
 from __future__ import annotations
@@ -19,13 +22,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, AttentionMaskInterface
+from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
 from transformers.masking_utils import eager_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .. import kernels
 from ..interventions import LayerCall
-from .adapters import WRAPPABLE, UnsupportedModelError, attention_layers, text_config
+from .adapters import WRAPPABLE, UnsupportedModelError, attention_layers, image_token_id, text_config, text_config_key
 
 NAME = "intervene"  # no "flash", "sdpa", "flex_attention" or "/": transformers reads those substrings
 
@@ -38,6 +41,17 @@ _ATTACHED: weakref.WeakValueDictionary[int, Dispatcher] = weakref.WeakValueDicti
 class CallContext:
     past_length: int
     padding_mask: torch.Tensor | None  # [B, past + new] bool
+    image_mask: torch.Tensor | None = None  # [B, past + new] bool
+    layer_input: tuple[int, torch.Tensor] | None = None  # (layer, its input hidden states)
+
+
+@dataclass
+class NoImageBranch:
+    """The prompt without its image tokens, run through the decoder with its own cache (VHR)."""
+
+    cache: DynamicCache
+    padding_mask: torch.Tensor  # [B, tokens so far] of the branch
+    outputs: dict  # layer -> [B, Hq, D] head outputs of the latest token
 
 
 class Dispatcher:
@@ -55,15 +69,25 @@ class Dispatcher:
         self.layers = frozenset(attention_layers(model))
         self.handles: list = []  # active Intervention handles, in order of application
         self.context: CallContext | None = None
+        self.image_token = image_token_id(model)
+        self._image_mask: torch.Tensor | None = None  # [B, tokens so far] of the current sequence (VLMs)
+        self._input_ids: torch.Tensor | None = None  # handed from the model's pre-hook to the decoder's
+        self.branch: NoImageBranch | None = None
+        self._in_branch = False
         self._model = weakref.ref(model)
         self._config_id = id(config)
-        decoder = model.get_decoder()
+        self._text_key = text_config_key(model)
+        self._decoder = weakref.ref(decoder := model.get_decoder())
         self._signature = inspect.signature(decoder.forward)
         self._hooks = [
             decoder.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             decoder.register_forward_hook(self._after_forward, always_call=True),
         ]
-        model.set_attn_implementation(NAME)
+        if self.image_token is not None:
+            self._hooks.append(model.register_forward_pre_hook(self._before_model, with_kwargs=True))
+            for index, layer in enumerate(decoder.layers):
+                self._hooks.append(layer.register_forward_pre_hook(self._layer_input(index), with_kwargs=True))
+        model.set_attn_implementation(self._implementation(NAME))
         if config._attn_implementation != NAME:
             self._detach(model)
             raise UnsupportedModelError(f"{type(model).__name__} refused the attention implementation {NAME!r}")
@@ -95,39 +119,134 @@ class Dispatcher:
     def _detach(self, model: nn.Module) -> None:
         for hook in self._hooks:
             hook.remove()
-        model.set_attn_implementation(self.previous)
+        model.set_attn_implementation(self._implementation(self.previous))
         _ATTACHED.pop(self._config_id, None)
+
+    def _implementation(self, name: str):
+        """The argument of `set_attn_implementation` switching only the language model."""
+        return name if self._text_key is None else {self._text_key: name}
 
     # -- per forward ------------------------------------------------------------------------------
 
+    def _before_model(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._input_ids = ids if isinstance(ids, torch.Tensor) else None
+
+    def _layer_input(self, index: int):
+        def record(module, args, kwargs):
+            if self.context is not None and not self._in_branch:
+                self.context.layer_input = (index, args[0] if args else kwargs["hidden_states"])
+
+        return record
+
     def _before_forward(self, module, args, kwargs):
+        if self._in_branch:
+            return
         given = self._signature.bind_partial(*args, **kwargs).arguments
         cache = given.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None else 0
+        past = int(cache.get_seq_length()) if cache is not None else 0
         mask = given.get("attention_mask")
         padding = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        self.context = CallContext(past_length=int(past), padding_mask=padding)
         if past == 0:  # a new sequence: state kept from the previous one (e.g. ACT's sinks) is stale
             for handle in self.handles:
                 handle.state.clear()
+            self._image_mask, self.branch = None, None
+        ids, self._input_ids = self._input_ids, None
+        if self.image_token is not None:
+            self._track_images(ids, past, padding)
+        self.context = CallContext(past_length=past, padding_mask=padding, image_mask=self._image_mask)
+        if any(h.enabled and h.config.no_image_branch for h in self.handles):
+            self._run_no_image_branch(ids, past, padding)
 
     def _after_forward(self, module, args, output):
-        self.context = None
+        if not self._in_branch:
+            self.context = None
+
+    def _track_images(self, ids, past: int, padding) -> None:
+        """Extend the current sequence's image mask by this call's tokens (generated ones are text)."""
+        if ids is None:
+            self._image_mask = None  # called with embeddings only: image positions are unknown
+            return
+        new = ids == self.image_token  # [B, Nq]
+        if past == 0:
+            self._image_mask = new
+        elif self._image_mask is not None and self._image_mask.shape[1] == past:
+            self._image_mask = torch.cat([self._image_mask, new], dim=1)
+        else:
+            self._image_mask = None
+
+    def _run_no_image_branch(self, ids, past: int, padding) -> None:
+        """Advance the no-image branch by this call's text tokens, recording its head outputs."""
+        if ids is None:
+            raise ValueError("vhr needs the VLM to be called with `input_ids` (it rebuilds the prompt without image)")
+        batch, new = ids.shape
+        real = padding[:, -new:] if padding is not None else torch.ones_like(ids, dtype=torch.bool)
+        text = real & (ids != self.image_token)  # [B, Nq]
+        if past == 0:
+            width = int(text.sum(dim=1).max())
+            branch_ids = ids.new_zeros(batch, width)
+            branch_mask = torch.zeros(batch, width, dtype=torch.bool, device=ids.device)
+            for row in range(batch):  # left-pad each row's text tokens
+                tokens = ids[row, text[row]]
+                branch_ids[row, width - tokens.numel() :] = tokens
+                branch_mask[row, width - tokens.numel() :] = True
+            self.branch = NoImageBranch(DynamicCache(), branch_mask, {})
+        elif self.branch is None:
+            return  # the prompt ran before this intervention was enabled
+        elif (ids == self.image_token).any():
+            raise NotImplementedError("vhr: image tokens after the first prompt chunk are not supported")
+        else:
+            branch_ids, branch_mask = ids, torch.cat([self.branch.padding_mask, real], dim=1)
+        self.branch.padding_mask = branch_mask
+        start = branch_mask.shape[1] - branch_ids.shape[1]
+        positions = (branch_mask.long().cumsum(-1) - 1).clamp_min(0)[:, start:]
+        self._in_branch = True
+        try:
+            self._decoder()(
+                input_ids=branch_ids,
+                attention_mask=branch_mask.long(),
+                position_ids=positions,
+                past_key_values=self.branch.cache,
+                use_cache=True,
+            )
+        finally:
+            self._in_branch = False
 
     # -- per layer --------------------------------------------------------------------------------
 
-    def edit_for(self, layer: int, query, key, attention_mask, scale, causal):
-        call, edit = None, None
-        for handle in self.handles:
-            if not handle.enabled or layer not in handle.active_layers:
-                continue
-            if call is None:
-                context = self.context or CallContext(key.shape[2] - query.shape[2], None)
-                call = LayerCall(layer, query, key, attention_mask, scale, causal, **vars(context))
-            step = handle.config.edit(call, handle.state.setdefault(layer, {}))
+    def active_handles(self, layer: int) -> list:
+        return [h for h in self.handles if h.enabled and layer in h.active_layers]
+
+    def layer_call(self, layer: int, query, key, attention_mask, scale, causal) -> LayerCall:
+        context = self.context or CallContext(key.shape[2] - query.shape[2], None)
+        hidden = context.layer_input[1] if context.layer_input and context.layer_input[0] == layer else None
+        no_image = self.branch.outputs.get(layer) if self.branch is not None else None
+        return LayerCall(
+            layer, query, key, attention_mask, scale, causal,
+            past_length=context.past_length, padding_mask=context.padding_mask, image_mask=context.image_mask,
+            layer_input=hidden, no_image=no_image,
+        )  # fmt: skip
+
+    def edit_for(self, handles: list, call: LayerCall):
+        edit = None
+        for handle in handles:
+            step = handle.config.edit(call, handle.state.setdefault(call.layer, {}))
             if step is not None:
                 edit = step if edit is None else edit + step
         return edit
+
+    def scale_heads(self, handles: list, call: LayerCall, out: torch.Tensor) -> torch.Tensor:
+        """`out` [B, Nq, Hq, D] with the head multipliers of methods that decide after attention (VHR)."""
+        for handle in handles:
+            scale = handle.config.scale_heads(call, out, handle.state.setdefault(call.layer, {}))
+            if scale is not None:
+                out = out * scale[..., None].to(out.dtype)
+        return out
+
+    def record_no_image(self, layer: int, out: torch.Tensor) -> None:
+        """Keep the no-image branch's head outputs `[B, Hq, D]` of its latest token where VHR reads them."""
+        if any(layer in h.active_layers for h in self.handles if h.enabled and h.config.no_image_branch):
+            self.branch.outputs[layer] = out[:, -1]
 
     def fall_through(self, module):
         if self.previous == "sdpa":
@@ -143,14 +262,24 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         return ALL_ATTENTION_FUNCTIONS["sdpa"](
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
+    handles = [] if dispatcher._in_branch else dispatcher.active_handles(layer)
+    if not handles:
+        out = dispatcher.fall_through(module)(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+        if dispatcher._in_branch:
+            dispatcher.record_no_image(layer, out[0])
+        return out
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
-    edit = dispatcher.edit_for(layer, query, key, attention_mask, scale, causal)
+    call = dispatcher.layer_call(layer, query, key, attention_mask, scale, causal)
+    edit = dispatcher.edit_for(handles, call)
     if edit is None:
-        return dispatcher.fall_through(module)(
+        out, weights = dispatcher.fall_through(module)(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
+        return dispatcher.scale_heads(handles, call, out), weights
     for unsupported in ("softcap", "s_aux"):
         if kwargs.get(unsupported) is not None:
             raise NotImplementedError(
@@ -160,7 +289,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     if dropout and module.training:
         raise RuntimeError("intervene edits attention at inference only; call model.eval() first")
     out = kernels.modified_attention(query, key, value, edit, attention_mask=attention_mask, scale=scale, causal=causal)
-    return out, None
+    return dispatcher.scale_heads(handles, call, out), None
 
 
 def _mask(*args, config=None, **kwargs):

@@ -31,6 +31,7 @@ class ModelSpec:
     num_heads: int  # query heads
     num_kv_heads: int
     name_or_path: str = ""
+    image_token_id: int | None = None  # set for vision-language models
 
 
 @dataclass
@@ -45,6 +46,9 @@ class LayerCall:
     causal: bool
     past_length: int  # tokens in the cache before this call
     padding_mask: torch.Tensor | None  # [B, past_length + Nq] bool, True = real token; None = no padding
+    image_mask: torch.Tensor | None = None  # [B, past_length + Nq] bool, True = image token (VLMs)
+    layer_input: torch.Tensor | None = None  # [B, Nq, hidden] the decoder layer's input (VLMs)
+    no_image: torch.Tensor | None = None  # [B, Hq, D] this layer's head outputs for the last token, image removed
 
     @property
     def decode(self) -> bool:
@@ -75,6 +79,23 @@ class LayerCall:
         index = first - self.key_positions[0]
         return torch.where(index >= 0, index, -1)
 
+    @cached_property
+    def image_keys(self) -> torch.Tensor:
+        """[B, Nk] True where the key is an image token."""
+        if self.image_mask is None:
+            raise ValueError(
+                "this call has no image-token positions: call the VLM itself with `input_ids` "
+                "(not `inputs_embeds`, nor its language model alone)"
+            )
+        total = self.image_mask.shape[1]
+        held = self.key_positions.clamp_max(total - 1)
+        return self.image_mask[:, held].to(self.key.device) & (self.key_positions < total)
+
+    @cached_property
+    def image_queries(self) -> torch.Tensor:
+        """[B, Nq] True where the query is an image token."""
+        return self.image_keys[:, self.key.shape[2] - self.query.shape[2] :]
+
     def column_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Unmodified attention summed per key over this call's real queries, and their counts."""
         return kernels.column_stats(
@@ -98,6 +119,8 @@ class Method:
     # For a config read from a file: the model it was saved or calibrated for ({name_or_path,
     # num_layers, num_heads}); `apply` refuses to use it on a model of another shape.
     saved_for: ClassVar[dict | None] = None
+    # Whether the hooks must run the prompt without its image alongside (VHR's no-image branch).
+    no_image_branch: ClassVar[bool] = False
 
     def resolve(self, model: ModelSpec) -> Method:
         """This config checked against `model`, with every `"auto"` made explicit."""
@@ -111,6 +134,11 @@ class Method:
         """The edit for one call of an active layer. `state` persists per layer across the calls of
         one sequence (prefill chunks, then decode steps) and is cleared when a new sequence starts."""
         raise NotImplementedError
+
+    def scale_heads(self, call: LayerCall, out: torch.Tensor, state: dict) -> torch.Tensor | None:
+        """Multipliers `[B, Nq, Hq]` for this layer's head outputs `out` `[B, Nq, Hq, D]`, decided
+        after attention (VHR); None leaves them. Only methods that need it override this."""
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -226,6 +254,14 @@ def head_mask(heads, layer: int, num_heads: int, device) -> torch.Tensor:
     mask = torch.zeros(num_heads, dtype=torch.bool, device=device)
     mask[list(heads.get(layer, ()))] = True
     return mask
+
+
+def require_vision(method: str, model: ModelSpec) -> None:
+    if model.image_token_id is None:
+        raise ValueError(
+            f"{method} acts on image tokens, and {model.name_or_path or 'this model'} is a text-only model; "
+            "apply it to a vision-language model (LLaVA, Qwen2-VL / Qwen2.5-VL, Idefics3 / SmolVLM)"
+        )
 
 
 def check_number(method: str, name: str, value, *, low=None, high=None, low_open=False) -> float:

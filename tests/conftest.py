@@ -117,3 +117,87 @@ def tiny_checkpoint(tmp_path_factory, smollm2_tokenizer):
     build("llama", vocab_size=len(smollm2_tokenizer)).save_pretrained(directory)
     smollm2_tokenizer.save_pretrained(directory)
     return directory
+
+
+# --- tiny vision-language models ------------------------------------------------------------------
+
+IMAGE_TOKEN = 90
+VLM_TEXT = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)  # fmt: skip
+VLM_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
+def tiny_llava():
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(
+        text_config=LlamaConfig(**VLM_TEXT), vision_config=CLIPVisionConfig(**VLM_VISION, image_size=32, patch_size=8),
+        image_token_id=IMAGE_TOKEN, projector_hidden_act="gelu", vision_feature_layer=-1,
+    )  # fmt: skip
+    return LlavaForConditionalGeneration(config), 16  # 16 image tokens (4 x 4 patches, CLS dropped)
+
+
+def tiny_qwen2_vl():
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    config = Qwen2VLConfig(
+        text_config=dict(**VLM_TEXT, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
+                           temporal_patch_size=2),
+        image_token_id=IMAGE_TOKEN, vision_start_token_id=91, vision_end_token_id=92,
+    )  # fmt: skip
+    return Qwen2VLForConditionalGeneration(config), 4  # a 16 x 16 image: 4 x 4 patches merged 2 x 2
+
+
+def tiny_idefics3():
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    config = Idefics3Config(
+        text_config=LlamaConfig(**VLM_TEXT), vision_config=dict(**VLM_VISION, image_size=32, patch_size=8),
+        image_token_id=IMAGE_TOKEN, scale_factor=2,
+    )  # fmt: skip
+    return Idefics3ForConditionalGeneration(config), 4  # 16 patches, pixel-shuffled by 2 x 2
+
+
+VLM_FACTORIES = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl, "idefics3": tiny_idefics3}
+
+
+class TinyVLM:
+    """A tiny random VLM of one family and a way to build its inputs for prompts of text around one image."""
+
+    def __init__(self, family: str, seed: int = 0):
+        torch.manual_seed(seed)
+        self.family = family
+        model, self.image_tokens = VLM_FACTORIES[family]()
+        self.model = model.eval()
+        _sharpen(self.model)
+
+    def sample(self, before: list[int], after: list[int]) -> list[int]:
+        """One prompt's tokens: text, the image tokens (inside the family's markers), text."""
+        before, after = ([t % IMAGE_TOKEN for t in text] for text in (before, after))  # no stray image tokens
+        image = [IMAGE_TOKEN] * self.image_tokens
+        if self.family == "qwen2_vl":
+            image = [91, *image, 92]
+        return [1, *before, *image, *after]
+
+    def inputs(self, prompts: list[list[int]], image_seeds: list[int] | None = None) -> dict:
+        """Left-padded model inputs for `prompts` (each holding one image); image i has pixels seeded by
+        `image_seeds[i]` (default i), so a sample alone can get the same image as in a batch."""
+        ids, mask = left_padded(prompts)
+        seeds = range(len(prompts)) if image_seeds is None else image_seeds
+        shape = {"llava": (3, 32, 32), "idefics3": (1, 3, 32, 32), "qwen2_vl": (16, 3 * 2 * 4 * 4)}[self.family]
+        pixels = [torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds]
+        if self.family == "qwen2_vl":
+            return {
+                "input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat(pixels),
+                "image_grid_thw": torch.tensor([[1, 4, 4]] * len(prompts)),
+                "mm_token_type_ids": (ids == IMAGE_TOKEN).int(),
+            }  # fmt: skip
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.stack(pixels)}
+
+
+@pytest.fixture(params=list(VLM_FACTORIES))
+def vlm_family(request):
+    return request.param

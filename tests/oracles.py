@@ -71,3 +71,153 @@ def register_oracle(name: str, transform):
     AttentionInterface.register(name, attention)
     AttentionMaskInterface.register(name, sdpa_mask)
     return name
+
+
+class OfficialVLM:
+    """A VLM attention implementation in the official codes' setting: batch 1, no padding, explicit
+    fp32 logits and probabilities, with a KV cache; subclasses transcribe one method's rule on them.
+    Image positions come from the prompt's `input_ids` (a pre-hook on the model)."""
+
+    def __init__(self, model, name: str, image_token: int):
+        self.model, self.name, self.image_token = model, name, image_token
+        self.image: list[int] = []  # positions of the prompt's image tokens
+        AttentionInterface.register(name, self._attention)
+        AttentionMaskInterface.register(name, sdpa_mask)
+        model.register_forward_pre_hook(self._read_prompt, with_kwargs=True)
+
+    @property
+    def active(self) -> bool:
+        return self.model.config.get_text_config()._attn_implementation == self.name
+
+    def _read_prompt(self, module, args, kwargs):
+        ids = kwargs["input_ids"]
+        if self.active and ids.shape[1] > 1:
+            assert ids.shape[0] == 1, "the official codes run batch 1"
+            self.image = (ids[0] == self.image_token).nonzero().flatten().tolist()
+
+    def logits(self, z, layer: int, past: int):
+        return z
+
+    def probabilities(self, A, layer: int, past: int):
+        return A
+
+    def _attention(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
+        heads, n, nk = query.shape[1], query.shape[2], key.shape[2]
+        k = key[0].float().repeat_interleave(heads // key.shape[1], dim=0)
+        z = query[0].float() @ k.transpose(-1, -2) * scaling  # [H, Nq, Nk]
+        z = self.logits(z, module.layer_idx, nk - n)
+        z = z.masked_fill(~torch.ones(n, nk, dtype=torch.bool).tril(diagonal=nk - n), float("-inf"))
+        A = self.probabilities(z.softmax(dim=-1), module.layer_idx, nk - n)
+        v = value[0].float().repeat_interleave(heads // value.shape[1], dim=0)
+        return (A @ v).transpose(0, 1)[None].to(query.dtype), None
+
+
+class OfficialPAI(OfficialVLM):
+    """LALBJ/PAI `attention.py`: in layers [start, end), the last row's image logits become |z|*alpha + z."""
+
+    def __init__(self, model, name, image_token, alpha, layers):
+        super().__init__(model, name, image_token)
+        self.alpha, self.layers = alpha, layers
+
+    def logits(self, z, layer, past):
+        if layer in self.layers:
+            start, end = self.image[0], self.image[-1] + 1
+            z = z.clone()
+            z[:, -1, start:end] = z[:, -1, start:end].abs() * self.alpha + z[:, -1, start:end]
+        return z
+
+
+class OfficialVAR(OfficialVLM):
+    """seilk/VisAttnSink: `DimProspector` finds sinks from each layer's input at prefill; `HeadFork` picks
+    rows whose image mass is >= summ with a sink portion <= rho (code convention); `attn_redist` keeps
+    p of the sink mass and hands the rest to the non-sink image tokens in proportion."""
+
+    def __init__(self, model, name, image_token, *, dims, tau, rho_code, summ, p_keep, layers):
+        super().__init__(model, name, image_token)
+        self.dims, self.tau, self.rho_code, self.summ = dims, tau, rho_code, summ
+        self.p_keep, self.layers = p_keep, layers
+        self.sinks: dict[int, list[int]] = {}
+        for index, layer in enumerate(model.get_decoder().layers):
+            layer.register_forward_pre_hook(self._prospect(index), with_kwargs=True)
+
+    def _prospect(self, index):
+        def hook(module, args, kwargs):
+            x = (args[0] if args else kwargs["hidden_states"])[0].float()  # [N, hidden]
+            if self.active and x.shape[0] > 1 and index >= 2:
+                rms = torch.sqrt(x.pow(2).mean(dim=-1) + 1e-6)
+                phi = x[:, self.dims].abs().max(dim=-1).values / rms
+                self.sinks[index] = (phi > self.tau).nonzero().flatten().tolist()
+
+        return hook
+
+    def probabilities(self, A, layer, past):
+        sinks = self.sinks.get(layer, [])
+        image_sinks = [j for j in sinks if j in self.image]
+        if layer not in self.layers or not image_sinks:
+            return A
+        others = [j for j in self.image if j not in image_sinks]
+        A = A.clone()
+        for h in range(A.shape[0]):
+            for i in range(A.shape[1]):
+                if past + i <= self.image[-1]:
+                    continue  # rows before and inside the image are untouched
+                a = A[h, i]
+                image_mass = a[self.image].sum()
+                if not (a[image_sinks].sum() / image_mass <= self.rho_code and image_mass >= self.summ):
+                    continue
+                new = a.clone()
+                new[sinks] = a[sinks] * self.p_keep
+                budget = (1 - self.p_keep) * a[sinks].sum()
+                new[others] = a[others] + budget * a[others] / a[others].sum()
+                A[h, i] = new
+        return A
+
+
+class OfficialVHR:
+    """VHR as described: the prompt without its image runs in lockstep with its own cache; at each
+    reinforced layer the heads' outputs (the o_proj input) with and without the image give each head's
+    divergence for the latest token; heads above the layer's mean + std are dropped, those above the
+    median of the rest are scaled by alpha. Batch 1."""
+
+    def __init__(self, model, image_token, *, alpha, layers):
+        from transformers import DynamicCache
+
+        self.model, self.image_token, self.alpha, self.layers = model, image_token, alpha, layers
+        self.cache_class, self.no_image, self.capturing = DynamicCache, {}, False
+        model.register_forward_pre_hook(self._step, with_kwargs=True)
+        for index, layer in enumerate(model.get_decoder().layers):
+            layer.self_attn.o_proj.register_forward_pre_hook(self._heads(index))
+
+    def _step(self, module, args, kwargs):
+        ids = kwargs["input_ids"]
+        if ids.shape[1] > 1:
+            self.cache = self.cache_class()
+            ids = ids[:, ids[0] != self.image_token]
+        self.capturing = True
+        try:
+            self.model.get_decoder()(input_ids=ids, past_key_values=self.cache, use_cache=True)
+        finally:
+            self.capturing = False
+
+    def _heads(self, index):
+        def hook(module, args):
+            x = args[0]  # [1, T, H * D]
+            heads = x.view(*x.shape[:2], -1, self.head_dim)  # [1, T, H, D]
+            if self.capturing:
+                self.no_image[index] = heads[0, -1].float()
+                return None
+            if index not in self.layers:
+                return None
+            vhd = (heads[0, -1].float() - self.no_image[index]).norm(dim=-1)  # [H]
+            kept = vhd[vhd <= vhd.mean() + vhd.std()]
+            chosen = (vhd <= vhd.mean() + vhd.std()) & (vhd > kept.median())
+            scale = torch.ones(heads.shape[1:3])
+            scale[-1] = torch.where(chosen, self.alpha, 1.0)
+            return ((heads * scale[None, :, :, None].to(x.dtype)).reshape(x.shape),)
+
+        return hook
+
+    @property
+    def head_dim(self):
+        config = self.model.config.get_text_config()
+        return config.hidden_size // config.num_attention_heads

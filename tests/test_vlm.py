@@ -1,0 +1,179 @@
+"""VAR, PAI and VHR on tiny random LLaVA, Qwen2-VL and Idefics3 models: neutral parameters and removal
+leave the model bit for bit; each method equals a transcription of its official operation (batch 1, explicit
+probabilities, KV cache) on every sample of a padded batch, at prefill and at every decoding step."""
+
+import pytest
+import torch
+from transformers import LogitsProcessorList
+
+import intervene
+from intervene.interventions.var import discover_sink_dims
+
+import oracles
+from conftest import IMAGE_TOKEN, TinyVLM, build, prompt
+
+STEPS = 3  # greedy tokens generated per comparison
+TAU = 0.8  # random weights have no massive activations; this makes a few tokens of each prompt sinks
+
+
+def prompts(vlm: TinyVLM) -> list[list[int]]:
+    return [
+        vlm.sample(prompt(3, 1), prompt(5, 2)),
+        vlm.sample(prompt(1, 3), prompt(2, 4)),
+        vlm.sample([], prompt(4, 5)),
+    ]
+
+
+def generate(model, inputs: dict, forced: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy (or `forced`) tokens `[B, STEPS]` and the raw logits of each step `[B, STEPS, V]`, through the
+    KV cache."""
+    processors = LogitsProcessorList([] if forced is None else [lambda ids, scores: force(scores, forced)])
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
+            output_logits=True, return_dict_in_generate=True, logits_processor=processors,
+        )  # fmt: skip
+    return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, dim=1)
+
+
+def force(scores: torch.Tensor, token: int) -> torch.Tensor:
+    return torch.full_like(scores, -1e9).index_fill(1, torch.tensor([token]), 0.0)
+
+
+def forward_logits(model, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def with_implementation(model, name: str, run):
+    model.set_attn_implementation({"text_config": name})
+    try:
+        return run()
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})
+
+
+def sink_dims(vlm: TinyVLM) -> list[int]:
+    return discover_sink_dims(vlm.model, **vlm.inputs(prompts(vlm)))
+
+
+NEUTRAL = {"var": {"p_move": 0.0}, "pai": {"alpha": 0.0}, "vhr": {"alpha": 1.0}}
+
+
+@pytest.mark.parametrize("method", list(NEUTRAL))
+def test_neutral_parameters_and_remove_leave_the_model_bit_for_bit(vlm_family, method):
+    vlm = TinyVLM(vlm_family)
+    inputs = vlm.inputs(prompts(vlm))
+    baseline = forward_logits(vlm.model, inputs)
+    with intervene.apply(vlm.model, method, **NEUTRAL[method]):
+        assert torch.equal(forward_logits(vlm.model, inputs), baseline)
+    handle = intervene.apply(vlm.model, method)
+    config = vlm.model.config
+    assert config.get_text_config()._attn_implementation == "intervene"
+    assert config.vision_config._attn_implementation == "sdpa"  # the vision tower keeps its backend
+    assert not torch.equal(forward_logits(vlm.model, inputs), baseline)
+    handle.remove()
+    assert config.get_text_config()._attn_implementation == "sdpa"
+    assert torch.equal(forward_logits(vlm.model, inputs), baseline)
+
+
+def check_against_official(vlm: TinyVLM, official_run, ours_run):
+    """Each sample alone under the official transcription equals it inside our padded batch, step by step."""
+    batch = prompts(vlm)
+    tokens, logits = ours_run(vlm.inputs(batch))
+    _, baseline_logits = generate(vlm.model, vlm.inputs(batch))
+    assert not torch.allclose(logits, baseline_logits, atol=1e-4)  # the method did something
+    for row, sample in enumerate(batch):
+        expected_tokens, expected_logits = official_run(vlm.inputs([sample], image_seeds=[row]))
+        torch.testing.assert_close(logits[row], expected_logits[0], atol=2e-5, rtol=1e-5)
+        assert torch.equal(tokens[row], expected_tokens[0])
+
+
+def test_pai_equals_the_official_logit_transform(vlm_family):
+    vlm = TinyVLM(vlm_family)
+    alpha, layers = 0.5, (2, 3)
+    oracles.OfficialPAI(vlm.model, f"official_pai_{vlm_family}", IMAGE_TOKEN, alpha, layers)
+
+    def ours(inputs):
+        with intervene.apply(vlm.model, "pai", alpha=alpha) as handle:
+            assert handle.config.layers == layers  # auto: 2..L-1
+            return generate(vlm.model, inputs)
+
+    def official(inputs):
+        return with_implementation(vlm.model, f"official_pai_{vlm_family}", lambda: generate(vlm.model, inputs))
+
+    check_against_official(vlm, official, ours)
+
+
+@pytest.mark.parametrize("p_move, rho", [(0.4, 0.5), (1.0, 0.3)])
+def test_var_equals_the_official_redistribution(vlm_family, p_move, rho):
+    vlm = TinyVLM(vlm_family)
+    dims = sink_dims(vlm)
+    name = f"official_var_{vlm_family}_{p_move}_{rho}"
+    oracles.OfficialVAR(
+        vlm.model, name, IMAGE_TOKEN, dims=dims, tau=TAU, rho_code=1 - rho, summ=0.2, p_keep=1 - p_move, layers=(2, 3)
+    )
+
+    def ours(inputs):
+        with intervene.apply(vlm.model, "var", p_move=p_move, rho=rho, tau=TAU, sink_dims=dims, layers=[2, 3]):
+            return generate(vlm.model, inputs)
+
+    def official(inputs):
+        return with_implementation(vlm.model, name, lambda: generate(vlm.model, inputs))
+
+    check_against_official(vlm, official, ours)
+
+
+def test_vhr_equals_the_described_lockstep_reinforcement(vlm_family):
+    vlm = TinyVLM(vlm_family)
+    layers = (1, 2, 3)
+
+    def ours(inputs):
+        with intervene.apply(vlm.model, "vhr", alpha=2.0) as handle:
+            assert handle.config.layers == layers  # auto: layer 1 and the last 14/32 of 4 layers
+            return generate(vlm.model, inputs)
+
+    def official(inputs):
+        reference = TinyVLM(vlm_family)  # the same weights, with the official hooks
+        oracles.OfficialVHR(reference.model, IMAGE_TOKEN, alpha=2.0, layers=layers)
+        return generate(reference.model, inputs)
+
+    check_against_official(vlm, official, ours)
+
+
+def test_var_prefill_and_cached_decode_equal_one_full_forward(vlm_family):
+    # Sinks are fixed at prefill and generated tokens are never sinks. When a forward over prompt + generated
+    # tokens finds no sink among them either, it edits the same rows with the same sinks as the cached steps.
+    vlm = TinyVLM(vlm_family)
+    dims = sink_dims(vlm)
+    batch = prompts(vlm)
+    with intervene.apply(vlm.model, "var", tau=1.5, sink_dims=dims, layers="all") as handle:
+        for token in range(3, 40):  # continuations made of one token that is not a sink here
+            _, logits = generate(vlm.model, vlm.inputs(batch), forced=token)
+            full_logits = forward_logits(vlm.model, vlm.inputs([p + [token] * (STEPS - 1) for p in batch]))
+            if not any(state["sinks"][:, -(STEPS - 1) :].any() for state in handle.state.values()):
+                break
+        else:
+            pytest.fail("every continuation token became a sink")
+    torch.testing.assert_close(full_logits[:, -STEPS:], logits, atol=2e-5, rtol=1e-5)
+    _, baseline = generate(vlm.model, vlm.inputs(batch), forced=token)
+    assert not torch.allclose(logits, baseline, atol=1e-4)  # image sinks were found and redistributed
+
+
+def test_vlm_methods_refuse_text_models_and_unsupported_vlms():
+    for method in ("var", "pai", "vhr"):
+        with pytest.raises(ValueError, match=f"{method} acts on image tokens.*text-only model"):
+            intervene.apply(build("llama"), method)
+    from transformers import GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, SiglipVisionConfig
+
+    paligemma = PaliGemmaForConditionalGeneration(
+        PaliGemmaConfig(
+            text_config=GemmaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16),
+            vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=32, patch_size=8),
+            image_token_id=90,
+        )
+    )  # fmt: skip
+    with pytest.raises(intervene.UnsupportedModelError, match=r"paligemma.*supported families: llava"):
+        intervene.apply(paligemma, "pai")
