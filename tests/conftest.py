@@ -161,7 +161,37 @@ def tiny_idefics3():
     return Idefics3ForConditionalGeneration(config), 4  # 16 patches, pixel-shuffled by 2 x 2
 
 
-VLM_FACTORIES = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl, "idefics3": tiny_idefics3}
+def tiny_qwen2_5_vl():
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        text_config=dict(**VLM_TEXT, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, window_size=8,
+                           fullatt_block_indexes=[1]),
+        image_token_id=IMAGE_TOKEN, vision_start_token_id=91, vision_end_token_id=92,
+    )  # fmt: skip
+    return Qwen2_5_VLForConditionalGeneration(config), 4
+
+
+def tiny_llava_onevision():
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+
+    config = LlavaOnevisionConfig(
+        text_config=Qwen2Config(**VLM_TEXT),
+        vision_config=SiglipVisionConfig(**VLM_VISION, image_size=32, patch_size=8),
+        image_token_id=IMAGE_TOKEN, vision_feature_layer=-1, image_grid_pinpoints=[[32, 32]],
+    )  # fmt: skip
+    return LlavaOnevisionForConditionalGeneration(config), 36  # base 4 x 4, one 4 x 4 crop, 4 row newlines
+
+
+VLM_FACTORIES = {
+    "llava": tiny_llava,
+    "llava_onevision": tiny_llava_onevision,
+    "qwen2_vl": tiny_qwen2_vl,
+    "qwen2_5_vl": tiny_qwen2_5_vl,
+    "idefics3": tiny_idefics3,
+}
 
 
 class TinyVLM:
@@ -178,7 +208,7 @@ class TinyVLM:
         """One prompt's tokens: text, the image tokens (inside the family's markers), text."""
         before, after = ([t % IMAGE_TOKEN for t in text] for text in (before, after))  # no stray image tokens
         image = [IMAGE_TOKEN] * self.image_tokens
-        if self.family == "qwen2_vl":
+        if self.family.startswith("qwen"):
             image = [91, *image, 92]
         return [1, *before, *image, *after]
 
@@ -187,9 +217,13 @@ class TinyVLM:
         `image_seeds[i]` (default i), so a sample alone can get the same image as in a batch."""
         ids, mask = left_padded(prompts)
         seeds = range(len(prompts)) if image_seeds is None else image_seeds
-        shape = {"llava": (3, 32, 32), "idefics3": (1, 3, 32, 32), "qwen2_vl": (16, 3 * 2 * 4 * 4)}[self.family]
-        pixels = [torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds]
-        if self.family == "qwen2_vl":
+        shape = {"llava": (3, 32, 32), "llava_onevision": (2, 3, 32, 32), "idefics3": (1, 3, 32, 32)}
+        size = shape.get(self.family, (16, 3 * 2 * 4 * 4))  # Qwen: 16 flattened patches
+        pixels = [torch.randn(*size, generator=torch.Generator().manual_seed(seed)) for seed in seeds]
+        if self.family == "llava_onevision":  # a base view and one crop
+            sizes = torch.tensor([[32, 32]] * len(prompts))
+            return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.stack(pixels), "image_sizes": sizes}
+        if self.family.startswith("qwen"):
             return {
                 "input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat(pixels),
                 "image_grid_thw": torch.tensor([[1, 4, 4]] * len(prompts)),
