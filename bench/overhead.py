@@ -2,6 +2,7 @@
 
     python bench/overhead.py                       # the default model, CPU
     python bench/overhead.py --model /path/to/ckpt --device cuda --batch-size 16
+    python bench/overhead.py --model tiny-llava    # a VLM: pai, var and vhr on photos with a question
 
 Variants run interleaved, repeat after repeat, on the same left-padded batch of prompts; the table
 gives median times and their ratio to the unwrapped model (machines are noisy: compare ratios).
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -33,11 +35,34 @@ VARIANTS = {
     "act (defaults)": ("act", {}),
     "zerotuning (gamma=2)": ("zerotuning", {"gamma": 2.0}),
 }
+VLM_VARIANTS = {
+    "unwrapped": None,
+    "pai (defaults)": ("pai", {}),
+    "var (defaults)": ("var", {}),
+    "vhr (defaults, + no-image branch)": ("vhr", {}),
+}
+PHOTOS = Path(intervene.__file__).parent / "evals" / "data" / "pope-photos"
 
 
 def prompts(batch_size: int) -> list[str]:
     """Prompts of 2 to 2+batch_size sentences, so the batch is left-padded."""
     return [" ".join(SENTENCES[i % 8 : i % 8 + 2 + i] * 2) for i in range(batch_size)]
+
+
+def image_batch(processor, texts: list[str]):
+    """One bundled photo per prompt, with the prompt as a question about it, in the model's chat format."""
+    from PIL import Image
+
+    photos = sorted(PHOTOS.glob("*.jpg"))
+    images = [Image.open(photos[i % len(photos)]).convert("RGB") for i in range(len(texts))]
+    chats = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"{text} Describe the image."}]}],
+            add_generation_prompt=True,
+        )
+        for text in texts
+    ]
+    return processor(images=images, text=chats, return_tensors="pt", padding=True)
 
 
 def timed(fn, device: str) -> float:
@@ -59,12 +84,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    model, tokenizer = intervene.load_model(args.model, device=args.device)
+    model, processor = intervene.load_model(args.model, device=args.device)
     device = str(model.device)
+    vision = hasattr(processor, "image_processor")
+    tokenizer = processor.tokenizer if vision else processor
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    batch = tokenizer(prompts(args.batch_size), return_tensors="pt", padding=True).to(device)
+    texts = prompts(args.batch_size)
+    batch = image_batch(processor, texts) if vision else tokenizer(texts, return_tensors="pt", padding=True)
+    batch = batch.to(device)
+    variants = VLM_VARIANTS if vision else VARIANTS
 
     def prefill():
         with torch.no_grad():
@@ -77,9 +107,9 @@ def main() -> None:
                 do_sample=False, pad_token_id=tokenizer.pad_token_id,
             )  # fmt: skip
 
-    times = {name: {"prefill": [], "generate": []} for name in VARIANTS}
+    times = {name: {"prefill": [], "generate": []} for name in variants}
     for repeat in range(args.repeats + 1):  # the first round warms up and is dropped
-        for name, variant in VARIANTS.items():
+        for name, variant in variants.items():
             handle = intervene.apply(model, variant[0], **variant[1]) if variant else None
             for stage, fn in (("prefill", prefill), ("generate", generate)):
                 elapsed = timed(fn, device)
@@ -97,7 +127,7 @@ def main() -> None:
     print("| variant | prefill ms | ratio | generate ms | ratio |")
     print("|---|---:|---:|---:|---:|")
     base = {stage: statistics.median(times["unwrapped"][stage]) for stage in ("prefill", "generate")}
-    for name in VARIANTS:
+    for name in variants:
         cells = []
         for stage in ("prefill", "generate"):
             median = statistics.median(times[name][stage])
