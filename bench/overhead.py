@@ -3,6 +3,7 @@
     python bench/overhead.py                       # the default model, CPU
     python bench/overhead.py --model /path/to/ckpt --device cuda --batch-size 16
     python bench/overhead.py --model tiny-llava    # a VLM: pai, var and vhr on photos with a question
+    python bench/overhead.py --model smollm2-llava # SmolLM2 behind a random CLIP: a real language model's cost
 
 Variants run interleaved, repeat after repeat, on the same left-padded batch of prompts; the table
 gives median times and their ratio to the unwrapped model (machines are noisy: compare ratios).
@@ -49,6 +50,42 @@ def prompts(batch_size: int) -> list[str]:
     return [" ".join(SENTENCES[i % 8 : i % 8 + 2 + i] * 2) for i in range(batch_size)]
 
 
+def smollm2_llava(device: str | None):
+    """A LLaVA whose language model is the default SmolLM2-135M, behind a random 4-layer CLIP (224 px, 256
+    image tokens): VLM timings at a real language model's size. What it says about images means nothing."""
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from intervene.evals.model import TINY_LLAVA_TEMPLATE
+
+    language_model, tokenizer = intervene.load_model("smollm2-135m")
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    language_model.resize_token_embeddings(len(tokenizer))
+    vision = CLIPVisionConfig(
+        hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+        image_size=224, patch_size=14,
+    )  # fmt: skip
+    config = LlavaConfig(
+        vision_config=vision, text_config=language_model.config, image_token_id=len(tokenizer) - 1,
+        image_seq_length=256, vision_feature_select_strategy="default",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config)
+    model.model.language_model.load_state_dict(language_model.model.state_dict())
+    model.lm_head.load_state_dict(language_model.lm_head.state_dict())
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}),
+        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=TINY_LLAVA_TEMPLATE,
+    )  # fmt: skip
+    return model.eval().to(device or "cpu"), processor
+
+
 def image_batch(processor, texts: list[str]):
     """One bundled photo per prompt, with the prompt as a question about it, in the model's chat format."""
     from PIL import Image
@@ -84,7 +121,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    model, processor = intervene.load_model(args.model, device=args.device)
+    if args.model == "smollm2-llava":
+        model, processor = smollm2_llava(args.device)
+    else:
+        model, processor = intervene.load_model(args.model, device=args.device)
     device = str(model.device)
     vision = hasattr(processor, "image_processor")
     tokenizer = processor.tokenizer if vision else processor
