@@ -230,7 +230,7 @@ def calibrate(
 
     import intervene
     from intervene.evals import calibrate as engine
-    from intervene.evals.model import is_vision_language
+    from intervene.evals.model import is_vision_language, smoke_test_warning
     from intervene.evals.tasks import TaskError, builtin_tasks, check_modality, resolve_task
     from intervene.interventions import method_class
 
@@ -259,6 +259,8 @@ def calibrate(
     except KeyboardInterrupt:
         typer.echo(f"\ninterrupted: run the same command again to resume from {output_path}/profile.jsonl", err=True)
         raise typer.Exit(130) from None
+    if warning := smoke_test_warning(loaded):
+        typer.echo(warning)
     found = artifact["calibration"]
     typer.echo(f"baseline objective {found['baseline']['objective']:.4f}; selected {len(found['selected'])} of "
                f"{len(found['profile'])} candidates: {', '.join(found['selected']) or 'none helped'}")  # fmt: skip

@@ -355,6 +355,16 @@ def test_tiny_llava_is_a_llava_flagged_as_a_smoke_test(tiny_vlm, tiny_vlm_dir):
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 64  # 8x8 patches, CLS dropped
 
 
+def test_generate_until_reads_images_too(tiny_vlm, tmp_path):
+    shutil.copy(DATA / "images" / "COCO_val2014_000000000102.png", tmp_path / "x.png")
+    (tmp_path / "q.jsonl").write_text(json.dumps({"q": "What colour is it?", "a": "green", "pic": "x.png"}) + "\n")
+    task = resolve_task(str(tmp_path / "q.jsonl"), output_type="generate_until", doc_to_text="q", doc_to_target="a")
+    task = Task(**{**task.__dict__, "doc_to_image": "pic", "generation_kwargs": {"max_new_tokens": 3}})
+    model, processor = tiny_vlm
+    (result,) = scorers.score(task, task.items(), model, processor)
+    assert set(result) == {"output", "acc", "hallucination", "abstention"} and result["output"]
+
+
 def test_batched_generation_with_left_padding_matches_one_at_a_time(tiny_vlm):
     model, processor = tiny_vlm
     items = builtin_tasks()["pope-photos"].items()[:3]
@@ -380,10 +390,12 @@ def eval_tiny_vlm(tmp_path, directory, method, tasks):
 
 
 def test_eval_end_to_end_on_a_saved_tiny_vlm(tmp_path, tiny_vlm_dir):
-    document, run_dir = eval_tiny_vlm(tmp_path, tiny_vlm_dir, "act", f"pope-photos,{DATA / 'chair.yaml'}")
+    tasks = f"pope-photos,{DATA / 'chair.yaml'},cldr_language"  # a text task runs on the VLM's tokenizer
+    document, run_dir = eval_tiny_vlm(tmp_path, tiny_vlm_dir, "act", tasks)
     assert {task: list(m) for task, m in document["results"].items()} == {
         "pope-photos": ["acc", "precision", "recall", "f1", "yes_ratio"],
         "chair-fixture": ["chair_s", "chair_i", "recall", "length"],
+        "cldr_language": ["acc", "acc_norm"],
     }
     assert (
         document["results"]["pope-photos"]["f1"]["n"] == 4 and document["results"]["chair-fixture"]["recall"]["n"] == 3
