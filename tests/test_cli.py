@@ -22,7 +22,8 @@ def results_of(output_dir):
 def test_methods_and_tasks_list_what_is_registered():
     result = invoke("methods")
     assert result.exit_code == 0
-    assert [line.split()[0] for line in result.output.splitlines()] == ["act", "heads", "zerotuning"]
+    names = [line.split()[0] for line in result.output.splitlines()]
+    assert names == ["act", "heads", "pai", "var", "vhr", "zerotuning"]
     result = invoke("tasks")
     assert result.exit_code == 0
     assert [line.split()[0] for line in result.output.splitlines()] == [
