@@ -73,7 +73,7 @@ class Dispatcher:
         self._image_mask: torch.Tensor | None = None  # [B, tokens so far] of the current sequence (VLMs)
         self._input_ids: torch.Tensor | None = None  # handed from the model's pre-hook to the decoder's
         self.branch: NoImageBranch | None = None
-        self._in_branch = False
+        self.in_branch = False
         self._model = weakref.ref(model)
         self._config_id = id(config)
         self._text_key = text_config_key(model)
@@ -134,13 +134,13 @@ class Dispatcher:
 
     def _layer_input(self, index: int):
         def record(module, args, kwargs):
-            if self.context is not None and not self._in_branch:
+            if self.context is not None and not self.in_branch:
                 self.context.layer_input = (index, args[0] if args else kwargs["hidden_states"])
 
         return record
 
     def _before_forward(self, module, args, kwargs):
-        if self._in_branch:
+        if self.in_branch:
             return
         given = self._signature.bind_partial(*args, **kwargs).arguments
         cache = given.get("past_key_values")
@@ -159,7 +159,7 @@ class Dispatcher:
             self._run_no_image_branch(ids, past, padding)
 
     def _after_forward(self, module, args, output):
-        if not self._in_branch:
+        if not self.in_branch:
             self.context = None
 
     def _track_images(self, ids, past: int, padding) -> None:
@@ -200,7 +200,7 @@ class Dispatcher:
         self.branch.padding_mask = branch_mask
         start = branch_mask.shape[1] - branch_ids.shape[1]
         positions = (branch_mask.long().cumsum(-1) - 1).clamp_min(0)[:, start:]
-        self._in_branch = True
+        self.in_branch = True
         try:
             self._decoder()(
                 input_ids=branch_ids,
@@ -210,7 +210,7 @@ class Dispatcher:
                 use_cache=True,
             )
         finally:
-            self._in_branch = False
+            self.in_branch = False
 
     # -- per layer --------------------------------------------------------------------------------
 
@@ -262,12 +262,12 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         return ALL_ATTENTION_FUNCTIONS["sdpa"](
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    handles = [] if dispatcher._in_branch else dispatcher.active_handles(layer)
+    handles = [] if dispatcher.in_branch else dispatcher.active_handles(layer)
     if not handles:
         out = dispatcher.fall_through(module)(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-        if dispatcher._in_branch:
+        if dispatcher.in_branch:
             dispatcher.record_no_image(layer, out[0])
         return out
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
