@@ -161,6 +161,16 @@ def tiny_idefics3():
     return Idefics3ForConditionalGeneration(config), 4  # 16 patches, pixel-shuffled by 2 x 2
 
 
+def tiny_smolvlm():
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    config = SmolVLMConfig(
+        text_config=LlamaConfig(**VLM_TEXT), vision_config=dict(**VLM_VISION, image_size=32, patch_size=8),
+        image_token_id=IMAGE_TOKEN, scale_factor=2,
+    )  # fmt: skip
+    return SmolVLMForConditionalGeneration(config), 4
+
+
 def tiny_qwen2_5_vl():
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -191,6 +201,7 @@ VLM_FACTORIES = {
     "qwen2_vl": tiny_qwen2_vl,
     "qwen2_5_vl": tiny_qwen2_5_vl,
     "idefics3": tiny_idefics3,
+    "smolvlm": tiny_smolvlm,
 }
 
 
@@ -218,6 +229,7 @@ class TinyVLM:
         ids, mask = left_padded(prompts)
         seeds = range(len(prompts)) if image_seeds is None else image_seeds
         shape = {"llava": (3, 32, 32), "llava_onevision": (2, 3, 32, 32), "idefics3": (1, 3, 32, 32)}
+        shape["smolvlm"] = shape["idefics3"]
         size = shape.get(self.family, (16, 3 * 2 * 4 * 4))  # Qwen: 16 flattened patches
         pixels = [torch.randn(*size, generator=torch.Generator().manual_seed(seed)) for seed in seeds]
         if self.family == "llava_onevision":  # a base view and one crop

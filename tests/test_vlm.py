@@ -1,6 +1,7 @@
-"""VAR, PAI and VHR on tiny random LLaVA, Qwen2-VL and Idefics3 models: neutral parameters and removal
-leave the model bit for bit; each method equals a transcription of its official operation (batch 1, explicit
-probabilities, KV cache) on every sample of a padded batch, at prefill and at every decoding step."""
+"""VAR, PAI and VHR on tiny random LLaVA, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Idefics3 and SmolVLM
+models: neutral parameters and removal leave the model bit for bit; each method equals a transcription of its
+official operation (batch 1, explicit probabilities, KV cache) on every sample of a padded batch, at prefill
+and at every decoding step."""
 
 from dataclasses import replace
 
