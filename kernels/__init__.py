@@ -9,6 +9,10 @@ KV-cache decode step needs.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
+
 import torch
 
 from . import reference
@@ -16,7 +20,7 @@ from .edit import AttentionEdit, KeyGain, MassGate, Redistribute
 
 __all__ = ["BACKENDS", "AttentionEdit", "KeyGain", "MassGate", "Redistribute", "column_stats", "modified_attention"]
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "triton")
 
 
 def modified_attention(
@@ -33,8 +37,8 @@ def modified_attention(
 ):
     """Attention with `edit` applied: `[B, Nq, Hq, D]` in q's dtype, plus the fp32 row log-sum-exp
     `[B, Hq, Nq]` of the unredistributed logits when `return_lse`."""
-    _check(q, k, backend)
-    return reference.attention(
+    chosen = _backend(q, k, backend)
+    return chosen.attention(
         q,
         k,
         v,
@@ -63,8 +67,8 @@ def column_stats(
     Returns `(sums [B, Hq, Nk], counts [B, 1|Hq, Nk])`, both fp32; `sums / counts` is the mean
     attention a key receives from the queries that can really see it.
     """
-    _check(q, k, backend)
-    return reference.column_stats(
+    chosen = _backend(q, k, backend)
+    return chosen.column_stats(
         q,
         k,
         attention_mask=attention_mask,
@@ -75,8 +79,26 @@ def column_stats(
     )
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, backend: str) -> None:
+def _backend(q: torch.Tensor, k: torch.Tensor, backend: str):
+    """The module running this call: Triton for CUDA tensors (`auto`), else the reference."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; available here: {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads cannot be grouped over {k.shape[1]} key/value heads")
+    if backend == "reference" or (backend == "auto" and not (q.is_cuda and triton_available())):
+        return reference
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs the `triton` package: pip install 'intervene[kernels]'")
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "backend='triton' runs CUDA tensors; for CPU tensors set TRITON_INTERPRET=1 before importing intervene "
+            "(Triton's interpreter, slow: for tests) or use backend='reference'"
+        )
+    from . import fused
+
+    return fused
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None

@@ -43,6 +43,7 @@ def column_stats(q, k, *, attention_mask, scale, causal, query_mask, key_bias):
             rows = query_mask[:, None, r0:r1, None]  # [B, 1, rows, 1]
             p, keep = p * rows, keep & rows
         sums += p.sum(dim=2)
+        keep = keep.expand(*keep.shape[:2], r1 - r0, Nk)  # a mask shared by all rows still counts each row
         seen = keep.sum(dim=2, dtype=torch.float32).expand(B, -1, Nk)  # [B, 1|Hq, Nk]
         counts = seen if counts is None else counts + seen
     return sums, counts

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in Triton's interpreter; set before they are imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import (
     Gemma3ForCausalLM,
     Gemma3TextConfig,

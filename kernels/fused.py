@@ -1,0 +1,574 @@
+"""Triton backend: FlashAttention-2-style kernels that execute an `AttentionEdit` without materialising
+N x N probabilities (design: one online-softmax loop, edits folded into the logits).
+
+- key bias, PAI's key gain, masks and head scale happen inside the forward loop and its epilogue;
+- redistribution is a statistics pass (per-row masses of the source, target and gate keys, sharing one
+  running max) followed by the forward loop with a per-row bias on each group: moving `p` of the source
+  mass to the target in proportion keeps the row's normaliser, so it is exactly `log(1 - p)` on source
+  keys and `log(1 + p * l_S / l_T)` on target keys;
+- column statistics reuse the statistics pass for each row's log-sum-exp, then sum `exp(s - lse)` per key.
+
+Scores run in base 2 (`exp2`, log2(e) folded into the scale). Rows with no visible key give 0 and a -inf
+LSE, never NaN. Under `TRITON_INTERPRET=1` the kernels run on CPU tensors (bf16 is upcast there, since
+the interpreter's bf16 `tl.dot` is wrong).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .edit import AttentionEdit
+
+LOG2E = 1.4426950408889634
+SOURCE, TARGET, GATE = 1, 2, 4  # bits of a key's group code
+INTERPRET = triton.knobs.runtime.interpret
+
+
+@triton.jit
+def _scores(
+    q,
+    K,
+    k_offsets,
+    offs_m,
+    offs_n,
+    Nq,
+    Nk,
+    qk_scale,
+    b,
+    h,
+    Mask,
+    smb,
+    smm,
+    smn,
+    Bias,
+    sbb,
+    sbh,
+    sbm,
+    sbn,
+    GainKeys,
+    sgkb,
+    sgkn,
+    GainRows,
+    sgrb,
+    sgrm,
+    gain,
+    Codes,
+    scb,
+    sch,
+    scn,
+    GroupBias,
+    sgb_b,
+    sgb_h,
+    sgb_m,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_GAIN: tl.constexpr,
+    GAIN_ROWS: tl.constexpr,
+    HAS_GROUPS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Edited base-2 logits of one [BLOCK_M, BLOCK_N] tile, -inf where a key is not visible."""
+    k = tl.load(K + k_offsets, mask=offs_n[:, None] < Nk, other=0.0)
+    if UPCAST:
+        qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+    elif IEEE:
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    qk = qk * qk_scale  # [BLOCK_M, BLOCK_N]
+    if HAS_GAIN:  # PAI: z + gain * |z| on the chosen keys (of the chosen rows)
+        where = tl.load(GainKeys + b * sgkb + offs_n * sgkn, mask=offs_n < Nk, other=0)[None, :] != 0
+        if GAIN_ROWS:
+            rows = tl.load(GainRows + b * sgrb + offs_m * sgrm, mask=offs_m < Nq, other=0)
+            where = where & (rows[:, None] != 0)
+        qk = tl.where(where, qk + gain * tl.abs(qk), qk)
+    visible = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
+    if CAUSAL:  # bottom-right aligned: row i sees keys up to i + Nk - Nq
+        visible = visible & (offs_n[None, :] <= offs_m[:, None] + (Nk - Nq))
+    if HAS_MASK:
+        keep = tl.load(Mask + b * smb + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=visible, other=0)
+        visible = visible & (keep != 0)
+    if HAS_BIAS:
+        bias_at = Bias + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn
+        qk = qk + tl.load(bias_at, mask=visible, other=0.0).to(tl.float32) * 1.4426950408889634
+    if HAS_GROUPS:
+        code = tl.load(Codes + b * scb + h * sch + offs_n * scn, mask=offs_n < Nk, other=0).to(tl.int32)
+        row = GroupBias + b * sgb_b + h * sgb_h + offs_m * sgb_m
+        bias_source = tl.load(row, mask=offs_m < Nq, other=0.0)
+        bias_target = tl.load(row + 1, mask=offs_m < Nq, other=0.0)
+        is_source = (code & 1) != 0
+        is_target = ((code & 2) != 0) & ~is_source
+        group = tl.where(is_target[None, :], bias_target[:, None], 0.0)
+        group = tl.where(is_source[None, :], bias_source[:, None], group)
+        qk = qk + group * 1.4426950408889634
+    return tl.where(visible, qk, float("-inf"))
+
+
+@triton.jit
+def _forward(
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sob,
+    som,
+    soh,
+    sod,
+    Mask,
+    smb,
+    smm,
+    smn,
+    Bias,
+    sbb,
+    sbh,
+    sbm,
+    sbn,
+    GainKeys,
+    sgkb,
+    sgkn,
+    GainRows,
+    sgrb,
+    sgrm,
+    gain,
+    Codes,
+    scb,
+    sch,
+    scn,
+    GroupBias,
+    sgb_b,
+    sgb_h,
+    sgb_m,
+    HeadScale,
+    shb,
+    shh,
+    Hq,
+    G,
+    Nq,
+    Nk,
+    qk_scale,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_GAIN: tl.constexpr,
+    GAIN_ROWS: tl.constexpr,
+    HAS_GROUPS: tl.constexpr,
+    HAS_HEAD_SCALE: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    b = tl.program_id(1) // Hq
+    h = tl.program_id(1) % Hq
+    kv = h // G  # GQA: the key/value head this query head reads
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(
+        Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+        mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D), other=0.0,
+    )  # fmt: skip
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    end = Nk
+    if CAUSAL:
+        end = tl.minimum(Nk, (start_m + 1) * BLOCK_M + Nk - Nq)
+    for start_n in range(0, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_offsets = b * skb + kv * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
+        qk = _scores(
+            q, K, k_offsets, offs_m, offs_n, Nq, Nk, qk_scale, b, h,
+            Mask, smb, smm, smn, Bias, sbb, sbh, sbm, sbn, GainKeys, sgkb, sgkn, GainRows, sgrb, sgrm, gain,
+            Codes, scb, sch, scn, GroupBias, sgb_b, sgb_h, sgb_m,
+            CAUSAL, HAS_MASK, HAS_BIAS, HAS_GAIN, GAIN_ROWS, HAS_GROUPS, UPCAST, IEEE,
+        )  # fmt: skip
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        pivot = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at 0
+        p = tl.exp2(qk - pivot[:, None])
+        rescale = tl.exp2(m_i - pivot)
+        l_i = l_i * rescale + tl.sum(p, 1)
+        v = tl.load(
+            V + b * svb + kv * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+            mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < D), other=0.0,
+        )  # fmt: skip
+        if UPCAST:
+            pv = tl.dot(p, v.to(tl.float32))
+        elif IEEE:
+            pv = tl.dot(p, v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * rescale[:, None] + pv
+        m_i = m_new
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    if HAS_HEAD_SCALE:
+        out = out * tl.load(HeadScale + b * shb + h * shh).to(tl.float32)
+    tl.store(
+        Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+        out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D),
+    )  # fmt: skip
+    if STORE_LSE:
+        lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(Lse + (b * Hq + h) * Nq + offs_m, lse, mask=offs_m < Nq)
+
+
+@triton.jit
+def _statistics(
+    Q,
+    K,
+    Stats,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    Mask,
+    smb,
+    smm,
+    smn,
+    Bias,
+    sbb,
+    sbh,
+    sbm,
+    sbn,
+    GainKeys,
+    sgkb,
+    sgkn,
+    GainRows,
+    sgrb,
+    sgrm,
+    gain,
+    Codes,
+    scb,
+    sch,
+    scn,
+    Hq,
+    G,
+    Nq,
+    Nk,
+    qk_scale,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_GAIN: tl.constexpr,
+    GAIN_ROWS: tl.constexpr,
+    HAS_CODES: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D: tl.constexpr,
+):
+    """Per row: the running max and the partial sums over all keys, source, target, gate and
+    gate-and-source keys, all against that max. Stats is [6, B, Hq, Nq] fp32 (max in base 2)."""
+    start_m = tl.program_id(0)
+    b = tl.program_id(1) // Hq
+    h = tl.program_id(1) % Hq
+    kv = h // G
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(
+        Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+        mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D), other=0.0,
+    )  # fmt: skip
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_all = tl.zeros([BLOCK_M], tl.float32)
+    l_source = tl.zeros([BLOCK_M], tl.float32)
+    l_target = tl.zeros([BLOCK_M], tl.float32)
+    l_gate = tl.zeros([BLOCK_M], tl.float32)
+    l_gate_source = tl.zeros([BLOCK_M], tl.float32)
+    end = Nk
+    if CAUSAL:
+        end = tl.minimum(Nk, (start_m + 1) * BLOCK_M + Nk - Nq)
+    for start_n in range(0, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_offsets = b * skb + kv * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
+        qk = _scores(
+            q, K, k_offsets, offs_m, offs_n, Nq, Nk, qk_scale, b, h,
+            Mask, smb, smm, smn, Bias, sbb, sbh, sbm, sbn, GainKeys, sgkb, sgkn, GainRows, sgrb, sgrm, gain,
+            Codes, scb, sch, scn, Codes, 0, 0, 0,
+            CAUSAL, HAS_MASK, HAS_BIAS, HAS_GAIN, GAIN_ROWS, False, UPCAST, IEEE,
+        )  # fmt: skip
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        pivot = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(qk - pivot[:, None])
+        rescale = tl.exp2(m_i - pivot)
+        l_all = l_all * rescale + tl.sum(p, 1)
+        if HAS_CODES:
+            code = tl.load(Codes + b * scb + h * sch + offs_n * scn, mask=offs_n < Nk, other=0).to(tl.int32)
+            source = (code & 1) != 0
+            target = ((code & 2) != 0) & ~source
+            gate = (code & 4) != 0
+            l_source = l_source * rescale + tl.sum(tl.where(source[None, :], p, 0.0), 1)
+            l_target = l_target * rescale + tl.sum(tl.where(target[None, :], p, 0.0), 1)
+            l_gate = l_gate * rescale + tl.sum(tl.where(gate[None, :], p, 0.0), 1)
+            l_gate_source = l_gate_source * rescale + tl.sum(tl.where((gate & source)[None, :], p, 0.0), 1)
+        m_i = m_new
+    row = Stats + (b * Hq + h) * Nq + offs_m
+    plane = tl.num_programs(1) * Nq  # B * Hq * Nq
+    valid = offs_m < Nq
+    tl.store(row, m_i, mask=valid)
+    tl.store(row + plane, l_all, mask=valid)
+    tl.store(row + 2 * plane, l_source, mask=valid)
+    tl.store(row + 3 * plane, l_target, mask=valid)
+    tl.store(row + 4 * plane, l_gate, mask=valid)
+    tl.store(row + 5 * plane, l_gate_source, mask=valid)
+
+
+@triton.jit
+def _column_sums(
+    Q,
+    K,
+    Lse,
+    Sums,
+    Counts,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    Rows,
+    srb,
+    srm,
+    Mask,
+    smb,
+    smm,
+    smn,
+    Bias,
+    sbb,
+    sbh,
+    sbm,
+    sbn,
+    Hq,
+    G,
+    Nq,
+    Nk,
+    qk_scale,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D: tl.constexpr,
+):
+    """For one block of keys: the probability each receives, summed over the selected query rows
+    (from the rows' LSE, no N x N), and how many selected rows see it. No atomics."""
+    start_n = tl.program_id(0)
+    b = tl.program_id(1) // Hq
+    h = tl.program_id(1) % Hq
+    kv = h // G
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_offsets = b * skb + kv * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
+    sums = tl.zeros([BLOCK_N], tl.float32)
+    counts = tl.zeros([BLOCK_N], tl.float32)
+    start = 0
+    if CAUSAL:  # rows before start_n - (Nk - Nq) cannot see this block
+        start = tl.maximum(0, start_n * BLOCK_N - (Nk - Nq)) // BLOCK_M * BLOCK_M
+    for start_m in range(start, Nq, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = tl.load(
+            Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+            mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D), other=0.0,
+        )  # fmt: skip
+        qk = _scores(
+            q, K, k_offsets, offs_m, offs_n, Nq, Nk, qk_scale, b, h,
+            Mask, smb, smm, smn, Bias, sbb, sbh, sbm, sbn, Mask, 0, 0, Mask, 0, 0, 0.0,
+            Mask, 0, 0, 0, Mask, 0, 0, 0,
+            CAUSAL, HAS_MASK, HAS_BIAS, False, False, False, UPCAST, IEEE,
+        )  # fmt: skip
+        lse = tl.load(Lse + (b * Hq + h) * Nq + offs_m, mask=offs_m < Nq, other=float("-inf")) * 1.4426950408889634
+        take = lse > float("-inf")
+        if HAS_ROWS:
+            take = take & (tl.load(Rows + b * srb + offs_m * srm, mask=offs_m < Nq, other=0) != 0)
+        seen = (qk > float("-inf")) & take[:, None]
+        p = tl.where(seen, tl.exp2(qk - tl.where(take, lse, 0.0)[:, None]), 0.0)
+        sums += tl.sum(p, 0)
+        counts += tl.sum(seen.to(tl.float32), 0)
+    out = (b * Hq + h) * Nk + offs_n
+    tl.store(Sums + out, sums, mask=offs_n < Nk)
+    tl.store(Counts + out, counts, mask=offs_n < Nk)
+
+
+# --- launchers ----------------------------------------------------------------------------------
+
+
+def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, return_lse):
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    common = _common(q, k, edit, attention_mask, scale, causal)
+    codes, group_bias = None, None
+    if edit.redistribute is not None:
+        codes = _codes(edit, B, Nk, q.device)
+        stats = _run_statistics(q, k, common, codes)
+        group_bias = _group_bias(edit, stats)  # [B, Hq, Nq, 2] natural-log biases of source and target keys
+    out = torch.empty(B, Nq, Hq, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device) if return_lse else out
+    head_scale = None
+    if edit.head_scale is not None:
+        head_scale = edit.head_scale.to(device=q.device, dtype=torch.float32).expand(B, Hq)
+    BLOCK_M, BLOCK_N, BLOCK_D = _blocks(Nq, Nk, D)
+    grid = (triton.cdiv(Nq, BLOCK_M), B * Hq)
+    _forward[grid](
+        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *common["mask"], *common["bias"], *common["gain_keys"], *common["gain_rows"], common["gain"],
+        *_strided(codes, 3), *_strided(group_bias, 3), *_strided(head_scale, 2),
+        Hq, Hq // Hkv, Nq, Nk, common["qk_scale"],
+        CAUSAL=common["causal"], HAS_MASK=common["has_mask"], HAS_BIAS=common["has_bias"],
+        HAS_GAIN=common["has_gain"], GAIN_ROWS=common["gain_rows_given"], HAS_GROUPS=codes is not None,
+        HAS_HEAD_SCALE=head_scale is not None, STORE_LSE=return_lse, UPCAST=common["upcast"],
+        IEEE=common["ieee"], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, D=D,
+    )  # fmt: skip
+    return (out, lse) if return_lse else out
+
+
+def column_stats(q, k, *, attention_mask, scale, causal, query_mask, key_bias):
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    common = _common(q, k, AttentionEdit(key_bias=key_bias), attention_mask, scale, causal)
+    stats = _run_statistics(q, k, common, None)
+    lse = torch.where(stats[1] > 0, (stats[0] + stats[1].log2()) / LOG2E, float("-inf")).contiguous()
+    sums = torch.empty(B, Hq, Nk, dtype=torch.float32, device=q.device)
+    counts = torch.empty_like(sums)
+    rows = None if query_mask is None else query_mask.to(device=q.device, dtype=torch.int8)
+    BLOCK_M, BLOCK_N, BLOCK_D = _blocks(Nq, Nk, D)
+    _column_sums[(triton.cdiv(Nk, BLOCK_N), B * Hq)](
+        q, k, lse, sums, counts, *q.stride(), *k.stride(), *_strided(rows, 2),
+        *common["mask"], *common["bias"], Hq, Hq // Hkv, Nq, Nk, common["qk_scale"],
+        CAUSAL=common["causal"], HAS_MASK=common["has_mask"], HAS_BIAS=common["has_bias"], HAS_ROWS=rows is not None,
+        UPCAST=common["upcast"], IEEE=common["ieee"], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, D=D,
+    )  # fmt: skip
+    return sums, counts
+
+
+def _common(q, k, edit: AttentionEdit, attention_mask, scale, causal) -> dict:
+    """Kernel arguments shared by the three kernels: masks, bias and gain, each as (tensor, *strides)."""
+    B, Hq, Nq, _ = q.shape
+    Nk = k.shape[2]
+    mask = _bool_mask(attention_mask, B, Nq, Nk)
+    bias = None
+    if edit.key_bias is not None:
+        bias = edit.key_bias.to(q.device).expand(B, Hq, Nq, Nk) if edit.key_bias.dim() == 4 else None
+        if bias is None:
+            raise ValueError(f"key_bias must be [B|1, Hq|1, Nq|1, Nk], got {tuple(edit.key_bias.shape)}")
+    gain = edit.key_gain
+    gain_keys = None if gain is None else gain.keys.to(device=q.device, dtype=torch.int8)
+    gain_rows = None if gain is None or gain.rows is None else gain.rows.to(device=q.device, dtype=torch.int8)
+    return {
+        "mask": _strided(mask, 3), "bias": _strided(bias, 4), "gain_keys": _strided(gain_keys, 2),
+        "gain_rows": _strided(gain_rows, 2), "gain": 0.0 if gain is None else float(gain.alpha),
+        "causal": bool(causal and attention_mask is None), "has_mask": mask is not None, "has_bias": bias is not None,
+        "has_gain": gain is not None, "gain_rows_given": gain_rows is not None,
+        "upcast": bool(INTERPRET and q.dtype == torch.bfloat16), "ieee": q.dtype == torch.float32,
+        "qk_scale": scale * LOG2E,
+    }  # fmt: skip
+
+
+def _bool_mask(attention_mask, B, Nq, Nk):
+    """HF's mask as bool [B|1, Nq, Nk] (True = visible); a float mask must be 0 / -inf-like only."""
+    if attention_mask is None:
+        return None
+    if attention_mask.shape[1] != 1:
+        raise NotImplementedError("the triton backend takes masks shared by all heads ([B, 1, Nq, Nk])")
+    m = attention_mask[:, 0]
+    if m.dtype != torch.bool:
+        keep = m > torch.finfo(m.dtype).min / 2
+        if bool((m.masked_fill(~keep, 0) != 0).any()):
+            raise NotImplementedError(
+                "the triton backend takes boolean masks; this float mask carries an additive bias "
+                "(pass it as key_bias, or use backend='reference')"
+            )
+        m = keep
+    return m.expand(m.shape[0], Nq, Nk)
+
+
+def _codes(edit: AttentionEdit, B: int, Nk: int, device) -> torch.Tensor:
+    """[B, Hq|1, Nk] int8: SOURCE, TARGET and GATE bits of each key."""
+    rd = edit.redistribute
+    codes = rd.source.to(device).to(torch.int8) * SOURCE + rd.target.to(device).to(torch.int8) * TARGET
+    if rd.mass_gate is not None:
+        codes = codes + rd.mass_gate.keys.to(device)[:, None, :].to(torch.int8) * GATE
+    return codes.expand(B, -1, Nk).contiguous()
+
+
+def _run_statistics(q, k, common: dict, codes) -> torch.Tensor:
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    stats = torch.empty(6, B, Hq, Nq, dtype=torch.float32, device=q.device)
+    BLOCK_M, BLOCK_N, BLOCK_D = _blocks(Nq, Nk, D)
+    _statistics[(triton.cdiv(Nq, BLOCK_M), B * Hq)](
+        q, k, stats, *q.stride(), *k.stride(),
+        *common["mask"], *common["bias"], *common["gain_keys"], *common["gain_rows"], common["gain"],
+        *_strided(codes, 3), Hq, Hq // Hkv, Nq, Nk, common["qk_scale"],
+        CAUSAL=common["causal"], HAS_MASK=common["has_mask"], HAS_BIAS=common["has_bias"],
+        HAS_GAIN=common["has_gain"], GAIN_ROWS=common["gain_rows_given"], HAS_CODES=codes is not None,
+        UPCAST=common["upcast"], IEEE=common["ieee"], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, D=D,
+    )  # fmt: skip
+    return stats
+
+
+def _group_bias(edit: AttentionEdit, stats: torch.Tensor) -> torch.Tensor:
+    """[B, Hq, Nq, 2]: per row, log(1 - p) on source keys and log(1 + p * l_S / l_T) on target keys
+    where the row is redistributed, 0 elsewhere (the reference's gates, from the statistics pass)."""
+    rd = edit.redistribute
+    _, total, source, target, gate, gate_source = stats
+    Hq = total.shape[1]
+    p_move = torch.as_tensor(rd.p_move, dtype=torch.float32, device=total.device).reshape(-1)
+    p_move = p_move.expand(Hq)[None, :, None]  # [1, Hq, 1]
+    active = (source > 0) & (target > 0)
+    if rd.row_gate is not None:
+        active &= rd.row_gate.to(total.device)
+    if rd.mass_gate is not None:
+        share = gate_source / gate.clamp_min(1e-30)
+        active &= (gate / total.clamp_min(1e-30) >= rd.mass_gate.min_mass) & (gate_source > 0)
+        active &= share <= rd.mass_gate.max_source_share
+    bias_source = torch.where(active, torch.log1p(-p_move), 0.0)
+    bias_target = torch.where(active, torch.log1p(p_move * source / target.clamp_min(1e-30)), 0.0)
+    return torch.stack([bias_source, bias_target], dim=-1).contiguous()
+
+
+def _strided(t, dims: int):
+    """(tensor, its strides) with broadcast dimensions given stride 0; (None-placeholder, zeros) if absent."""
+    if t is None:
+        return (None, *([0] * dims))
+    strides = [0 if size == 1 else stride for size, stride in zip(t.shape, t.stride(), strict=True)]
+    return (t, *strides[:dims])
+
+
+def _blocks(Nq: int, Nk: int, D: int) -> tuple[int, int, int]:
+    block_d = max(16, triton.next_power_of_2(D))
+    if INTERPRET:  # the interpreter's cost grows with programs x iterations, not with block size
+        return 32, 32, block_d
+    return (128, 64, block_d) if D > 64 else (128, 128, block_d)

@@ -1,0 +1,185 @@
+"""The Triton backend against the reference backend (the spec), at toy sizes in Triton's interpreter on
+CPU: odd lengths, Nq != Nk (cache, decode), GQA ratios, padding, every edit alone and composed, fp32 to
+1e-5 and fp16/bf16 by flash-attention's rule (our error at most twice that of an eager low-precision
+attention, both against fp32)."""
+
+import pytest
+import torch
+
+from intervene import kernels
+from intervene.kernels import AttentionEdit, KeyGain, MassGate, Redistribute
+
+from conftest import build, left_padded, positions, prompt
+
+pytest.importorskip("triton")
+
+SHAPES = {  # (Nq, Nk, Hq, Hkv, D)
+    "prefill": (19, 19, 4, 2, 16),
+    "chunk after a cache": (11, 30, 4, 1, 32),
+    "decode": (1, 45, 4, 4, 16),
+}
+
+
+def tensors(nq, nk, hq, hkv, d, seed=0, batch=2):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, hq, nq, d, generator=g) * 2
+    k = torch.randn(batch, hkv, nk, d, generator=g) * 2
+    v = torch.randn(batch, hkv, nk, d, generator=g)
+    return q, k, v, g
+
+
+def padded_mask(batch, nq, nk, pads):
+    """Bool [B, 1, Nq, Nk]: bottom-right causal, with `pads[b]` left-padded keys."""
+    keep = torch.ones(nq, nk, dtype=torch.bool).tril(diagonal=nk - nq).expand(batch, 1, nq, nk).clone()
+    for b, pad in enumerate(pads):
+        keep[b, :, :, :pad] = False
+    return keep
+
+
+def edits(batch, hq, nq, nk, g):
+    def mask(*shape, p=0.4):
+        return torch.rand(*shape, generator=g) < p
+
+    source, target = mask(batch, 1, nk, p=0.2), mask(batch, hq, nk, p=0.5)
+    return {
+        "plain": AttentionEdit(),
+        "key bias per row": AttentionEdit(key_bias=torch.randn(batch, hq, nq, nk, generator=g)),
+        "key gain on chosen rows": AttentionEdit(key_gain=KeyGain(mask(batch, nk), 0.7, rows=mask(batch, nq))),
+        "head scale": AttentionEdit(head_scale=torch.tensor([[0.0, 1.0, 2.5, -1.0]])[:, :hq]),
+        "redistribution, gated rows": AttentionEdit(
+            redistribute=Redistribute(
+                source, target, p_move=torch.tensor([0.2, 0.5, 0.9, 1.0])[:hq], row_gate=mask(batch, 1, nq, p=0.7)
+            )
+        ),
+        "redistribution, mass gate": AttentionEdit(
+            redistribute=Redistribute(
+                source,
+                target[:, :1],
+                p_move=0.4,
+                mass_gate=MassGate(mask(batch, nk, p=0.6), min_mass=0.2, max_source_share=0.6),
+            )
+        ),
+        "all composed": AttentionEdit(
+            key_bias=torch.randn(batch, 1, 1, nk, generator=g),
+            key_gain=KeyGain(mask(batch, nk), 0.3),
+            redistribute=Redistribute(source, ~source, 0.6),
+            head_scale=torch.full((1, hq), 1.5),
+        ),
+    }
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("padded", [False, True])
+def test_every_edit_matches_the_reference_in_fp32(shape, padded):
+    nq, nk, hq, hkv, d = SHAPES[shape]
+    q, k, v, g = tensors(nq, nk, hq, hkv, d)
+    mask = padded_mask(2, nq, nk, [0, 3]) if padded else None
+    for name, edit in edits(2, hq, nq, nk, g).items():
+        expected, expected_lse = kernels.modified_attention(
+            q, k, v, edit, attention_mask=mask, scale=0.3, return_lse=True, backend="reference"
+        )
+        out, lse = kernels.modified_attention(
+            q, k, v, edit, attention_mask=mask, scale=0.3, return_lse=True, backend="triton"
+        )
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_the_edits_do_something_and_redistribution_keeps_the_lse():
+    nq, nk, hq, hkv, d = SHAPES["prefill"]
+    q, k, v, g = tensors(nq, nk, hq, hkv, d)
+    plain, plain_lse = kernels.modified_attention(q, k, v, scale=0.3, return_lse=True, backend="triton")
+    for name, edit in edits(2, hq, nq, nk, g).items():
+        out, lse = kernels.modified_attention(q, k, v, edit, scale=0.3, return_lse=True, backend="triton")
+        assert (name == "plain") == torch.equal(out, plain), name
+        if name.startswith("redistribution"):  # mass moves within a row: its normaliser is unchanged
+            torch.testing.assert_close(lse, plain_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_fully_masked_rows_give_zero_and_minus_infinity():
+    q, k, v, _ = tensors(5, 5, 2, 2, 16)
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    mask[1, :, 2] = False  # row 2 of element 1 sees nothing
+    out, lse = kernels.modified_attention(q, k, v, attention_mask=mask, scale=0.3, return_lse=True, backend="triton")
+    assert torch.equal(out[1, 2], torch.zeros_like(out[1, 2]))
+    assert torch.isneginf(lse[1, :, 2]).all() and torch.isfinite(lse[0]).all()
+
+
+def eager_low_precision(q, k, v, mask, scale):
+    """transformers' eager attention: low-precision matmuls, softmax in fp32."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.float().softmax(dim=-1).to(q.dtype) @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_within_flash_attentions_rule(dtype):
+    nq, nk, hq, hkv, d = SHAPES["chunk after a cache"]
+    q, k, v, _ = tensors(nq, nk, hq, hkv, d)
+    mask = padded_mask(2, nq, nk, [0, 4])
+    exact = kernels.modified_attention(q, k, v, attention_mask=mask, scale=0.3, backend="reference")
+    low = [t.to(dtype) for t in (q, k, v)]
+    ours = kernels.modified_attention(*low, attention_mask=mask, scale=0.3, backend="triton")
+    eager = eager_low_precision(*low, mask, 0.3)
+    assert ours.dtype == dtype
+    our_error = (ours.float() - exact).abs().max()
+    assert our_error <= 2 * (eager.float() - exact).abs().max() + 1e-6
+
+
+def test_an_eager_float_mask_is_read_as_visibility_and_a_real_bias_is_refused():
+    q, k, v, _ = tensors(7, 7, 2, 1, 16)
+    keep = padded_mask(2, 7, 7, [0, 2])
+    additive = torch.zeros(2, 1, 7, 7).masked_fill(~keep, torch.finfo(torch.float32).min)
+    expected = kernels.modified_attention(q, k, v, attention_mask=keep, scale=0.3, backend="reference")
+    out = kernels.modified_attention(q, k, v, attention_mask=additive, scale=0.3, backend="triton")
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(NotImplementedError, match="pass it as key_bias, or use backend='reference'"):
+        kernels.modified_attention(q, k, v, attention_mask=additive + 0.5, scale=0.3, backend="triton")
+
+
+@pytest.mark.parametrize("shape", ["prefill", "chunk after a cache"])
+def test_column_statistics_match_the_reference(shape):
+    nq, nk, hq, hkv, d = SHAPES[shape]
+    q, k, _, g = tensors(nq, nk, hq, hkv, d)
+    rows = torch.rand(2, nq, generator=g) < 0.6
+    for kwargs in ({}, {"query_mask": rows}, {"key_bias": torch.randn(2, hq, 1, nk, generator=g)},
+                   {"attention_mask": padded_mask(2, nq, nk, [0, 3])}, {"causal": False}):  # fmt: skip
+        sums, counts = kernels.column_stats(q, k, scale=0.3, backend="triton", **kwargs)
+        ref_sums, ref_counts = kernels.column_stats(q, k, scale=0.3, backend="reference", **kwargs)
+        torch.testing.assert_close(sums, ref_sums, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(counts, ref_counts.expand_as(counts))
+        seen_rows = (rows if "query_mask" in kwargs else torch.ones(2, nq, dtype=torch.bool)).sum(-1)
+        if "attention_mask" not in kwargs:  # every selected row sums to one
+            torch.testing.assert_close(sums.sum(-1), seen_rows[:, None].float().expand(2, hq), atol=1e-4, rtol=1e-5)
+    _, counts = kernels.column_stats(q, k, scale=0.3, causal=False, backend="triton")
+    assert torch.equal(counts, torch.full((2, hq, nk), float(nq)))  # every row sees every key
+
+
+def test_a_model_gives_the_same_logits_through_either_backend(monkeypatch):
+    import intervene
+
+    model = build("llama")
+    ids, mask = left_padded([prompt(9, 1), prompt(5, 2)])
+
+    def run():
+        act = intervene.apply(model, "act", beta=0.3, layers="all")
+        zerotuning = intervene.apply(model, "zerotuning", gamma=2.0)
+        with act, zerotuning, torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+
+    expected = run()
+    from intervene.kernels import fused
+
+    monkeypatch.setattr(kernels, "_backend", lambda q, k, backend: fused)
+    torch.testing.assert_close(run(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_backend_choice_and_errors():
+    q, k, v, _ = tensors(4, 4, 2, 2, 16)
+    assert kernels._backend(q, k, "auto") is kernels.reference  # CPU tensors: the reference
+    with pytest.raises(ValueError, match="unknown attention backend 'cuda'; choose one of: auto, reference, triton"):
+        kernels.modified_attention(q, k, v, backend="cuda")
+    with pytest.raises(ValueError, match="4 query heads cannot be grouped over 3 key/value heads"):
+        kernels.modified_attention(torch.zeros(1, 4, 2, 16), torch.zeros(1, 3, 2, 16), torch.zeros(1, 3, 2, 16))
