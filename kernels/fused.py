@@ -57,6 +57,7 @@ def _scores(
     Codes,
     scb,
     sch,
+    scm,
     scn,
     GroupBias,
     sgb_b,
@@ -96,14 +97,15 @@ def _scores(
         bias_at = Bias + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn
         qk = qk + tl.load(bias_at, mask=visible, other=0.0).to(tl.float32) * 1.4426950408889634
     if HAS_GROUPS:
-        code = tl.load(Codes + b * scb + h * sch + offs_n * scn, mask=offs_n < Nk, other=0).to(tl.int32)
+        code_at = Codes + b * scb + h * sch + offs_m[:, None] * scm + offs_n[None, :] * scn
+        code = tl.load(code_at, mask=offs_n[None, :] < Nk, other=0).to(tl.int32)  # [BLOCK_M | 1, BLOCK_N]
         row = GroupBias + b * sgb_b + h * sgb_h + offs_m * sgb_m
         bias_source = tl.load(row, mask=offs_m < Nq, other=0.0)
         bias_target = tl.load(row + 1, mask=offs_m < Nq, other=0.0)
         is_source = (code & 1) != 0
         is_target = ((code & 2) != 0) & ~is_source
-        group = tl.where(is_target[None, :], bias_target[:, None], 0.0)
-        group = tl.where(is_source[None, :], bias_source[:, None], group)
+        group = tl.where(is_target, bias_target[:, None], 0.0)
+        group = tl.where(is_source, bias_source[:, None], group)
         qk = qk + group * 1.4426950408889634
     return tl.where(visible, qk, float("-inf"))
 
@@ -200,7 +202,7 @@ def _forward(
         qk = _scores(
             q, K, k_offsets, offs_m, offs_n, Nq, Nk, qk_scale, b, h,
             Mask, smb, smm, smn, Bias, sbb, sbh, sbm, sbn, GainKeys, sgkb, sgkn, GainRows, sgrb, sgrm, gain,
-            Codes, scb, sch, scn, GroupBias, sgb_b, sgb_h, sgb_m,
+            Codes, scb, sch, 0, scn, GroupBias, sgb_b, sgb_h, sgb_m,
             CAUSAL, HAS_MASK, HAS_BIAS, HAS_GAIN, GAIN_ROWS, HAS_GROUPS, UPCAST, IEEE,
         )  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -311,7 +313,7 @@ def _statistics(
         qk = _scores(
             q, K, k_offsets, offs_m, offs_n, Nq, Nk, qk_scale, b, h,
             Mask, smb, smm, smn, Bias, sbb, sbh, sbm, sbn, GainKeys, sgkb, sgkn, GainRows, sgrb, sgrm, gain,
-            Codes, scb, sch, scn, Codes, 0, 0, 0,
+            Codes, scb, sch, 0, scn, Codes, 0, 0, 0,
             CAUSAL, HAS_MASK, HAS_BIAS, HAS_GAIN, GAIN_ROWS, False, UPCAST, IEEE,
         )  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -406,7 +408,7 @@ def _column_sums(
         qk = _scores(
             q, K, k_offsets, offs_m, offs_n, Nq, Nk, qk_scale, b, h,
             Mask, smb, smm, smn, Bias, sbb, sbh, sbm, sbn, Mask, 0, 0, Mask, 0, 0, 0.0,
-            Mask, 0, 0, 0, Mask, 0, 0, 0,
+            Mask, 0, 0, 0, 0, Mask, 0, 0, 0,
             CAUSAL, HAS_MASK, HAS_BIAS, False, False, False, UPCAST, IEEE,
         )  # fmt: skip
         lse = tl.load(Lse + (b * Hq + h) * Nq + offs_m, mask=offs_m < Nq, other=float("-inf")) * 1.4426950408889634
@@ -422,6 +424,157 @@ def _column_sums(
     tl.store(Counts + out, counts, mask=offs_n < Nk)
 
 
+@triton.jit
+def _decode_split(
+    Q,
+    K,
+    V,
+    PartMax,
+    PartSum,
+    PartOut,
+    sqb,
+    sqh,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    Mask,
+    smb,
+    smn,
+    Bias,
+    sbb,
+    sbh,
+    sbn,
+    GainKeys,
+    sgkb,
+    sgkn,
+    GainRows,
+    sgrb,
+    gain,
+    Codes,
+    scb,
+    sch,
+    scn,
+    GroupBias,
+    sgb_b,
+    sgb_h,
+    Hq,
+    G,
+    Nk,
+    chunk,
+    n_splits,
+    qk_scale,
+    HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_GAIN: tl.constexpr,
+    GAIN_ROWS: tl.constexpr,
+    HAS_GROUPS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D: tl.constexpr,
+):
+    """One decoding row against one chunk of the KV cache (flash-decoding). The G query heads sharing a
+    key/value head are the rows of the tile, so each chunk of K and V is read once for all of them.
+    Writes the chunk's running max, sum and unnormalised output; `_combine` merges the chunks."""
+    Hkv = Hq // G
+    b = tl.program_id(0) // Hkv
+    kv = tl.program_id(0) % Hkv
+    split = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)  # query heads kv * G + offs_m
+    offs_d = tl.arange(0, BLOCK_D)
+    first_head = kv * G
+    q = tl.load(
+        Q + b * sqb + (first_head + offs_m[:, None]) * sqh + offs_d[None, :] * sqd,
+        mask=(offs_m[:, None] < G) & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    start = split * chunk
+    end = tl.minimum(Nk, start + chunk)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_offsets = b * skb + kv * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
+        # rows are heads here: per-row strides are per-head strides, and the one query row is shared
+        qk = _scores(
+            q,
+            K,
+            k_offsets,
+            offs_m,
+            offs_n,
+            G,
+            end,
+            qk_scale,
+            b,
+            first_head,
+            Mask,
+            smb,
+            0,
+            smn,
+            Bias,
+            sbb,
+            sbh,
+            sbh,
+            sbn,
+            GainKeys,
+            sgkb,
+            sgkn,
+            GainRows,
+            sgrb,
+            0,
+            gain,
+            Codes,
+            scb,
+            sch,
+            sch,
+            scn,
+            GroupBias,
+            sgb_b,
+            sgb_h,
+            sgb_h,
+            False,
+            HAS_MASK,
+            HAS_BIAS,
+            HAS_GAIN,
+            GAIN_ROWS,
+            HAS_GROUPS,
+            UPCAST,
+            IEEE,
+        )
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        pivot = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(qk - pivot[:, None])
+        rescale = tl.exp2(m_i - pivot)
+        l_i = l_i * rescale + tl.sum(p, 1)
+        v = tl.load(
+            V + b * svb + kv * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+            mask=(offs_n[:, None] < end) & (offs_d[None, :] < D),
+            other=0.0,
+        )
+        if UPCAST:
+            pv = tl.dot(p, v.to(tl.float32))
+        elif IEEE:
+            pv = tl.dot(p, v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * rescale[:, None] + pv
+        m_i = m_new
+    slot = (b * Hq + first_head + offs_m) * n_splits + split  # [BLOCK_M] in [B, Hq, n_splits]
+    valid = offs_m < G
+    tl.store(PartMax + slot, m_i, mask=valid)
+    tl.store(PartSum + slot, l_i, mask=valid)
+    tl.store(PartOut + slot[:, None] * D + offs_d[None, :], acc, mask=valid[:, None] & (offs_d[None, :] < D))
+
+
 # --- launchers ----------------------------------------------------------------------------------
 
 
@@ -434,11 +587,17 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
         codes = _codes(edit, B, Nk, q.device)
         stats = _run_statistics(q, k, common, codes)
         group_bias = _group_bias(edit, stats)  # [B, Hq, Nq, 2] natural-log biases of source and target keys
-    out = torch.empty(B, Nq, Hq, v.shape[-1], dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device) if return_lse else out
     head_scale = None
     if edit.head_scale is not None:
         head_scale = edit.head_scale.to(device=q.device, dtype=torch.float32).expand(B, Hq)
+    if Nq == 1 and v.shape[-1] == D:
+        out, lse = _decode(q, k, v, common, codes, group_bias)
+        if head_scale is not None:
+            out = out * head_scale[:, None, :, None]
+        out = out.to(q.dtype)
+        return (out, lse) if return_lse else out
+    out = torch.empty(B, Nq, Hq, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device) if return_lse else out
     BLOCK_M, BLOCK_N, BLOCK_D = _blocks(Nq, Nk, D)
     grid = (triton.cdiv(Nq, BLOCK_M), B * Hq)
     _forward[grid](
@@ -452,6 +611,73 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
         IEEE=common["ieee"], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, D=D,
     )  # fmt: skip
     return (out, lse) if return_lse else out
+
+
+def _decode(q, k, v, common: dict, codes, group_bias):
+    """Split-KV decoding: `_decode_split` over chunks of the cache, then the chunks combined (fp32)."""
+    B, Hq, _, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    BLOCK_N = 16 if INTERPRET else 64
+    programs = 2 * 132  # enough for every SM of an H100 twice over
+    n_splits = max(1, min(triton.cdiv(Nk, BLOCK_N), triton.cdiv(programs, B * Hkv)))
+    if INTERPRET:
+        n_splits = triton.cdiv(Nk, BLOCK_N)  # exercise the combine on toy sizes
+    chunk = triton.cdiv(triton.cdiv(Nk, n_splits), BLOCK_N) * BLOCK_N
+    n_splits = triton.cdiv(Nk, chunk)
+    part_max = torch.empty(B, Hq, n_splits, dtype=torch.float32, device=q.device)
+    part_sum = torch.empty_like(part_max)
+    part_out = torch.empty(B, Hq, n_splits, D, dtype=torch.float32, device=q.device)
+    mask, bias, gain_keys, gain_rows = common["mask"], common["bias"], common["gain_keys"], common["gain_rows"]
+    _decode_split[(B * Hkv, n_splits)](
+        q,
+        k,
+        v,
+        part_max,
+        part_sum,
+        part_out,
+        q.stride(0),
+        q.stride(1),
+        q.stride(3),
+        *k.stride(),
+        *v.stride(),
+        mask[0],
+        mask[1],
+        mask[3],
+        bias[0],
+        bias[1],
+        bias[2],
+        bias[4],
+        *gain_keys,
+        gain_rows[0],
+        gain_rows[1],
+        common["gain"],
+        *_strided(codes, 3),
+        *_strided(group_bias, 2),
+        Hq,
+        G,
+        Nk,
+        chunk,
+        n_splits,
+        common["qk_scale"],
+        HAS_MASK=common["has_mask"],
+        HAS_BIAS=common["has_bias"],
+        HAS_GAIN=common["has_gain"],
+        GAIN_ROWS=common["gain_rows_given"],
+        HAS_GROUPS=codes is not None,
+        UPCAST=common["upcast"],
+        IEEE=common["ieee"],
+        BLOCK_M=max(16, triton.next_power_of_2(G)),
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=max(16, triton.next_power_of_2(D)),
+        D=D,
+    )
+    top = part_max.amax(dim=-1, keepdim=True)  # [B, Hq, 1], base 2
+    weight = torch.exp2(part_max - torch.where(torch.isinf(top), 0.0, top))  # empty chunks weigh 0
+    total = (part_sum * weight).sum(dim=-1)  # [B, Hq]
+    out = (part_out * weight[..., None]).sum(dim=2) / torch.where(total > 0, total, 1.0)[..., None]
+    lse = torch.where(total > 0, (top[..., 0] + torch.log2(total.clamp_min(1e-38))) / LOG2E, float("-inf"))
+    return out[:, None], lse[..., None]  # [B, 1, Hq, D] fp32, [B, Hq, 1]
 
 
 def column_stats(q, k, *, attention_mask, scale, causal, query_mask, key_bias):

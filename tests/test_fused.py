@@ -1,5 +1,5 @@
 """The Triton backend against the reference backend (the spec), at toy sizes in Triton's interpreter on
-CPU: odd lengths, Nq != Nk (cache, decode), GQA ratios, padding, every edit alone and composed, fp32 to
+CPU: odd lengths, Nq != Nk (cache, split-KV decode), GQA ratios, padding, every edit alone and composed, fp32 to
 1e-5 and fp16/bf16 by flash-attention's rule (our error at most twice that of an eager low-precision
 attention, both against fp32)."""
 
@@ -16,7 +16,8 @@ pytest.importorskip("triton")
 SHAPES = {  # (Nq, Nk, Hq, Hkv, D)
     "prefill": (19, 19, 4, 2, 16),
     "chunk after a cache": (11, 30, 4, 1, 32),
-    "decode": (1, 45, 4, 4, 16),
+    "decode": (1, 45, 4, 4, 16),  # split-KV: the cache in chunks, then combined
+    "decode, grouped heads": (1, 40, 4, 2, 32),
 }
 
 
