@@ -184,3 +184,37 @@ def test_backend_choice_and_errors():
         kernels.modified_attention(q, k, v, backend="cuda")
     with pytest.raises(ValueError, match="4 query heads cannot be grouped over 3 key/value heads"):
         kernels.modified_attention(torch.zeros(1, 4, 2, 16), torch.zeros(1, 3, 2, 16), torch.zeros(1, 3, 2, 16))
+
+
+GPU_LENGTHS = [4096, 16384, 32768]
+ROWS = 256  # rows checked against the fp32 reference (an eager comparator over all rows would not fit at 32k)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the same cases at real sizes")
+@pytest.mark.parametrize("n", GPU_LENGTHS)
+def test_real_sizes_in_bf16_on_the_gpu(n):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, Hq, Hkv, D = 1, 32, 8, 128
+    q, k, v = (torch.randn(B, h, n, D, generator=g, device="cuda", dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
+    source = torch.zeros(B, 1, n, dtype=torch.bool, device="cuda")
+    source[:, :, :4] = True
+    target = torch.zeros_like(source)
+    target[:, :, 100:1100] = True
+    bias = torch.randn(B, Hq, 1, n, generator=g, device="cuda")
+    tail = q[:, :, -ROWS:]  # the last rows, each seeing up to n keys
+    for name, edit in {"plain": AttentionEdit(), "key bias": AttentionEdit(key_bias=bias)}.items():
+        ours = kernels.modified_attention(q, k, v, edit, backend="triton")[:, -ROWS:]
+        exact = kernels.modified_attention(tail.float(), k.float(), v.float(), edit, backend="reference")
+        scores = (tail @ k.repeat_interleave(Hq // Hkv, 1).transpose(-1, -2)) * D**-0.5 + bias * (name != "plain")
+        keep = torch.ones(ROWS, n, dtype=torch.bool, device="cuda").tril(diagonal=n - ROWS)
+        probs = scores.float().masked_fill(~keep, float("-inf")).softmax(-1).to(q.dtype)  # eager, as transformers
+        eager = (probs @ v.repeat_interleave(Hq // Hkv, 1)).transpose(1, 2)
+        assert (ours.float() - exact).abs().max() <= 2 * (eager.float() - exact).abs().max() + 1e-6, name
+    edit = AttentionEdit(redistribute=Redistribute(source, target, 0.4))
+    ours = kernels.modified_attention(q, k, v, edit, backend="triton")[:, -ROWS:].float()
+    exact = kernels.modified_attention(tail.float(), k.float(), v.float(), edit, backend="reference")
+    assert (ours - exact).norm() / exact.norm() < 5e-3  # RMS-relative, as flash-linear-attention checks
+    prefill = kernels.modified_attention(q, k, v, AttentionEdit(key_bias=bias), backend="triton")
+    decode = kernels.modified_attention(q[:, :, -1:], k, v, AttentionEdit(key_bias=bias), backend="triton")
+    torch.testing.assert_close(decode, prefill[:, -1:], atol=2e-2, rtol=0)
