@@ -20,7 +20,7 @@ from .edit import AttentionEdit, KeyGain, MassGate, Redistribute
 
 __all__ = ["BACKENDS", "AttentionEdit", "KeyGain", "MassGate", "Redistribute", "column_stats", "modified_attention"]
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "triton", "flex")
 
 
 def modified_attention(
@@ -87,6 +87,10 @@ def _backend(q: torch.Tensor, k: torch.Tensor, backend: str):
         raise ValueError(f"{q.shape[1]} query heads cannot be grouped over {k.shape[1]} key/value heads")
     if backend == "reference" or (backend == "auto" and not (q.is_cuda and triton_available())):
         return reference
+    if backend == "flex":
+        from . import flex
+
+        return flex
     if not triton_available():
         raise RuntimeError("backend='triton' needs the `triton` package: pip install 'intervene[kernels]'")
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":

@@ -26,6 +26,36 @@ class Redistribute:
     row_gate: torch.Tensor | None = None  # [B, Hq|1, Nq] bool
     mass_gate: MassGate | None = None
 
+    # For kernels that never hold a row's probabilities: the keys' groups, then a per-row bias per group.
+    SOURCE, TARGET, GATE = 1, 2, 4  # bits of a key's code
+
+    def key_codes(self, batch: int, num_keys: int, device) -> torch.Tensor:
+        """[B, Hq|1, Nk] int8: the SOURCE, TARGET and GATE bits of each key."""
+        codes = self.source.to(device, torch.int8) * self.SOURCE + self.target.to(device, torch.int8) * self.TARGET
+        if self.mass_gate is not None:
+            codes = codes + self.mass_gate.keys.to(device, torch.int8)[:, None, :] * self.GATE
+        return codes.expand(batch, -1, num_keys).contiguous()
+
+    def row_biases(self, total, source, target, gate, gate_source) -> torch.Tensor:
+        """[B, Hq, Nq, 2] natural-log biases on source and target keys that carry out this redistribution,
+        from each row's unmodified masses `[B, Hq, Nq]` (any common scale) on all keys, source keys,
+        target keys (not source), gate keys and gate-and-source keys.
+
+        Moving `p` of the source mass to the targets in proportion keeps the row's normaliser, so it is
+        exactly `log(1 - p)` on source logits and `log(1 + p * m_S / m_T)` on target logits."""
+        p_move = torch.as_tensor(self.p_move, dtype=torch.float32, device=total.device).reshape(-1)
+        p_move = p_move.expand(total.shape[1])[None, :, None]  # [1, Hq, 1]
+        active = (source > 0) & (target > 0)
+        if self.row_gate is not None:
+            active &= self.row_gate.to(total.device)
+        if self.mass_gate is not None:
+            share = gate_source / gate.clamp_min(1e-30)
+            active &= (gate / total.clamp_min(1e-30) >= self.mass_gate.min_mass) & (gate_source > 0)
+            active &= share <= self.mass_gate.max_source_share
+        bias_source = torch.where(active, torch.log1p(-p_move), 0.0)
+        bias_target = torch.where(active, torch.log1p(p_move * source / target.clamp_min(1e-30)), 0.0)
+        return torch.stack([bias_source, bias_target], dim=-1).contiguous()
+
 
 @dataclass(frozen=True)
 class MassGate:

@@ -22,7 +22,6 @@ import triton.language as tl
 from .edit import AttentionEdit
 
 LOG2E = 1.4426950408889634
-SOURCE, TARGET, GATE = 1, 2, 4  # bits of a key's group code
 INTERPRET = triton.knobs.runtime.interpret
 
 
@@ -584,9 +583,9 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
     common = _common(q, k, edit, attention_mask, scale, causal)
     codes, group_bias = None, None
     if edit.redistribute is not None:
-        codes = _codes(edit, B, Nk, q.device)
-        stats = _run_statistics(q, k, common, codes)
-        group_bias = _group_bias(edit, stats)  # [B, Hq, Nq, 2] natural-log biases of source and target keys
+        codes = edit.redistribute.key_codes(B, Nk, q.device)
+        _, *masses = _run_statistics(q, k, common, codes)
+        group_bias = edit.redistribute.row_biases(*masses)  # [B, Hq, Nq, 2]
     head_scale = None
     if edit.head_scale is not None:
         head_scale = edit.head_scale.to(device=q.device, dtype=torch.float32).expand(B, Hq)
@@ -740,15 +739,6 @@ def _bool_mask(attention_mask, B, Nq, Nk):
     return m.expand(m.shape[0], Nq, Nk)
 
 
-def _codes(edit: AttentionEdit, B: int, Nk: int, device) -> torch.Tensor:
-    """[B, Hq|1, Nk] int8: SOURCE, TARGET and GATE bits of each key."""
-    rd = edit.redistribute
-    codes = rd.source.to(device).to(torch.int8) * SOURCE + rd.target.to(device).to(torch.int8) * TARGET
-    if rd.mass_gate is not None:
-        codes = codes + rd.mass_gate.keys.to(device)[:, None, :].to(torch.int8) * GATE
-    return codes.expand(B, -1, Nk).contiguous()
-
-
 def _run_statistics(q, k, common: dict, codes) -> torch.Tensor:
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -763,26 +753,6 @@ def _run_statistics(q, k, common: dict, codes) -> torch.Tensor:
         UPCAST=common["upcast"], IEEE=common["ieee"], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, D=D,
     )  # fmt: skip
     return stats
-
-
-def _group_bias(edit: AttentionEdit, stats: torch.Tensor) -> torch.Tensor:
-    """[B, Hq, Nq, 2]: per row, log(1 - p) on source keys and log(1 + p * l_S / l_T) on target keys
-    where the row is redistributed, 0 elsewhere (the reference's gates, from the statistics pass)."""
-    rd = edit.redistribute
-    _, total, source, target, gate, gate_source = stats
-    Hq = total.shape[1]
-    p_move = torch.as_tensor(rd.p_move, dtype=torch.float32, device=total.device).reshape(-1)
-    p_move = p_move.expand(Hq)[None, :, None]  # [1, Hq, 1]
-    active = (source > 0) & (target > 0)
-    if rd.row_gate is not None:
-        active &= rd.row_gate.to(total.device)
-    if rd.mass_gate is not None:
-        share = gate_source / gate.clamp_min(1e-30)
-        active &= (gate / total.clamp_min(1e-30) >= rd.mass_gate.min_mass) & (gate_source > 0)
-        active &= share <= rd.mass_gate.max_source_share
-    bias_source = torch.where(active, torch.log1p(-p_move), 0.0)
-    bias_target = torch.where(active, torch.log1p(p_move * source / target.clamp_min(1e-30)), 0.0)
-    return torch.stack([bias_source, bias_target], dim=-1).contiguous()
 
 
 def _strided(t, dims: int):

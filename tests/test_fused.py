@@ -1,7 +1,7 @@
-"""The Triton backend against the reference backend (the spec), at toy sizes in Triton's interpreter on
-CPU: odd lengths, Nq != Nk (cache, split-KV decode), GQA ratios, padding, every edit alone and composed, fp32 to
-1e-5 and fp16/bf16 by flash-attention's rule (our error at most twice that of an eager low-precision
-attention, both against fp32)."""
+"""The Triton backend (and the FlexAttention one, run eagerly) against the reference backend (the spec), at
+toy sizes in Triton's interpreter on CPU: odd lengths, Nq != Nk (cache, split-KV decode), GQA ratios,
+padding, every edit alone and composed, fp32 to 1e-5 and fp16/bf16 by flash-attention's rule (our error
+at most twice that of an eager low-precision attention, both against fp32)."""
 
 import pytest
 import torch
@@ -69,9 +69,10 @@ def edits(batch, hq, nq, nk, g):
     }
 
 
+@pytest.mark.parametrize("backend", ["triton", "flex"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("padded", [False, True])
-def test_every_edit_matches_the_reference_in_fp32(shape, padded):
+def test_every_edit_matches_the_reference_in_fp32(backend, shape, padded):
     nq, nk, hq, hkv, d = SHAPES[shape]
     q, k, v, g = tensors(nq, nk, hq, hkv, d)
     mask = padded_mask(2, nq, nk, [0, 3]) if padded else None
@@ -80,7 +81,7 @@ def test_every_edit_matches_the_reference_in_fp32(shape, padded):
             q, k, v, edit, attention_mask=mask, scale=0.3, return_lse=True, backend="reference"
         )
         out, lse = kernels.modified_attention(
-            q, k, v, edit, attention_mask=mask, scale=0.3, return_lse=True, backend="triton"
+            q, k, v, edit, attention_mask=mask, scale=0.3, return_lse=True, backend=backend
         )
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
         torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
@@ -97,11 +98,12 @@ def test_the_edits_do_something_and_redistribution_keeps_the_lse():
             torch.testing.assert_close(lse, plain_lse, atol=1e-5, rtol=1e-5)
 
 
-def test_fully_masked_rows_give_zero_and_minus_infinity():
+@pytest.mark.parametrize("backend", ["triton", "flex"])
+def test_fully_masked_rows_give_zero_and_minus_infinity(backend):
     q, k, v, _ = tensors(5, 5, 2, 2, 16)
     mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
     mask[1, :, 2] = False  # row 2 of element 1 sees nothing
-    out, lse = kernels.modified_attention(q, k, v, attention_mask=mask, scale=0.3, return_lse=True, backend="triton")
+    out, lse = kernels.modified_attention(q, k, v, attention_mask=mask, scale=0.3, return_lse=True, backend=backend)
     assert torch.equal(out[1, 2], torch.zeros_like(out[1, 2]))
     assert torch.isneginf(lse[1, :, 2]).all() and torch.isfinite(lse[0]).all()
 
@@ -180,7 +182,11 @@ def test_a_model_gives_the_same_logits_through_either_backend(monkeypatch):
 def test_backend_choice_and_errors():
     q, k, v, _ = tensors(4, 4, 2, 2, 16)
     assert kernels._backend(q, k, "auto") is kernels.reference  # CPU tensors: the reference
-    with pytest.raises(ValueError, match="unknown attention backend 'cuda'; choose one of: auto, reference, triton"):
+    with pytest.raises(NotImplementedError, match="flex backend does not compute column statistics"):
+        kernels.column_stats(q, k, backend="flex")
+    with pytest.raises(
+        ValueError, match="unknown attention backend 'cuda'; choose one of: auto, reference, triton, flex"
+    ):
         kernels.modified_attention(q, k, v, backend="cuda")
     with pytest.raises(ValueError, match="4 query heads cannot be grouped over 3 key/value heads"):
         kernels.modified_attention(torch.zeros(1, 4, 2, 16), torch.zeros(1, 3, 2, 16), torch.zeros(1, 3, 2, 16))

@@ -1,0 +1,135 @@
+"""FlexAttention backend: the edits that a `score_mod` expresses exactly.
+
+Key bias, PAI's key gain and the masks are a `score_mod` on one call; head scale multiplies the output.
+Redistribution takes more calls: one per key group returns that group's log-sum-exp (the other keys
+masked out), which gives the row masses its gates and biases need, then a last call adds the per-row
+group biases (`Redistribute.row_biases`). Compiled on CUDA; elsewhere flex runs eagerly and materialises
+the scores (a check of the semantics, not a fast path). Column statistics are not offered here.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+from torch.nn.attention.flex_attention import flex_attention
+
+try:
+    from torch.nn.attention.flex_attention import AuxRequest
+except ImportError:  # torch < 2.9 returns the lse with return_lse=True
+    AuxRequest = None
+
+from .edit import AttentionEdit, Redistribute
+
+NEG_INF = float("-inf")
+
+
+def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, return_lse):
+    B, _, Nq, _ = q.shape
+    Nk = k.shape[2]
+    visible = _visibility(attention_mask, causal, B, Nq, Nk, q.device)  # [B|1, Nq, Nk] bool
+    edited = _edited_scores(edit, visible)
+    biases = None
+    if edit.redistribute is not None:
+        rd = edit.redistribute
+        codes = rd.key_codes(B, Nk, q.device)  # [B, Hq|1, Nk]
+        groups = (  # all keys, source, target (not source), gate, gate and source
+            lambda c: c >= 0,
+            lambda c: (c & rd.SOURCE) != 0,
+            lambda c: ((c & rd.TARGET) != 0) & ((c & rd.SOURCE) == 0),
+            lambda c: (c & rd.GATE) != 0,
+            lambda c: (c & (rd.GATE | rd.SOURCE)) == (rd.GATE | rd.SOURCE),
+        )
+        lses = [_call(q, k, v, _restricted(edited, codes, group), scale)[1] for group in groups]  # [B, Hq, Nq]
+        pivot = lses[0].clamp_min(-1e30)  # a row that sees no key has no mass anywhere
+        biases = rd.row_biases(*(torch.exp(lse - pivot) for lse in lses))  # [B, Hq, Nq, 2]
+
+    def score_mod(score, b, h, qi, ki):
+        score = edited(score, b, h, qi, ki)
+        if biases is None:
+            return score
+        code = codes[b, h.clamp_max(codes.shape[1] - 1), ki]
+        is_source = (code & Redistribute.SOURCE) != 0
+        is_target = ((code & Redistribute.TARGET) != 0) & ~is_source
+        bias = torch.where(is_source, biases[b, h, qi, 0], torch.where(is_target, biases[b, h, qi, 1], 0.0))
+        return score + bias
+
+    out, lse = _call(q, k, v, score_mod, scale)
+    seen = torch.isfinite(lse)  # flex leaves rows that see no key undefined: give them 0
+    out = torch.where(seen[..., None], out, 0.0)
+    if edit.head_scale is not None:
+        out = out * edit.head_scale.to(out.device, out.dtype)[:, :, None, None]
+    out = out.transpose(1, 2).to(q.dtype)  # [B, Nq, Hq, D]
+    return (out, lse.float()) if return_lse else out
+
+
+def column_stats(q, k, **_):
+    raise NotImplementedError("the flex backend does not compute column statistics; use 'triton' or 'reference'")
+
+
+def _edited_scores(edit: AttentionEdit, visible: torch.Tensor):
+    """The score_mod of the static edits: key gain, then masks, then key bias (the reference's order)."""
+    gain, bias = edit.key_gain, edit.key_bias
+
+    def edited(score, b, h, qi, ki):
+        if gain is not None:
+            where = gain.keys[b, ki]
+            if gain.rows is not None:
+                where = where & gain.rows[b, qi]
+            score = torch.where(where, score + gain.alpha * score.abs(), score)
+        if bias is not None:
+            score = score + bias[b.clamp_max(bias.shape[0] - 1), h.clamp_max(bias.shape[1] - 1),
+                                 qi.clamp_max(bias.shape[2] - 1), ki]  # fmt: skip
+        seen = visible[b.clamp_max(visible.shape[0] - 1), qi.clamp_max(visible.shape[1] - 1), ki]
+        return torch.where(seen, score, NEG_INF)
+
+    return edited
+
+
+def _restricted(edited, codes, group):
+    """`edited` on the keys whose code is in `group`, -inf elsewhere: a call then returns that group's lse."""
+
+    def only(score, b, h, qi, ki):
+        inside = group(codes[b, h.clamp_max(codes.shape[1] - 1), ki])
+        return torch.where(inside, edited(score, b, h, qi, ki), NEG_INF)
+
+    return only
+
+
+def _visibility(attention_mask, causal, B, Nq, Nk, device) -> torch.Tensor:
+    if attention_mask is None:
+        if not causal:
+            return torch.ones(1, 1, Nk, dtype=torch.bool, device=device)
+        return torch.ones(Nq, Nk, dtype=torch.bool, device=device).tril(diagonal=Nk - Nq)[None]
+    if attention_mask.shape[1] != 1:
+        raise NotImplementedError("the flex backend takes masks shared by all heads ([B, 1, Nq, Nk])")
+    m = attention_mask[:, 0]
+    if m.dtype == torch.bool:
+        return m
+    keep = m > torch.finfo(m.dtype).min / 2
+    if bool((m.masked_fill(~keep, 0) != 0).any()):
+        raise NotImplementedError("the flex backend takes boolean masks; pass an additive bias as key_bias")
+    return keep
+
+
+def _call(q, k, v, score_mod, scale):
+    """(out [B, Hq, Nq, D], natural-log lse [B, Hq, Nq])."""
+    kwargs = dict(score_mod=score_mod, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    if not q.is_cuda:  # eager flex: materialises the scores, as its warning says; here only to check semantics
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*without torch.compile.*")
+            return _with_lse(flex_attention, q, k, v, kwargs)
+    return _with_lse(_compiled(), q, k, v, kwargs)
+
+
+def _with_lse(flex, q, k, v, kwargs):
+    if AuxRequest is None:  # torch < 2.9
+        return flex(q, k, v, return_lse=True, **kwargs)
+    out, aux = flex(q, k, v, return_aux=AuxRequest(lse=True), **kwargs)
+    return out, aux.lse
+
+
+@functools.cache
+def _compiled():
+    return torch.compile(flex_attention, dynamic=False)
