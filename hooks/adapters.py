@@ -86,6 +86,7 @@ def model_spec(model: nn.Module) -> ModelSpec:
         num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         name_or_path=getattr(model, "name_or_path", "") or getattr(config, "_name_or_path", ""),
         image_token_id=image_token_id(model),
+        model_type=getattr(model.config, "model_type", ""),
     )
 
 

@@ -74,6 +74,9 @@ class Dispatcher:
         self._input_ids: torch.Tensor | None = None  # handed from the model's pre-hook to the decoder's
         self.branch: NoImageBranch | None = None
         self.in_branch = False
+        self._pixels: torch.Tensor | None = None  # the prompt's pixel values (pruning's padding debias)
+        self.kept: torch.Tensor | None = None  # [B, T'] positions that go on past the pruning layer
+        self.kept_total = 0
         self._model = weakref.ref(model)
         self._config_id = id(config)
         self._text_key = text_config_key(model)
@@ -98,6 +101,8 @@ class Dispatcher:
         return _ATTACHED.get(id(text_config(model))) or Dispatcher(model)
 
     def add(self, handle) -> None:
+        if self.handles and (handle.config.prunes or any(other.config.prunes for other in self.handles)):
+            raise ValueError("prune changes the sequence itself and cannot be combined with other interventions yet")
         for other in self.handles:
             clash = (handle.config.primitives & other.config.primitives) - {"key_bias", "head_scale"}
             shared = handle.active_layers & other.active_layers
@@ -131,13 +136,71 @@ class Dispatcher:
     def _before_model(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._input_ids = ids if isinstance(ids, torch.Tensor) else None
+        self._pixels = kwargs.get("pixel_values")
 
     def _layer_input(self, index: int):
-        def record(module, args, kwargs):
-            if self.context is not None and not self.in_branch:
-                self.context.layer_input = (index, args[0] if args else kwargs["hidden_states"])
+        def before_layer(module, args, kwargs):
+            if self.context is None or self.in_branch:
+                return None
+            pruner = next((h for h in self.handles if h.enabled and h.config.prunes), None)
+            changed = None
+            if pruner is not None and index >= pruner.config.layer:
+                args, kwargs = self._prune(pruner, index, args, kwargs)
+                changed = (args, kwargs)
+            self.context.layer_input = (index, args[0] if args else kwargs["hidden_states"])
+            return changed
 
-        return record
+        return before_layer
+
+    def _prune(self, handle, index: int, args, kwargs):
+        """This layer's inputs restricted to the kept tokens (and, decoding, its mask to their keys)."""
+        if self.context.past_length == 0:
+            if index == handle.config.layer:  # decide once, from the scores of the layer before
+                scores = handle.state.get(index - 1, {}).get("scores")
+                self.kept = handle.config.kept_positions(self._image_mask, scores, self._padding(handle))
+                self.kept_total = self._image_mask.shape[1]  # the prompt's length before pruning
+            kept = self.kept  # [B, T']
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if hidden.shape[1] != kept.shape[1]:
+                hidden = _take(hidden, kept, dim=1)
+            args = (hidden, *args[1:])
+            if kwargs.get("position_embeddings") is not None:
+                kwargs["position_embeddings"] = tuple(_take(t, kept, dim=1) for t in kwargs["position_embeddings"])
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = _take(kwargs["position_ids"], kept, dim=1)
+            if isinstance(kwargs.get("attention_mask"), torch.Tensor):
+                kwargs["attention_mask"] = _take(_take(kwargs["attention_mask"], kept, dim=2), kept, dim=3)
+        elif self.kept is not None and self.context.padding_mask is not None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            kwargs["attention_mask"] = self._pruned_mask(hidden.shape[1], hidden.dtype)
+        return args, kwargs
+
+    def _pruned_mask(self, new: int, dtype: torch.dtype) -> torch.Tensor:
+        """The mask of a call after the prompt was pruned, over the kept prompt keys and every key since.
+
+        Built from the recorded padding rather than taken from transformers, whose mask follows the first
+        layer's cache length (itself pruned when `layer=0`)."""
+        padding = self.context.padding_mask  # [B, all tokens so far]
+        total = padding.shape[1]
+        later = torch.arange(self.kept_total, total, device=padding.device).expand(self.kept.shape[0], -1)
+        keys = torch.cat([self.kept, later], dim=1)  # [B, Nk]
+        visible = padding.gather(1, keys)[:, None, None, :]  # [B, 1, 1, Nk]
+        rows = torch.arange(new, device=padding.device)[:, None] + keys.shape[1] - new  # bottom-right causal
+        visible = visible & (torch.arange(keys.shape[1], device=padding.device)[None, :] <= rows)
+        if self.previous == "sdpa":
+            return visible
+        return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
+            ~visible, torch.finfo(dtype).min
+        )
+
+    def _padding(self, handle):
+        """[B, L] padded patches of the prompt's images, when the pruner's debiasing needs them."""
+        if handle.config.debias not in ("padding", "both") or self._pixels is None or self._pixels.dim() != 4:
+            return None
+        from ..interventions.prune import padding_from_pixels
+
+        grid = round(int(self._image_mask[0].sum()) ** 0.5)
+        return padding_from_pixels(self._pixels, grid, handle.config.pad_threshold)
 
     def _before_forward(self, module, args, kwargs):
         if self.in_branch:
@@ -150,7 +213,7 @@ class Dispatcher:
         if past == 0:  # a new sequence: state kept from the previous one (e.g. ACT's sinks) is stale
             for handle in self.handles:
                 handle.state.clear()
-            self._image_mask, self.branch = None, None
+            self._image_mask, self.branch, self.kept = None, None, None
         ids, self._input_ids = self._input_ids, None
         if self.image_token is not None:
             self._track_images(ids, past, padding)
@@ -252,6 +315,14 @@ class Dispatcher:
         if self.previous == "sdpa":
             return ALL_ATTENTION_FUNCTIONS["sdpa"]
         return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def _take(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """`t` at positions `index` [B, n] along `dim`, per batch element (`t` may broadcast over batch)."""
+    t = t.expand(index.shape[0], *t.shape[1:])
+    shape = [1] * t.dim()
+    shape[0], shape[dim] = index.shape
+    return t.gather(dim, index.view(shape).expand(*t.shape[:dim], index.shape[1], *t.shape[dim + 1 :]))
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -32,6 +32,7 @@ class ModelSpec:
     num_kv_heads: int
     name_or_path: str = ""
     image_token_id: int | None = None  # set for vision-language models
+    model_type: str = ""
 
 
 @dataclass
@@ -121,6 +122,8 @@ class Method:
     saved_for: ClassVar[dict | None] = None
     # Whether the hooks must run the prompt without its image alongside (VHR's no-image branch).
     no_image_branch: ClassVar[bool] = False
+    # Whether it removes tokens (then `kept_positions` says which go on past its `layer`).
+    prunes: ClassVar[bool] = False
 
     def resolve(self, model: ModelSpec) -> Method:
         """This config checked against `model`, with every `"auto"` made explicit."""

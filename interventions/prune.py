@@ -1,0 +1,183 @@
+"""Debiased visual-token pruning: FastV-style, with the positional and padding debiasing of "Attention
+Debiasing for Token Pruning in Vision-Language Models" (Zhao et al., 2025).
+
+At prefill, layer `layer - 1` scores each image token by the attention it receives from the chosen query
+rows (the last prompt token, or every text token after the image), averaged over heads. Before the top-k:
+- `debias="position"` divides the score of the i-th of L image tokens by the fitted trend f(i / L)
+  (`trend={"mu", "sigma"}` for f(x) = mu * exp(sigma * x), or `{"weights": [...]}` multiplied in, as the
+  official code ships them), since attention grows with recency;
+- `debias="padding"` zeroes patches that are mostly pad-to-square padding, and caps k at the rest.
+The `keep` best image tokens (a count, or a fraction of the image tokens) and every other token go on:
+from layer `layer` on, the hidden states, positions, masks and KV cache hold only them, so decoding
+attends to the kept tokens only. Positions stay the original ones. `select` gives the kept image tokens
+(indices among each sample's image tokens) instead of scoring, which also works at `layer=0`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .base import LayerCall, Method, ModelSpec, check_number, register, require_vision
+
+DEBIAS = ("none", "position", "padding", "both")
+QUERIES = ("last", "text")
+
+
+@register("prune")
+@dataclass(frozen=True)
+class Prune(Method):
+    """Visual-token pruning at a layer (FastV), optionally debiased for position and padding."""
+
+    layer: int = 2
+    keep: float = 0.25  # a fraction of the image tokens in (0, 1], or a count >= 1 (an int)
+    debias: str = "none"
+    queries: str = "last"
+    trend: Any = None  # {"mu": m, "sigma": s} or {"weights": [...]}; needed by debias="position"/"both"
+    pad_threshold: float = 0.5  # a patch more padded than this is padding
+    select: Any = None  # explicit kept image-token indices, instead of scoring
+
+    primitives = frozenset({"prune"})
+    prunes = True
+
+    def __post_init__(self):
+        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or self.keep <= 0:
+            raise ValueError(f"prune: keep must be a count >= 1 or a fraction in (0, 1], got {self.keep!r}")
+        if isinstance(self.keep, float):
+            check_number("prune", "keep", self.keep, low=0.0, high=1.0, low_open=True)
+        if self.debias not in DEBIAS:
+            raise ValueError(f"prune: debias={self.debias!r} is not one of {', '.join(DEBIAS)}")
+        if self.queries not in QUERIES:
+            raise ValueError(f"prune: queries={self.queries!r} is not one of {', '.join(QUERIES)}")
+        check_number("prune", "pad_threshold", self.pad_threshold, low=0.0, high=1.0)
+        if self.debias in ("position", "both") and not _valid_trend(self.trend):
+            raise ValueError(
+                f"prune: debias={self.debias!r} needs trend={{'mu': ..., 'sigma': ...}} or {{'weights': [...]}}, "
+                f"got {self.trend!r}; fit one with `intervene calibrate --method prune` or fit_trend()"
+            )
+        if self.select is None and self.layer == 0:
+            raise ValueError("prune: layer=0 has no earlier attention to score tokens with; give select=[...]")
+
+    def resolve(self, model: ModelSpec) -> Prune:
+        require_vision("prune", model)
+        if model.model_type.startswith("qwen"):
+            raise ValueError(
+                f"prune: {model.model_type} places image tokens with M-RoPE (3D positions), which pruning does not "
+                "remap yet; use a LLaVA-style model (one raster-order block of image tokens per image)"
+            )
+        layer = self.layer
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < model.num_layers:
+            raise ValueError(
+                f"prune: layer {self.layer!r} is out of range; this model has layers 0..{model.num_layers - 1}"
+            )
+        return self
+
+    def active_layers(self) -> frozenset[int]:
+        return frozenset() if self.select is not None else frozenset({self.layer - 1})
+
+    def edit(self, call: LayerCall, state: dict) -> None:
+        """At prefill, record each key's score: its attention from the chosen query rows, mean over heads."""
+        if call.decode:
+            return None
+        rows = call.query_valid if call.query_valid is not None else torch.ones_like(call.image_queries)
+        if self.queries == "last":
+            rows = torch.zeros_like(rows)
+            rows[:, -1] = True
+        else:
+            after = call.image_queries.int().cumsum(dim=1) == call.image_queries.sum(dim=1, keepdim=True)
+            rows = rows & after & ~call.image_queries  # text after (the last of) the image
+        sums, counts = call.column_stats()  # [B, Hq, Nk], [B, 1|Hq, Nk]
+        state["scores"] = (sums / counts.clamp_min(1.0)).mean(dim=1)  # [B, Nk]
+        return None
+
+    def kept_positions(self, image_mask: torch.Tensor, scores: torch.Tensor | None, padding) -> torch.Tensor:
+        """[B, T'] positions that go on: every non-image token and the chosen image tokens, in order.
+
+        `image_mask` [B, T]; `scores` [B, T] (None with `select`); `padding` [B, L] True for padded patches."""
+        count = image_mask.sum(dim=1)
+        if not bool((count == count[0]).all()):
+            raise ValueError(f"prune needs the same number of image tokens in every sample, got {count.tolist()}")
+        L = int(count[0])
+        if L == 0:  # a text-only prompt: nothing to prune
+            return torch.arange(image_mask.shape[1], device=image_mask.device).expand(image_mask.shape[0], -1)
+        image = image_mask.nonzero()[:, 1].view(-1, L)  # [B, L] positions of the image tokens
+        if self.select is not None:
+            chosen = torch.tensor(sorted(set(self.select)), device=image.device)
+            if chosen.numel() and not 0 <= int(chosen.min()) <= int(chosen.max()) < L:
+                raise ValueError(f"prune: select holds indices outside the {L} image tokens")
+            chosen = chosen.expand(image.shape[0], -1)
+        else:
+            score = self.debiased(scores.gather(1, image), padding)  # [B, L]
+            k = self.keep if isinstance(self.keep, int) else math.ceil(self.keep * L)
+            if padding is not None and self.debias in ("padding", "both"):
+                k = min(k, int((~padding).sum(dim=1).min()))  # one count for the batch keeps it rectangular
+            chosen = score.topk(min(k, L), dim=1).indices.sort(dim=1).values
+        keep = ~image_mask
+        keep.scatter_(1, image.gather(1, chosen), True)
+        return keep.nonzero()[:, 1].view(image_mask.shape[0], -1)
+
+    def debiased(self, score: torch.Tensor, padding) -> torch.Tensor:
+        """The ranking score `[B, L]` of the image tokens after the chosen debiasing."""
+        L = score.shape[1]
+        if self.debias in ("position", "both"):
+            score = score * trend_weights(self.trend, L).to(score.device)
+        if self.debias in ("padding", "both"):
+            if padding is None:
+                raise ValueError("prune: debias='padding' needs the pixel values of pad-to-square images")
+            score = score.masked_fill(padding, 0.0)
+        return score
+
+
+def trend_weights(trend: Mapping, length: int) -> torch.Tensor:
+    """[L] multipliers that undo the positional trend: 1 / (mu * exp(sigma * i / L)), or given weights."""
+    if "weights" in trend:
+        weights = torch.tensor(trend["weights"], dtype=torch.float32)
+        if weights.numel() != length:
+            raise ValueError(f"prune: trend has {weights.numel()} weights for {length} image tokens")
+        return weights
+    x = torch.arange(length, dtype=torch.float32) / length
+    return 1.0 / (trend["mu"] * torch.exp(trend["sigma"] * x))
+
+
+def fit_trend(mean_attention: torch.Tensor) -> dict:
+    """Least-squares fit of f(x) = mu * exp(sigma * x), x = i / L, to the mean attention `[L]` that each
+    image position receives (on log values: log f is linear in x)."""
+    L = mean_attention.numel()
+    x = torch.arange(L, dtype=torch.float64) / L
+    y = mean_attention.double().clamp_min(1e-30).log()
+    design = torch.stack([torch.ones_like(x), x], dim=1)  # [L, 2]
+    log_mu, sigma = torch.linalg.lstsq(design, y[:, None]).solution[:, 0]
+    return {"mu": float(log_mu.exp()), "sigma": float(sigma)}
+
+
+def padding_patches(width: int, height: int, grid: int, threshold: float = 0.5) -> torch.Tensor:
+    """[grid * grid] True for patches (raster order) of a `width` x `height` image padded to a centred
+    square whose padded share exceeds `threshold` (LLaVA-1.5's pad-to-square geometry)."""
+    side = max(width, height)
+    left, top = (side - width) / 2, (side - height) / 2
+    edges = torch.arange(grid + 1, dtype=torch.float64) * side / grid
+    cover_x = (edges[1:].clamp(max=left + width) - edges[:-1].clamp(min=left)).clamp_min(0)  # [grid]
+    cover_y = (edges[1:].clamp(max=top + height) - edges[:-1].clamp(min=top)).clamp_min(0)
+    content = cover_y[:, None] * cover_x[None, :] / (side / grid) ** 2  # [grid, grid] share of real pixels
+    return (1.0 - content > threshold).flatten()
+
+
+def padding_from_pixels(pixel_values: torch.Tensor, grid: int, threshold: float = 0.5, atol: float = 0.02):
+    """[B, grid * grid] padded patches read off normalised pixels `[B, C, S, S]`: pad-to-square fills with
+    the processor's mean colour, which normalises to 0 in every channel (within `atol`: the colour is
+    rounded to 8 bits first, an error below 1 / (255 * std))."""
+    blank = (pixel_values.abs() <= atol).all(dim=1).float()  # [B, S, S]
+    share = torch.nn.functional.adaptive_avg_pool2d(blank[:, None], grid)[:, 0]  # [B, grid, grid]
+    return (share > threshold).flatten(1)
+
+
+def _valid_trend(trend) -> bool:
+    if not isinstance(trend, Mapping):
+        return False
+    if "weights" in trend:
+        return isinstance(trend["weights"], (list, tuple)) and len(trend["weights"]) > 0
+    return all(isinstance(trend.get(key), (int, float)) for key in ("mu", "sigma")) and trend["mu"] > 0
