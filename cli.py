@@ -247,13 +247,22 @@ def calibrate(
         check_modality(chosen, model, vision)
         for task in chosen:
             task.items(split, 1)
+        if method == "prune" and not vision:
+            raise ValueError(f"prune acts on image tokens and {model} is a text-only model; pass a VLM with --model")
         method_class(method).from_dict(params)
         loaded, tokenizer = intervene.load_model(model, dtype=dtype, device=device)
-        artifact = engine.calibrate(
-            loaded, tokenizer, method, params, chosen, granularity=granularity, rule=rule, value=value,
-            gammas=gamma_grid, gamma_by=gamma_by, split=split, limit=limit, batch_size=batch_size, seed=seed,
-            output=output_path, say=lambda text: typer.echo(text, err=True),
-        )  # fmt: skip
+        say = lambda text: typer.echo(text, err=True)
+        if method == "prune":  # no heads to profile: fit the positional trend its debiasing divides out
+            artifact = engine.fit_prune_trend(
+                loaded, tokenizer, params, chosen, split=split, limit=limit, batch_size=batch_size,
+                output=output_path, say=say,
+            )  # fmt: skip
+        else:
+            artifact = engine.calibrate(
+                loaded, tokenizer, method, params, chosen, granularity=granularity, rule=rule, value=value,
+                gammas=gamma_grid, gamma_by=gamma_by, split=split, limit=limit, batch_size=batch_size, seed=seed,
+                output=output_path, say=say,
+            )  # fmt: skip
     except (TaskError, ValueError, OSError) as error:
         raise _fail(str(error)) from None
     except KeyboardInterrupt:
@@ -262,9 +271,14 @@ def calibrate(
     if warning := smoke_test_warning(loaded):
         typer.echo(warning)
     found = artifact["calibration"]
-    typer.echo(f"baseline objective {found['baseline']['objective']:.4f}; selected {len(found['selected'])} of "
-               f"{len(found['profile'])} candidates: {', '.join(found['selected']) or 'none helped'}")  # fmt: skip
-    typer.echo(f"with the selection: {found['result']['objective']:.4f}; params {json.dumps(artifact['params'])}")
+    if method == "prune":
+        trend = found["trend"]
+        typer.echo(f"positional trend: mu {trend['mu']:.4g}, sigma {trend['sigma']:.3f} over {found['prompts']} "
+                   f"prompts; params {json.dumps(artifact['params'])}")  # fmt: skip
+    else:
+        typer.echo(f"baseline objective {found['baseline']['objective']:.4f}; selected {len(found['selected'])} of "
+                   f"{len(found['profile'])} candidates: {', '.join(found['selected']) or 'none helped'}")  # fmt: skip
+        typer.echo(f"with the selection: {found['result']['objective']:.4f}; params {json.dumps(artifact['params'])}")
     typer.echo(
         f"config: {output_path / 'config.json'}  (replay: intervene eval --config {output_path / 'config.json'})"
     )

@@ -202,3 +202,60 @@ def calibrate(
     }
     (Path(output) / "config.json").write_text(json.dumps(artifact, indent=2) + "\n")
     return artifact
+
+
+def fit_prune_trend(model, processor, params: dict, tasks: list, *, split="calib", limit=None, batch_size=8,
+                    output: Path, say=print) -> dict:  # fmt: skip
+    """Fit the positional trend that `prune`'s `debias="position"` divides out: the attention each image
+    position receives at the pruning layer's scoring step, averaged over the (unlabelled) calibration
+    prompts, fitted with f(x) = mu * exp(sigma * x). Writes and returns a config that replays it."""
+    import torch
+
+    import intervene
+    from intervene.hooks import model_spec
+    from intervene.interventions import method_class
+    from intervene.interventions.prune import fit_trend
+
+    if split == "test":
+        raise ValueError("calibrating on the test split would tune on the numbers you report; use the calib split")
+    spec = model_spec(model)
+    scoring = {**params, "keep": 1.0, "debias": "none", "trend": None, "select": None}  # score, drop nothing
+    method_class("prune").from_dict(scoring).resolve(spec)
+    layer = scoring.get("layer", 2) - 1
+    items = [item for task in tasks for item in task.items(split, limit) if item.image is not None]
+    if not items:
+        raise ValueError(f"prune calibration needs image prompts; the tasks given have none in split {split!r}")
+    say(f"fitting prune's positional trend at layer {layer} on {len(items)} {split} prompts")
+    total, count = None, 0
+    with intervene.apply(model, "prune", **scoring) as handle, progress_bar() as progress, torch.no_grad():
+        bar = progress.add_task("prompts", total=len(items))
+        for start in range(0, len(items), batch_size):
+            inputs = scorers._image_inputs(items[start : start + batch_size], processor, model.dtype)
+            model(**{k: v.to(model.device) for k, v in inputs.items()})
+            image = inputs["input_ids"].to(model.device) == spec.image_token_id
+            scores = handle.state[layer]["scores"][image].view(image.shape[0], -1)  # [B, L]
+            total = scores.sum(0) if total is None else total + scores.sum(0)
+            count += scores.shape[0]
+            progress.advance(bar, scores.shape[0])
+    mean = (total / count).cpu()
+    trend = fit_trend(mean)
+    debias = {"none": "position", "padding": "both"}.get(params.get("debias", "none"), params.get("debias"))
+    final = {**params, "debias": debias, "trend": trend}
+    config = method_class("prune").from_dict(final).resolve(spec)
+    artifact = {
+        "schema": 1,
+        "method": "prune",
+        "params": config.to_dict(),
+        "model": {"name_or_path": spec.name_or_path, "num_layers": spec.num_layers, "num_heads": spec.num_heads},
+        "intervene_version": intervene.__version__,
+        "calibration": {
+            "split": split,
+            "tasks": {t.name: t.data_files[t.split(split)] for t in tasks},
+            "prompts": count,
+            "mean_attention": mean.tolist(),
+            "trend": trend,
+        },
+    }
+    Path(output).mkdir(parents=True, exist_ok=True)
+    (Path(output) / "config.json").write_text(json.dumps(artifact, indent=2) + "\n")
+    return artifact

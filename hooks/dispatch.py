@@ -43,6 +43,7 @@ class CallContext:
     padding_mask: torch.Tensor | None  # [B, past + new] bool
     image_mask: torch.Tensor | None = None  # [B, past + new] bool
     layer_input: tuple[int, torch.Tensor] | None = None  # (layer, its input hidden states)
+    pruned_mask: torch.Tensor | None = None  # after pruning: the mask over the kept keys
 
 
 @dataclass
@@ -171,8 +172,10 @@ class Dispatcher:
             if isinstance(kwargs.get("attention_mask"), torch.Tensor):
                 kwargs["attention_mask"] = _take(_take(kwargs["attention_mask"], kept, dim=2), kept, dim=3)
         elif self.kept is not None and self.context.padding_mask is not None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            kwargs["attention_mask"] = self._pruned_mask(hidden.shape[1], hidden.dtype)
+            if self.context.pruned_mask is None:  # one mask serves every later layer of this call
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self.context.pruned_mask = self._pruned_mask(hidden.shape[1], hidden.dtype)
+            kwargs["attention_mask"] = self.context.pruned_mask
         return args, kwargs
 
     def _pruned_mask(self, new: int, dtype: torch.dtype) -> torch.Tensor:

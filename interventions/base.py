@@ -97,15 +97,16 @@ class LayerCall:
         """[B, Nq] True where the query is an image token."""
         return self.image_keys[:, self.key.shape[2] - self.query.shape[2] :]
 
-    def column_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unmodified attention summed per key over this call's real queries, and their counts."""
+    def column_stats(self, query_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unmodified attention summed per key over the rows of `query_mask` `[B, Nq]` (default: this
+        call's real queries), and how many of them see each key."""
         return kernels.column_stats(
             self.query,
             self.key,
             attention_mask=self.attention_mask,
             scale=self.scale,
             causal=self.causal,
-            query_mask=self.query_valid,
+            query_mask=self.query_valid if query_mask is None else query_mask,
         )
 
 

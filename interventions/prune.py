@@ -90,7 +90,7 @@ class Prune(Method):
         else:
             after = call.image_queries.int().cumsum(dim=1) == call.image_queries.sum(dim=1, keepdim=True)
             rows = rows & after & ~call.image_queries  # text after (the last of) the image
-        sums, counts = call.column_stats()  # [B, Hq, Nk], [B, 1|Hq, Nk]
+        sums, counts = call.column_stats(rows)  # [B, Hq, Nk], [B, 1|Hq, Nk]
         state["scores"] = (sums / counts.clamp_min(1.0)).mean(dim=1)  # [B, Nk]
         return None
 

@@ -1,6 +1,8 @@
 """Visual-token pruning on a tiny random LLaVA: the tokens really leave the sequence and the KV cache, the
 identities that pin that down, and the debiasing transforms against their formulas."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -186,3 +188,51 @@ def test_a_sample_alone_equals_it_in_a_padded_batch_through_generation(debias):
     for row, sample in enumerate(prompts):
         alone = run(vlm.inputs([sample], image_seeds=[row]))
         torch.testing.assert_close(together[row], alone[0], atol=2e-5, rtol=1e-5)
+
+
+def test_calibration_fits_the_trend_of_the_attention_image_positions_receive(tmp_path):
+    from typer.testing import CliRunner
+
+    from intervene.cli import app
+    from intervene.evals import scorers
+    from intervene.evals.tasks import builtin_tasks
+
+    result = CliRunner().invoke(
+        app, ["calibrate", "--method", "prune", "--model", "tiny-llava", "--tasks", "easy-vqa", "--limit", "6",
+              "--batch-size", "4", "--output-path", str(tmp_path)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "positional trend: mu" in result.output and "SMOKE TEST" in result.output
+    config = intervene.load_config(tmp_path / "config.json")
+    found = json.loads((tmp_path / "config.json").read_text())["calibration"]
+    assert config.debias == "position" and config.trend == fit_trend(torch.tensor(found["mean_attention"]))
+    # independently: eager attention weights of layer 1, last prompt row, mean over heads and prompts
+    model, processor = intervene.load_model("tiny-llava")
+    model.set_attn_implementation("eager")
+    items = builtin_tasks()["easy-vqa"].items("calib", 6)
+    rows = []
+    with torch.no_grad():
+        for start in (0, 4):
+            inputs = scorers._image_inputs(items[start : start + 4], processor, model.dtype)
+            weights = model(**inputs, output_attentions=True).attentions[1][:, :, -1]  # [B, H, T]
+            image = inputs["input_ids"] == model.config.image_token_id
+            rows.append(weights.mean(1)[image].view(image.shape[0], -1))
+    torch.testing.assert_close(torch.tensor(found["mean_attention"]), torch.cat(rows).mean(0), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("queries", ["last", "text"])
+def test_scores_are_the_attention_image_tokens_receive_from_the_chosen_rows(queries):
+    vlm = TinyVLM("llava")
+    inputs = batch(vlm)
+    with torch.no_grad(), intervene.apply(vlm.model, "prune", keep=1.0, queries=queries) as handle:
+        vlm.model(**inputs)
+        scores = handle.state[1]["scores"]  # [B, T]
+    vlm.model.set_attn_implementation("eager")
+    with torch.no_grad():
+        weights = vlm.model(**inputs, output_attentions=True).attentions[1].mean(1)  # [B, T, T], mean over heads
+    image = inputs["input_ids"] == IMAGE_TOKEN
+    for row in range(2):
+        last_image = int(image[row].nonzero().max())
+        rows = [len(image[row]) - 1] if queries == "last" else list(range(last_image + 1, len(image[row])))
+        expected = weights[row, rows].mean(0)[image[row]]
+        torch.testing.assert_close(scores[row, image[row]], expected, atol=1e-6, rtol=1e-5)

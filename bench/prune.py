@@ -1,0 +1,102 @@
+"""What pruning visual tokens saves: time per generated token, prefill time and KV-cache size at keep ratios
+1, 0.5, 0.25 and 0.125, as ratios to the unpruned model, in one run (variants interleaved).
+
+    python bench/prune.py                          # tiny-llava (random LLaVA), CPU
+    python bench/prune.py --model smollm2-llava    # SmolLM2-135M behind a random CLIP: 256 image tokens
+    python bench/prune.py --model /path/to/llava-1.5-7b-hf --device cuda --batch-size 8
+
+Decode time per token is (generate N tokens - generate 1 token) / (N - 1), so prefill does not blur it.
+Memory is the KV cache the prompt leaves (exact), plus the peak allocated on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+
+import torch
+from overhead import image_batch, prompts, smollm2_llava, timed
+
+import intervene
+
+RATIOS = (1.0, 0.5, 0.25, 0.125)
+
+
+def cache_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny-llava")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--layer", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    if args.model == "smollm2-llava":
+        model, processor = smollm2_llava(args.device)
+    else:
+        model, processor = intervene.load_model(args.model, device=args.device)
+    device = str(model.device)
+    processor.tokenizer.padding_side = "left"
+    batch = image_batch(processor, prompts(args.batch_size)).to(device)
+    pad = processor.tokenizer.pad_token_id or processor.tokenizer.eos_token_id
+
+    def generate(tokens):
+        with torch.no_grad():
+            model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=pad)
+
+    def prefill():
+        with torch.no_grad():
+            return model(**batch, use_cache=True).past_key_values
+
+    names = ["unpruned"] + [f"keep {ratio:g}" for ratio in RATIOS]
+    times = {name: {"prefill": [], "one": [], "many": []} for name in names}
+    memory = {}
+    for repeat in range(args.repeats + 1):  # the first round warms up and is dropped
+        for name, ratio in zip(names, (None, *RATIOS), strict=True):
+            handle = None if ratio is None else intervene.apply(model, "prune", layer=args.layer, keep=ratio)
+            measured = {
+                "prefill": timed(prefill, device),
+                "one": timed(lambda: generate(1), device),
+                "many": timed(lambda: generate(args.new_tokens), device),
+            }
+            if repeat:
+                for stage, seconds in measured.items():
+                    times[name][stage].append(seconds)
+            else:
+                if device.startswith("cuda"):
+                    torch.cuda.reset_peak_memory_stats()
+                memory[name] = (cache_bytes(prefill()), torch.cuda.max_memory_allocated() if "cuda" in device else 0)
+            if handle:
+                handle.remove()
+
+    image_tokens = int((batch["input_ids"] == model.config.image_token_id).sum(1)[0])
+    lengths = batch["attention_mask"].sum(-1)
+    print(
+        f"model {args.model} on {device}, {torch.get_num_threads()} threads; batch {args.batch_size}, prompt tokens "
+        f"{int(lengths.min())}-{int(lengths.max())} ({image_tokens} image tokens each); pruned after layer "
+        f"{args.layer - 1}; {args.new_tokens} new tokens; medians of {args.repeats}\n"
+    )
+    print("| variant | image tokens kept | ms / token | ratio | prefill ms | ratio | KV cache MiB | ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    base = None
+    for name, ratio in zip(names, (None, *RATIOS), strict=True):
+        median = {stage: statistics.median(values) for stage, values in times[name].items()}
+        per_token = (median["many"] - median["one"]) / (args.new_tokens - 1)
+        row = (per_token, median["prefill"], memory[name][0])
+        base = base or row
+        kept = image_tokens if ratio is None else math.ceil(ratio * image_tokens)
+        scales = (1e3, 1e3, 2**-20)  # ms, ms, MiB
+        cells = " | ".join(f"{v * s:.1f} | {v / b:.2f}" for v, b, s in zip(row, base, scales, strict=True))
+        print(f"| {name} | {kept} | {cells} |")
+        if memory[name][1]:
+            print(f"|   (peak CUDA memory {memory[name][1] / 2**20:.0f} MiB) | | | | | | | |")
+
+
+if __name__ == "__main__":
+    main()
