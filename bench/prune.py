@@ -7,6 +7,11 @@
 
 Decode time per token is (generate N tokens - generate 1 token) / (N - 1), so prefill does not blur it.
 Memory is the KV cache the prompt leaves (exact), plus the peak allocated on CUDA.
+
+With `--tasks`, each variant also answers the tasks' test items, pruned as ranked and, given `--trend`
+(a config from `intervene calibrate --method prune`), pruned with the positional debiasing:
+
+    python bench/prune.py --model /path/to/llava-1.5-7b-hf --tasks pope-photos,easy-vqa --trend calib/config.json
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--layer", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tasks", default=None, help="comma-separated image tasks scored under every variant")
+    parser.add_argument("--trend", default=None, help="config.json of `intervene calibrate --method prune`")
+    parser.add_argument("--limit", type=int, default=None, help="items per task")
     args = parser.parse_args()
 
     if args.model == "smollm2-llava":
@@ -96,6 +104,43 @@ def main() -> None:
         print(f"| {name} | {kept} | {cells} |")
         if memory[name][1]:
             print(f"|   (peak CUDA memory {memory[name][1] / 2**20:.0f} MiB) | | | | | | | |")
+    if args.tasks:
+        accuracy(model, processor, args)
+
+
+def accuracy(model, processor, args) -> None:
+    """Each task's metrics under the unpruned model and each keep ratio, ranked raw and debiased."""
+    from intervene.evals import scorers
+    from intervene.evals.model import smoke_test_warning
+    from intervene.evals.tasks import resolve_task
+
+    if warning := smoke_test_warning(model):  # tiny-llava; smollm2-llava's vision tower is random too
+        print(f"\n{warning}")
+    elif args.model == "smollm2-llava":
+        print("\nSMOKE TEST: smollm2-llava's vision tower has random weights; these numbers are not meaningful.")
+
+    variants = {"unpruned": None}
+    trend = intervene.load_config(args.trend).trend if args.trend else None
+    for ratio in RATIOS[1:]:
+        variants[f"keep {ratio:g}"] = {"keep": ratio}
+        if trend is not None:
+            variants[f"keep {ratio:g}, debiased"] = {"keep": ratio, "debias": "position", "trend": trend}
+    print("\n| task | variant | " + " | ".join(["metric", "value", "delta"]) + " |\n|---|---|---|---:|---:|")
+    for name in args.tasks.split(","):
+        task = resolve_task(name.strip())
+        items = task.items(task.split("test"), args.limit)
+        base = None
+        for variant, params in variants.items():
+            handle = intervene.apply(model, "prune", layer=args.layer, **params) if params else None
+            results = scorers.score(task, items, model, processor)
+            if handle:
+                handle.remove()
+            keys = scorers.counts(task.output_type)
+            sums = [sum(r[k] for r in results) for k in keys]
+            metrics = {k: float(v) for k, v in scorers.corpus_metrics(task.output_type, sums, len(items)).items()}
+            base = base or metrics
+            for metric, value in metrics.items():
+                print(f"| {task.name} | {variant} | {metric} | {value:.3f} | {value - base[metric]:+.3f} |")
 
 
 if __name__ == "__main__":
