@@ -50,8 +50,8 @@ def prompts(batch_size: int) -> list[str]:
     return [" ".join(SENTENCES[i % 8 : i % 8 + 2 + i] * 2) for i in range(batch_size)]
 
 
-def smollm2_llava(device: str | None):
-    """A LLaVA whose language model is the default SmolLM2-135M, behind a random 4-layer CLIP (224 px, 256
+def smollm2_llava(device: str | None, image_size: int = 224):
+    """A LLaVA whose language model is the default SmolLM2-135M, behind a random 4-layer CLIP (224 px: 256
     image tokens): VLM timings at a real language model's size. What it says about images means nothing."""
     from transformers import (
         CLIPImageProcessorPil,
@@ -68,18 +68,20 @@ def smollm2_llava(device: str | None):
     language_model.resize_token_embeddings(len(tokenizer))
     vision = CLIPVisionConfig(
         hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-        image_size=224, patch_size=14,
+        image_size=image_size, patch_size=14,
     )  # fmt: skip
     config = LlavaConfig(
         vision_config=vision, text_config=language_model.config, image_token_id=len(tokenizer) - 1,
-        image_seq_length=256, vision_feature_select_strategy="default",
+        image_seq_length=(image_size // 14) ** 2, vision_feature_select_strategy="default",
     )  # fmt: skip
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config)
     model.model.language_model.load_state_dict(language_model.model.state_dict())
     model.lm_head.load_state_dict(language_model.lm_head.state_dict())
     processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}),
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        ),
         tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
         chat_template=TINY_LLAVA_TEMPLATE,
     )  # fmt: skip

@@ -5,8 +5,8 @@
     python bench/prune.py --model smollm2-llava    # SmolLM2-135M behind a random CLIP: 256 image tokens
     python bench/prune.py --model /path/to/llava-1.5-7b-hf --device cuda --batch-size 8
 
-Decode time per token is (generate N tokens - generate 1 token) / (N - 1), so prefill does not blur it.
-Memory is the KV cache the prompt leaves (exact), plus the peak allocated on CUDA.
+Prefill and the greedy decoding steps after it are timed apart. Memory is the KV cache the prompt leaves
+(exact), plus the peak allocated on CUDA.
 
 With `--tasks`, each variant also answers the tasks' test items, pruned as ranked and, given `--trend`
 (a config from `intervene calibrate --method prune`), pruned with the positional debiasing:
@@ -35,6 +35,7 @@ def cache_bytes(cache) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-llava")
+    parser.add_argument("--image-size", type=int, default=224, help="smollm2-llava: 224 px = 256 tokens, 336 = 576")
     parser.add_argument("--device", default=None)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=16)
@@ -46,42 +47,46 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.model == "smollm2-llava":
-        model, processor = smollm2_llava(args.device)
+        model, processor = smollm2_llava(args.device, args.image_size)
     else:
         model, processor = intervene.load_model(args.model, device=args.device)
     device = str(model.device)
     processor.tokenizer.padding_side = "left"
     batch = image_batch(processor, prompts(args.batch_size)).to(device)
-    pad = processor.tokenizer.pad_token_id or processor.tokenizer.eos_token_id
-
-    def generate(tokens):
-        with torch.no_grad():
-            model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=pad)
 
     def prefill():
         with torch.no_grad():
-            return model(**batch, use_cache=True).past_key_values
+            return model(**batch, use_cache=True)
+
+    def decode(prefilled):
+        """Greedy steps over the prompt's cache, as `generate` takes them (mask grown by one each step)."""
+        cache, token, mask = prefilled.past_key_values, prefilled.logits[:, -1:].argmax(-1), batch["attention_mask"]
+        with torch.no_grad():
+            for _ in range(args.new_tokens):
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+                token = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+                token = token[:, -1:].argmax(-1)
 
     names = ["unpruned"] + [f"keep {ratio:g}" for ratio in RATIOS]
-    times = {name: {"prefill": [], "one": [], "many": []} for name in names}
+    times = {name: {"prefill": [], "decode": []} for name in names}
     memory = {}
     for repeat in range(args.repeats + 1):  # the first round warms up and is dropped
         for name, ratio in zip(names, (None, *RATIOS), strict=True):
             handle = None if ratio is None else intervene.apply(model, "prune", layer=args.layer, keep=ratio)
-            measured = {
-                "prefill": timed(prefill, device),
-                "one": timed(lambda: generate(1), device),
-                "many": timed(lambda: generate(args.new_tokens), device),
-            }
-            if repeat:
-                for stage, seconds in measured.items():
-                    times[name][stage].append(seconds)
-            else:
-                if device.startswith("cuda"):
-                    torch.cuda.reset_peak_memory_stats()
-                memory[name] = (cache_bytes(prefill()), torch.cuda.max_memory_allocated() if "cuda" in device else 0)
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            box = {}
+            seconds = timed(lambda box=box: box.update(out=prefill()), device)
+            times[name]["prefill"].append(seconds)
+            memory[name] = (cache_bytes(box["out"].past_key_values), 0)
+            times[name]["decode"].append(timed(lambda box=box: decode(box["out"]), device) / args.new_tokens)
+            if device.startswith("cuda"):
+                memory[name] = (memory[name][0], torch.cuda.max_memory_allocated())
             if handle:
                 handle.remove()
+            if not repeat:
+                for stage in times[name].values():
+                    stage.pop()
 
     image_tokens = int((batch["input_ids"] == model.config.image_token_id).sum(1)[0])
     lengths = batch["attention_mask"].sum(-1)
@@ -95,8 +100,7 @@ def main() -> None:
     base = None
     for name, ratio in zip(names, (None, *RATIOS), strict=True):
         median = {stage: statistics.median(values) for stage, values in times[name].items()}
-        per_token = (median["many"] - median["one"]) / (args.new_tokens - 1)
-        row = (per_token, median["prefill"], memory[name][0])
+        row = (median["decode"], median["prefill"], memory[name][0])
         base = base or row
         kept = image_tokens if ratio is None else math.ceil(ratio * image_tokens)
         scales = (1e3, 1e3, 2**-20)  # ms, ms, MiB
