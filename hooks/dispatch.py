@@ -157,6 +157,8 @@ class Dispatcher:
         """This layer's inputs restricted to the kept tokens (and, decoding, its mask to their keys)."""
         if self.context.past_length == 0:
             if index == handle.config.layer:  # decide once, from the scores of the layer before
+                if self._image_mask is None:
+                    raise ValueError("prune needs the VLM called with `input_ids`, to find the image tokens")
                 scores = handle.state.get(index - 1, {}).get("scores")
                 self.kept = handle.config.kept_positions(self._image_mask, scores, self._padding(handle))
                 self.kept_total = self._image_mask.shape[1]  # the prompt's length before pruning
@@ -171,25 +173,26 @@ class Dispatcher:
                 kwargs["position_ids"] = _take(kwargs["position_ids"], kept, dim=1)
             if isinstance(kwargs.get("attention_mask"), torch.Tensor):
                 kwargs["attention_mask"] = _take(_take(kwargs["attention_mask"], kept, dim=2), kept, dim=3)
-        elif self.kept is not None and self.context.padding_mask is not None:
+        elif self.kept is not None:
             if self.context.pruned_mask is None:  # one mask serves every later layer of this call
                 hidden = args[0] if args else kwargs["hidden_states"]
-                self.context.pruned_mask = self._pruned_mask(hidden.shape[1], hidden.dtype)
+                held = kwargs["past_key_values"].get_seq_length(index)  # kept prompt + tokens since
+                self.context.pruned_mask = self._pruned_mask(held, hidden.shape[1], hidden.dtype)
             kwargs["attention_mask"] = self.context.pruned_mask
         return args, kwargs
 
-    def _pruned_mask(self, new: int, dtype: torch.dtype) -> torch.Tensor:
-        """The mask of a call after the prompt was pruned, over the kept prompt keys and every key since.
-
-        Built from the recorded padding rather than taken from transformers, whose mask follows the first
-        layer's cache length (itself pruned when `layer=0`)."""
-        padding = self.context.padding_mask  # [B, all tokens so far]
-        total = padding.shape[1]
-        later = torch.arange(self.kept_total, total, device=padding.device).expand(self.kept.shape[0], -1)
-        keys = torch.cat([self.kept, later], dim=1)  # [B, Nk]
-        visible = padding.gather(1, keys)[:, None, None, :]  # [B, 1, 1, Nk]
-        rows = torch.arange(new, device=padding.device)[:, None] + keys.shape[1] - new  # bottom-right causal
-        visible = visible & (torch.arange(keys.shape[1], device=padding.device)[None, :] <= rows)
+    def _pruned_mask(self, held: int, new: int, dtype: torch.dtype) -> torch.Tensor:
+        """The mask of a call after the prompt was pruned: over the kept prompt keys, the `held - T'` tokens
+        cached since, and this call's `new` ones. Built here, since transformers sizes its mask by the first
+        layer's cache (itself pruned when `layer=0`)."""
+        device = self.kept.device
+        since = torch.arange(self.kept_total, self.kept_total + held - self.kept.shape[1] + new, device=device)
+        keys = torch.cat([self.kept, since.expand(self.kept.shape[0], -1)], dim=1)  # [B, Nk] positions
+        visible = torch.ones(keys.shape, dtype=torch.bool, device=device)[:, None, None, :]  # [B, 1, 1, Nk]
+        if self.context.padding_mask is not None:
+            visible = self.context.padding_mask.gather(1, keys)[:, None, None, :]
+        rows = torch.arange(new, device=device)[:, None] + keys.shape[1] - new  # bottom-right causal
+        visible = visible & (torch.arange(keys.shape[1], device=device)[None, :] <= rows)
         if self.previous == "sdpa":
             return visible
         return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
@@ -202,7 +205,10 @@ class Dispatcher:
             return None
         from ..interventions.prune import padding_from_pixels
 
-        grid = round(int(self._image_mask[0].sum()) ** 0.5)
+        count = int(self._image_mask[0].sum())
+        grid = round(count**0.5)
+        if grid * grid != count:
+            raise ValueError(f"prune: padding debias needs a square grid of image tokens per image, got {count}")
         return padding_from_pixels(self._pixels, grid, handle.config.pad_threshold)
 
     def _before_forward(self, module, args, kwargs):

@@ -236,3 +236,22 @@ def test_scores_are_the_attention_image_tokens_receive_from_the_chosen_rows(quer
         rows = [len(image[row]) - 1] if queries == "last" else list(range(last_image + 1, len(image[row])))
         expected = weights[row, rows].mean(0)[image[row]]
         torch.testing.assert_close(scores[row, image[row]], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_decoding_without_a_padding_mask_under_eager_attention():
+    # transformers sizes its decoding mask by the unpruned first layers; the pruned layers get their own
+    vlm = TinyVLM("llava")
+    inputs = vlm.inputs([vlm.sample(prompt(3, 1), prompt(5, 2))])
+    del inputs["attention_mask"]
+
+    def steps():
+        with torch.no_grad(), intervene.apply(vlm.model, "prune", layer=2, keep=4):
+            out = vlm.model.generate(
+                **inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True,
+                return_dict_in_generate=True,
+            )  # fmt: skip
+        return torch.stack(out.logits, dim=1)
+
+    sdpa = steps()
+    vlm.model.set_attn_implementation({"text_config": "eager"})
+    torch.testing.assert_close(steps(), sdpa, atol=1e-5, rtol=1e-5)
