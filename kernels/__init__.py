@@ -5,6 +5,10 @@ Layouts follow transformers: q `[B, Hq, Nq, D]`, k/v `[B, Hkv, Nk, D]` (GQA when
 `[B|1, 1, Nq, Nk]` (True = visible) or an additive float mask of that shape. With no mask and
 `causal=True`, causality is bottom-right aligned (the last query row sees every key), which is what a
 KV-cache decode step needs.
+
+Backends: `reference` (pure PyTorch, the specification; `auto` on CPU), `triton` (`fused.py`, the fused
+kernels; `auto` on CUDA) and `flex` (`flex.py`, FlexAttention; opt-in). A combination a backend cannot
+run exactly raises rather than changing semantics.
 """
 
 from __future__ import annotations
