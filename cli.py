@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated
@@ -26,6 +27,13 @@ def _root() -> None:
 def _fail(message: str) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(2)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so that a reader never sees it half written (a crash leaves the old file)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def _params(pairs: list[str]) -> dict:
@@ -87,6 +95,10 @@ def evaluate(
     image_root: Annotated[
         str | None, typer.Option(help="For a plain data file: folder the image paths are relative to.")
     ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="The folder of an interrupted run: continue it (same arguments) without redoing items."),
+    ] = None,
 ) -> None:
     """Score the baseline and the intervened model on the same items and compare them."""
     if (method is None) == (config is None):
@@ -132,8 +144,27 @@ def evaluate(
         raise _fail(str(error)) from None
 
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%S")
-    run_dir = output_path / stamp
-    run_dir.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "model": model, "intervention": {k: handle.to_dict()[k] for k in ("method", "params")},
+        "tasks": [t.name for t in chosen], "split": split, "limit": limit, "batch_size": batch_size, "seed": seed,
+    }  # fmt: skip
+    settings = json.loads(json.dumps(settings))  # as it reads back from the file
+    if resume is not None:
+        run_dir = resume
+        try:
+            earlier = json.loads((run_dir / "run.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            handle.remove()
+            message = f"--resume {run_dir}: no run.json of an intervene eval there; give the folder of that run"
+            raise _fail(message) from None
+        changed = sorted(key for key in settings if earlier.get(key) != settings[key])
+        if changed:
+            handle.remove()
+            raise _fail(f"--resume {run_dir}: that run had other {', '.join(changed)}; repeat its exact arguments")
+    else:
+        run_dir = output_path / stamp
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(run_dir / "run.json", json.dumps(settings, indent=2) + "\n")
     try:
         results, timing = runner.evaluate(
             loaded,
@@ -145,11 +176,13 @@ def evaluate(
             limit=limit,
             batch_size=batch_size,
             seed=seed,
+            resume=resume is not None,
         )
     except KeyboardInterrupt:
-        typer.echo(f"\ninterrupted: the items scored so far are logged in {run_dir}/samples_*.jsonl", err=True)
+        typer.echo(f"\ninterrupted: the items scored so far are logged in {run_dir}/samples_*.jsonl; "
+                   f"run the same command with --resume {run_dir} to continue", err=True)  # fmt: skip
         raise typer.Exit(130) from None
-    except TaskError as error:
+    except (TaskError, ValueError) as error:
         raise _fail(str(error)) from None
     finally:
         handle.remove()
@@ -174,7 +207,7 @@ def evaluate(
         "timing": timing,
         "date": stamp,
     }
-    (run_dir / "results.json").write_text(json.dumps(document, indent=2) + "\n")
+    _write_atomic(run_dir / "results.json", json.dumps(document, indent=2) + "\n")
     typer.echo(f"\n{model} · {handle.method} {json.dumps(handle.config.to_dict())}\n")
     typer.echo(report.markdown(results, timing, warning))
     typer.echo(f"\nresults: {run_dir / 'results.json'}")

@@ -2,7 +2,8 @@
 
 Each batch runs twice on the one loaded model, with the intervention toggled off then on, so the two
 scores differ by the intervention alone. Per-sample results are appended to a JSONL log as batches
-finish, so an interrupted run keeps what it computed.
+finish, so an interrupted run keeps what it computed, and `resume=True` continues from that log: whole
+batches already logged are read back, and the rest run as they would have (same order, same batches).
 """
 
 from __future__ import annotations
@@ -16,32 +17,42 @@ import numpy as np
 from . import scorers, stats
 
 
-def evaluate(model, tokenizer, handle, tasks, *, samples_dir, split="test", limit=None, batch_size=16, seed=0):
+def evaluate(
+    model, tokenizer, handle, tasks, *, samples_dir, split="test", limit=None, batch_size=16, seed=0, resume=False
+):
     """`(results, timing)`: `results[task][metric]` with both scores, the paired delta, its bootstrap 95% CI,
-    McNemar's p and n; `timing[task]` in seconds per item. Per-sample logs go to `samples_dir`."""
+    McNemar's p and n; `timing[task]` in seconds per item scored in this run. Per-sample logs go to
+    `samples_dir`; with `resume`, items already logged there are not scored again."""
     results, timing = {}, {}
     with progress_bar() as progress:
         for task in tasks:
             items = task.items(split, limit)
             log = Path(samples_dir) / f"samples_{task.name}.jsonl"
-            scored, seconds = _run_task(task, items, model, tokenizer, handle, batch_size, log, progress)
+            scored, seconds, fresh = _run_task(task, items, model, tokenizer, handle, batch_size, log, progress, resume)
             results[task.name] = _metrics(task, scored, seed)
             timing[task.name] = {
                 "items": len(items),
-                "baseline_s_per_item": seconds["baseline"] / len(items),
-                "intervened_s_per_item": seconds["intervened"] / len(items),
+                "baseline_s_per_item": seconds["baseline"] / max(1, fresh),
+                "intervened_s_per_item": seconds["intervened"] / max(1, fresh),
             }
     return results, timing
 
 
-def _run_task(task, items, model, tokenizer, handle, batch_size, log, progress):
+def _run_task(task, items, model, tokenizer, handle, batch_size, log, progress, resume):
     order = sorted(range(len(items)), key=lambda i: -len(items[i].query))  # similar lengths share a batch
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     scored = [None] * len(items)
+    done = _logged_batches(log, task, items, batches) if resume else []
     seconds = {"baseline": 0.0, "intervened": 0.0}
     bar = progress.add_task(task.name, total=len(items))
     with open(log, "w") as sink:
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
+        for batch, records in zip(batches, done, strict=False):  # rewritten whole: a line cut short is dropped
+            for i, record in zip(batch, records, strict=True):
+                scored[i] = {variant: record[variant] for variant in ("baseline", "intervened")}
+                sink.write(json.dumps(record) + "\n")
+            progress.advance(bar, len(batch))
+        sink.flush()
+        for batch in batches[len(done) :]:
             both = {}
             for variant, enabled in (("baseline", False), ("intervened", True)):
                 handle.enabled = enabled
@@ -54,7 +65,33 @@ def _run_task(task, items, model, tokenizer, handle, batch_size, log, progress):
             sink.flush()
             progress.advance(bar, len(batch))
     handle.enabled = True
-    return scored, seconds
+    return scored, seconds, len(items) - sum(map(len, done))
+
+
+def _logged_batches(log: Path, task, items, batches) -> list[list[dict]]:
+    """The records of the leading batches that an earlier run of this task logged in full."""
+    if not log.exists():
+        return []
+    found = {}
+    for number, line in enumerate(log.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break  # the run was stopped while writing this line
+        i = record.get("index")
+        if record.get("task") != task.name or not isinstance(i, int) or not 0 <= i < len(items):
+            raise ValueError(
+                f"{log}:{number}: not a record of task {task.name!r} ({len(items)} items); start a new run"
+            )
+        if {k: record.get(k) for k in _reference(items[i])} != _reference(items[i]):
+            raise ValueError(f"{log}:{number}: item {i} differs from the task's item {i}; start a new run")
+        found[i] = record
+    done = []
+    for batch in batches:
+        if not all(i in found for i in batch):
+            break
+        done.append([found[i] for i in batch])
+    return done
 
 
 def _metrics(task, scored, seed) -> dict:

@@ -126,3 +126,45 @@ def test_eval_uses_the_config_shipped_for_the_default_model(tmp_path):
     assert "using the act config calibrated for smollm2-135m that ships with intervene" in result.output
     document, _ = results_of(tmp_path)
     assert document["intervention"]["params"] == shipped["params"]
+
+
+@pytest.mark.parametrize("stop_at", [3, 6])  # the scorer call that is killed: batch 2 baseline, batch 3 intervened
+def test_an_interrupted_eval_resumes_to_the_same_results(tmp_path, tiny_checkpoint, monkeypatch, stop_at):
+    from intervene.evals import scorers
+
+    args = ["eval", "--model", tiny_checkpoint, "--method", "act", "--tasks", "cldr_currency,unanswerable_qa",
+            "--limit", 10, "--batch-size", 3]  # fmt: skip
+    assert invoke(*args, "--output-path", tmp_path / "whole").exit_code == 0
+    whole, _ = results_of(tmp_path / "whole")
+
+    score, calls = scorers.score, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return score(*a, **k)
+
+    monkeypatch.setattr(scorers, "score", interrupted)
+    result = invoke(*args, "--output-path", tmp_path / "cut")
+    assert result.exit_code == 130 and "--resume" in result.output
+    (run,) = (tmp_path / "cut").iterdir()
+    assert not (run / "results.json").exists()  # nothing half-written
+    with open(run / "samples_cldr_currency.jsonl", "a") as log:
+        log.write('{"task": "cldr_currency", "ind')  # a line cut short by the kill
+    monkeypatch.setattr(scorers, "score", score)
+    assert invoke(*args, "--resume", run).exit_code == 0
+    resumed = json.loads((run / "results.json").read_text())
+    assert resumed["results"] == whole["results"]
+    samples = (run / "samples_cldr_currency.jsonl").read_text().splitlines()
+    assert len(samples) == 10 and all(json.loads(line) for line in samples)
+
+
+def test_resume_refuses_other_arguments_or_a_foreign_folder(tmp_path, tiny_checkpoint):
+    args = ["eval", "--model", tiny_checkpoint, "--method", "act", "--tasks", "cldr_currency", "--limit", 2]
+    assert invoke(*args, "--output-path", tmp_path).exit_code == 0
+    _, run = results_of(tmp_path)
+    result = invoke(*args[:-1], 3, "--resume", run)
+    assert result.exit_code == 2 and "that run had other limit; repeat its exact arguments" in result.output
+    result = invoke(*args, "--resume", tmp_path / "nowhere")
+    assert result.exit_code == 2 and "no run.json of an intervene eval there" in result.output
