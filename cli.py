@@ -223,7 +223,12 @@ def _settings(task) -> dict:
 
 @app.command()
 def calibrate(
-    method: Annotated[str, typer.Option(help="act or zerotuning (or any registered method with `heads`).")],
+    method: Annotated[
+        str,
+        typer.Option(
+            help="act or zerotuning (or any registered method with `heads`); prune fits its positional trend."
+        ),
+    ],
     model: Annotated[
         str, typer.Option(help="Built-in model name, local checkpoint directory or hub id.")
     ] = "smollm2-135m",
