@@ -203,14 +203,17 @@ def load_yaml(path: Path, **overrides) -> Task:
     given = {k: spec[k] for k in fields if k in spec}
     given |= {k: str(path.parent / spec[k]) for k in paths if spec.get(k)}
     given.update({k: v for k, v in overrides.items() if v is not None})
-    return Task(
-        name=spec.get("task", path.stem),
-        data_files={split: str(path.parent / f) for split, f in files.items()},
-        target_delimiter=spec.get("target_delimiter", " "),
-        generation_kwargs=spec.get("generation_kwargs", {}),
-        description=spec.get("description", ""),
-        **given,
-    )
+    try:
+        return Task(
+            name=spec.get("task", path.stem),
+            data_files={split: str(path.parent / f) for split, f in files.items()},
+            target_delimiter=spec.get("target_delimiter", " "),
+            generation_kwargs=spec.get("generation_kwargs", {}),
+            description=spec.get("description", ""),
+            **given,
+        )
+    except TaskError as error:
+        raise TaskError(f"{path}: {error}") from None
 
 
 def _exists(path: Path, builtin: dict) -> None:
@@ -243,17 +246,20 @@ def _read(path: Path) -> tuple[list[dict], list[int]]:
 def _check_jsonl(path: Path) -> list[int]:
     """Line numbers of the records; a line that is not a JSON object is an error naming it."""
     numbers = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise TaskError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
-            if not isinstance(record, dict):
-                raise TaskError(f"{path}:{number}: a record must be a JSON object, got {type(record).__name__}")
-            numbers.append(number)
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise TaskError(f"{path}:{number}: not UTF-8 text ({error.reason}); save the file as UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise TaskError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(record, dict):
+            raise TaskError(f"{path}:{number}: a record must be a JSON object, got {type(record).__name__}")
+        numbers.append(number)
     return numbers
 
 
