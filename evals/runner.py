@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import scorers, stats
+from .tasks import TaskError
 
 
 def evaluate(
@@ -57,7 +58,10 @@ def _run_task(task, items, model, tokenizer, handle, batch_size, log, progress, 
             for variant, enabled in (("baseline", False), ("intervened", True)):
                 handle.enabled = enabled
                 began = time.perf_counter()
-                both[variant] = scorers.score(task, [items[i] for i in batch], model, tokenizer)
+                try:
+                    both[variant] = scorers.score(task, [items[i] for i in batch], model, tokenizer)
+                except TaskError as error:
+                    raise TaskError(f"task {task.name!r}, items {sorted(batch)}: {error}") from None
                 seconds[variant] += time.perf_counter() - began
             for slot, i in enumerate(batch):
                 scored[i] = {variant: both[variant][slot] for variant in both}

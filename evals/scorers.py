@@ -212,6 +212,7 @@ def _generate(items, model, processor, max_new_tokens: int) -> list[str]:
     else:
         inputs = _image_inputs(items, processor, model.dtype)
         tokenizer = processor.tokenizer
+    _check_context(model, inputs["attention_mask"].sum(dim=1), max_new_tokens)
     with torch.no_grad():
         out = model.generate(
             **{k: v.to(model.device) for k, v in inputs.items()},
@@ -269,6 +270,7 @@ def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
 def _last_logits(model, tokenizer, sequences: list[list[int]], keep: int) -> torch.Tensor:
     """fp32 logits of the last `keep` positions of each left-padded sequence: [B, keep, V]."""
     ids, mask = _left_pad(sequences, _pad_id(tokenizer))
+    _check_context(model, mask.sum(dim=1), 0)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad():
         out = model(
@@ -279,6 +281,18 @@ def _last_logits(model, tokenizer, sequences: list[list[int]], keep: int) -> tor
             use_cache=False,
         )
     return out.logits.float().cpu()
+
+
+def _check_context(model, lengths: torch.Tensor, new_tokens: int) -> None:
+    """Refuse prompts (plus the tokens to generate) longer than the model's context, rather than let
+    positions run past what it was trained on."""
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    longest = int(lengths.max())
+    if context is not None and longest + new_tokens > context:
+        raise TaskError(
+            f"a prompt of {longest} tokens (+{new_tokens} to generate) is longer than the model's context of "
+            f"{context} tokens; shorten the task's prompts (or --limit them away) or use a longer-context model"
+        )
 
 
 def _entropy(scores: list[float]) -> float:

@@ -119,7 +119,7 @@ def smollm2_tokenizer():
 def tiny_checkpoint(tmp_path_factory, smollm2_tokenizer):
     """A saved tiny random Llama with the default model's tokenizer: a local checkpoint directory."""
     directory = tmp_path_factory.mktemp("tiny-llama")
-    build("llama", vocab_size=len(smollm2_tokenizer)).save_pretrained(directory)
+    build("llama", vocab_size=len(smollm2_tokenizer), max_position_embeddings=1024).save_pretrained(directory)
     smollm2_tokenizer.save_pretrained(directory)
     return directory
 

@@ -91,3 +91,14 @@ def test_malformed_command_lines(tmp_path, tiny_checkpoint, args):
     tasks = [] if "--tasks" in args else ["--tasks", "cldr_currency"]
     command = ["eval", "--model", str(tiny_checkpoint), *args, *tasks, "--output-path", str(tmp_path / "out")]
     check_clean_failure(CliRunner().invoke(app, command), tmp_path / "out")
+
+
+def test_a_prompt_longer_than_the_context(tmp_path, tiny_checkpoint):
+    long = {**GOOD, "query": "word " * 1100}  # the tiny checkpoint has 1024 positions
+    (tmp_path / "long.jsonl").write_text(json.dumps(GOOD) + "\n" + json.dumps(long) + "\n")
+    command = ["eval", "--model", str(tiny_checkpoint), "--method", "act", "--tasks", str(tmp_path / "long.jsonl"),
+               "--output-path", str(tmp_path / "out")]  # fmt: skip
+    result = CliRunner().invoke(app, command)
+    check_clean_failure(result, tmp_path / "out")
+    assert "task 'long', items [0, 1]: a prompt of" in result.output
+    assert "is longer than the model's context of 1024 tokens" in result.output
