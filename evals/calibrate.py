@@ -178,13 +178,9 @@ def calibrate(
     selected = log.get_or_run("selected", scored(final))["scores"]
 
     config = method_class(method).from_dict(final).resolve(spec)
-    artifact = {
-        "schema": 1,
-        "method": method,
-        "params": config.to_dict(),
-        "model": {"name_or_path": spec.name_or_path, "num_layers": spec.num_layers, "num_heads": spec.num_heads},
-        "intervene_version": intervene.__version__,
-        "calibration": {
+    artifact = _artifact(
+        config, spec,
+        {
             "split": split,
             "tasks": {name: {"items": len(i), "files": t.data_files[t.split(split)]} for name, (t, i) in items.items()},
             "limit": limit,
@@ -199,9 +195,16 @@ def calibrate(
             "gamma_by": gamma_by,
             "result": selected,
         },
-    }
+    )  # fmt: skip
     (Path(output) / "config.json").write_text(json.dumps(artifact, indent=2) + "\n")
     return artifact
+
+
+def _artifact(config, spec, calibration: dict) -> dict:
+    """A config file that `intervene.load_config` replays, plus how it was found."""
+    from intervene.hooks.handle import config_document
+
+    return {**config_document(config, spec), "calibration": calibration}
 
 
 def fit_prune_trend(model, processor, params: dict, tasks: list, *, split="calib", limit=None, batch_size=8,
@@ -242,20 +245,16 @@ def fit_prune_trend(model, processor, params: dict, tasks: list, *, split="calib
     debias = {"none": "position", "padding": "both"}.get(params.get("debias", "none"), params.get("debias"))
     final = {**params, "debias": debias, "trend": trend}
     config = method_class("prune").from_dict(final).resolve(spec)
-    artifact = {
-        "schema": 1,
-        "method": "prune",
-        "params": config.to_dict(),
-        "model": {"name_or_path": spec.name_or_path, "num_layers": spec.num_layers, "num_heads": spec.num_heads},
-        "intervene_version": intervene.__version__,
-        "calibration": {
+    artifact = _artifact(
+        config, spec,
+        {
             "split": split,
             "tasks": {t.name: t.data_files[t.split(split)] for t in tasks},
             "prompts": count,
             "mean_attention": mean.tolist(),
             "trend": trend,
         },
-    }
+    )  # fmt: skip
     Path(output).mkdir(parents=True, exist_ok=True)
     (Path(output) / "config.json").write_text(json.dumps(artifact, indent=2) + "\n")
     return artifact

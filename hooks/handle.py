@@ -54,19 +54,7 @@ class Intervention:
         self.remove()
 
     def to_dict(self) -> dict[str, Any]:
-        from .. import __version__
-
-        return {
-            "schema": SCHEMA,
-            "method": self.config.name,
-            "params": self.config.to_dict(),
-            "model": {
-                "name_or_path": self.model_spec.name_or_path,
-                "num_layers": self.model_spec.num_layers,
-                "num_heads": self.model_spec.num_heads,
-            },
-            "intervene_version": __version__,
-        }
+        return config_document(self.config, self.model_spec)
 
     def save(self, path: str | os.PathLike) -> None:
         with open(path, "w") as f:
@@ -76,6 +64,19 @@ class Intervention:
     def __repr__(self) -> str:
         status = ("enabled" if self.enabled else "disabled") if self.active else "removed"
         return f"<Intervention {self.config!r} ({status})>"
+
+
+def config_document(config: Method, spec: ModelSpec) -> dict[str, Any]:
+    """What a saved config holds: the resolved method and parameters, and the model they were resolved for."""
+    from .. import __version__
+
+    return {
+        "schema": SCHEMA,
+        "method": config.name,
+        "params": config.to_dict(),
+        "model": {"name_or_path": spec.name_or_path, "num_layers": spec.num_layers, "num_heads": spec.num_heads},
+        "intervene_version": __version__,
+    }
 
 
 def apply(model: nn.Module, method: str | Method, /, *, config=None, **params) -> Intervention:

@@ -21,6 +21,7 @@ except ImportError:  # torch < 2.9 returns the lse with return_lse=True
     AuxRequest = None
 
 from .edit import AttentionEdit, Redistribute
+from .reference import visible_keys
 
 NEG_INF = float("-inf")
 
@@ -28,7 +29,7 @@ NEG_INF = float("-inf")
 def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, return_lse):
     B, _, Nq, _ = q.shape
     Nk = k.shape[2]
-    visible = _visibility(attention_mask, causal, B, Nq, Nk, q.device)  # [B|1, Nq, Nk] bool
+    visible = _visibility(attention_mask, causal, Nq, Nk, q.device)
     edited = _edited_scores(edit, visible)
     biases = None
     if edit.redistribute is not None:
@@ -97,20 +98,13 @@ def _restricted(edited, codes, group):
     return only
 
 
-def _visibility(attention_mask, causal, B, Nq, Nk, device) -> torch.Tensor:
-    if attention_mask is None:
-        if not causal:
-            return torch.ones(1, 1, Nk, dtype=torch.bool, device=device)
-        return torch.ones(Nq, Nk, dtype=torch.bool, device=device).tril(diagonal=Nk - Nq)[None]
-    if attention_mask.shape[1] != 1:
-        raise NotImplementedError("the flex backend takes masks shared by all heads ([B, 1, Nq, Nk])")
-    m = attention_mask[:, 0]
-    if m.dtype == torch.bool:
-        return m
-    keep = m > torch.finfo(m.dtype).min / 2
-    if bool((m.masked_fill(~keep, 0) != 0).any()):
-        raise NotImplementedError("the flex backend takes boolean masks; pass an additive bias as key_bias")
-    return keep
+def _visibility(attention_mask, causal, Nq, Nk, device) -> torch.Tensor:
+    """[B|1, Nq|1, Nk] bool: the keys each row sees."""
+    if attention_mask is not None:
+        return visible_keys(attention_mask, "flex")
+    if not causal:
+        return torch.ones(1, 1, Nk, dtype=torch.bool, device=device)
+    return torch.ones(Nq, Nk, dtype=torch.bool, device=device).tril(diagonal=Nk - Nq)[None]
 
 
 def _call(q, k, v, score_mod, scale):

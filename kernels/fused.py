@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .edit import AttentionEdit
+from .reference import visible_keys
 
 LOG2E = 1.4426950408889634
 INTERPRET = triton.knobs.runtime.interpret
@@ -107,6 +108,26 @@ def _scores(
         group = tl.where(is_source, bias_source[:, None], group)
         qk = qk + group * 1.4426950408889634
     return tl.where(visible, qk, float("-inf"))
+
+
+@triton.jit
+def _softmax_step(qk, m_i):
+    """One online-softmax step: the tile's weights against the new running max, the factor that brings
+    earlier sums to that max, and the max. A row with nothing visible yet keeps a finite pivot of 0."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    pivot = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return tl.exp2(qk - pivot[:, None]), tl.exp2(m_i - pivot), m_new
+
+
+@triton.jit
+def _weighted_values(p, V, v_offsets, v_mask, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """`p @ V` for one tile: fp32 under the interpreter's bf16 and for fp32 inputs, else in V's dtype."""
+    v = tl.load(V + v_offsets, mask=v_mask, other=0.0)
+    if UPCAST:
+        return tl.dot(p, v.to(tl.float32))
+    if IEEE:
+        return tl.dot(p, v, input_precision="ieee")
+    return tl.dot(p.to(v.dtype), v)
 
 
 @triton.jit
@@ -204,23 +225,11 @@ def _forward(
             Codes, scb, sch, 0, scn, GroupBias, sgb_b, sgb_h, sgb_m,
             CAUSAL, HAS_MASK, HAS_BIAS, HAS_GAIN, GAIN_ROWS, HAS_GROUPS, UPCAST, IEEE,
         )  # fmt: skip
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        pivot = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at 0
-        p = tl.exp2(qk - pivot[:, None])
-        rescale = tl.exp2(m_i - pivot)
+        p, rescale, m_i = _softmax_step(qk, m_i)
         l_i = l_i * rescale + tl.sum(p, 1)
-        v = tl.load(
-            V + b * svb + kv * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-            mask=(offs_n[:, None] < Nk) & (offs_d[None, :] < D), other=0.0,
-        )  # fmt: skip
-        if UPCAST:
-            pv = tl.dot(p, v.to(tl.float32))
-        elif IEEE:
-            pv = tl.dot(p, v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * rescale[:, None] + pv
-        m_i = m_new
+        v_offsets = b * svb + kv * svh + offs_n[:, None] * svn + offs_d[None, :] * svd
+        v_mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
+        acc = acc * rescale[:, None] + _weighted_values(p, V, v_offsets, v_mask, UPCAST, IEEE)
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     if HAS_HEAD_SCALE:
@@ -315,10 +324,7 @@ def _statistics(
             Codes, scb, sch, 0, scn, Codes, 0, 0, 0,
             CAUSAL, HAS_MASK, HAS_BIAS, HAS_GAIN, GAIN_ROWS, False, UPCAST, IEEE,
         )  # fmt: skip
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        pivot = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(qk - pivot[:, None])
-        rescale = tl.exp2(m_i - pivot)
+        p, rescale, m_i = _softmax_step(qk, m_i)
         l_all = l_all * rescale + tl.sum(p, 1)
         if HAS_CODES:
             code = tl.load(Codes + b * scb + h * sch + offs_n * scn, mask=offs_n < Nk, other=0).to(tl.int32)
@@ -329,7 +335,6 @@ def _statistics(
             l_target = l_target * rescale + tl.sum(tl.where(target[None, :], p, 0.0), 1)
             l_gate = l_gate * rescale + tl.sum(tl.where(gate[None, :], p, 0.0), 1)
             l_gate_source = l_gate_source * rescale + tl.sum(tl.where((gate & source)[None, :], p, 0.0), 1)
-        m_i = m_new
     row = Stats + (b * Hq + h) * Nq + offs_m
     plane = tl.num_programs(1) * Nq  # B * Hq * Nq
     valid = offs_m < Nq
@@ -549,24 +554,11 @@ def _decode_split(
             UPCAST,
             IEEE,
         )
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        pivot = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(qk - pivot[:, None])
-        rescale = tl.exp2(m_i - pivot)
+        p, rescale, m_i = _softmax_step(qk, m_i)
         l_i = l_i * rescale + tl.sum(p, 1)
-        v = tl.load(
-            V + b * svb + kv * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-            mask=(offs_n[:, None] < end) & (offs_d[None, :] < D),
-            other=0.0,
-        )
-        if UPCAST:
-            pv = tl.dot(p, v.to(tl.float32))
-        elif IEEE:
-            pv = tl.dot(p, v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * rescale[:, None] + pv
-        m_i = m_new
+        v_offsets = b * svb + kv * svh + offs_n[:, None] * svn + offs_d[None, :] * svd
+        v_mask = (offs_n[:, None] < end) & (offs_d[None, :] < D)
+        acc = acc * rescale[:, None] + _weighted_values(p, V, v_offsets, v_mask, UPCAST, IEEE)
     slot = (b * Hq + first_head + offs_m) * n_splits + split  # [BLOCK_M] in [B, Hq, n_splits]
     valid = offs_m < G
     tl.store(PartMax + slot, m_i, mask=valid)
@@ -702,7 +694,8 @@ def _common(q, k, edit: AttentionEdit, attention_mask, scale, causal) -> dict:
     """Kernel arguments shared by the three kernels: masks, bias and gain, each as (tensor, *strides)."""
     B, Hq, Nq, _ = q.shape
     Nk = k.shape[2]
-    mask = _bool_mask(attention_mask, B, Nq, Nk)
+    mask = visible_keys(attention_mask, "triton")
+    mask = None if mask is None else mask.expand(mask.shape[0], Nq, Nk)
     bias = None
     if edit.key_bias is not None:
         bias = edit.key_bias.to(q.device).expand(B, Hq, Nq, Nk) if edit.key_bias.dim() == 4 else None
@@ -719,24 +712,6 @@ def _common(q, k, edit: AttentionEdit, attention_mask, scale, causal) -> dict:
         "upcast": bool(INTERPRET and q.dtype == torch.bfloat16), "ieee": q.dtype == torch.float32,
         "qk_scale": scale * LOG2E,
     }  # fmt: skip
-
-
-def _bool_mask(attention_mask, B, Nq, Nk):
-    """HF's mask as bool [B|1, Nq, Nk] (True = visible); a float mask must be 0 / -inf-like only."""
-    if attention_mask is None:
-        return None
-    if attention_mask.shape[1] != 1:
-        raise NotImplementedError("the triton backend takes masks shared by all heads ([B, 1, Nq, Nk])")
-    m = attention_mask[:, 0]
-    if m.dtype != torch.bool:
-        keep = m > torch.finfo(m.dtype).min / 2
-        if bool((m.masked_fill(~keep, 0) != 0).any()):
-            raise NotImplementedError(
-                "the triton backend takes boolean masks; this float mask carries an additive bias "
-                "(pass it as key_bias, or use backend='reference')"
-            )
-        m = keep
-    return m.expand(m.shape[0], Nq, Nk)
 
 
 def _run_statistics(q, k, common: dict, codes) -> torch.Tensor:

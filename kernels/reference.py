@@ -83,6 +83,25 @@ def _probability_rows(q, k, edit, attention_mask, scale, causal, lse=False) -> I
         yield r0, r1, p, keep, row_lse
 
 
+def visible_keys(attention_mask, backend: str) -> torch.Tensor | None:
+    """transformers' mask `[B|1, 1, Nq, Nk]` as bool `[B|1, Nq, Nk]` (True = visible), for the fused
+    backends, which take visibility only: a float mask must be 0 / finfo.min, and shared by all heads."""
+    if attention_mask is None:
+        return None
+    if attention_mask.shape[1] != 1:
+        raise NotImplementedError(f"the {backend} backend takes masks shared by all heads ([B, 1, Nq, Nk])")
+    m = attention_mask[:, 0]
+    if m.dtype == torch.bool:
+        return m
+    keep = m > torch.finfo(m.dtype).min / 2
+    if bool((m.masked_fill(~keep, 0) != 0).any()):
+        raise NotImplementedError(
+            f"the {backend} backend takes boolean masks; this float mask carries an additive bias "
+            "(pass it as key_bias, or use backend='reference')"
+        )
+    return keep
+
+
 def _mask_rows(attention_mask, r0, r1, Nq, Nk, causal, device):
     """The visible keys of rows r0:r1 as a bool `keep`, plus any additive part of a float mask."""
     if attention_mask is None:

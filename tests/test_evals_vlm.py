@@ -408,7 +408,5 @@ def test_eval_end_to_end_on_a_saved_tiny_vlm(tmp_path, tiny_vlm_dir):
 
 @pytest.mark.parametrize("method", ["var", "pai"])
 def test_vlm_methods_end_to_end_on_a_saved_tiny_vlm(tmp_path, tiny_vlm_dir, method):
-    if method not in intervene.methods():
-        pytest.skip(f"{method} is not registered yet")
     document, _ = eval_tiny_vlm(tmp_path, tiny_vlm_dir, method, "pope-photos")
     assert document["results"]["pope-photos"]["acc"]["n"] == 4
