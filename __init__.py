@@ -20,6 +20,7 @@ _EXPORTS = {
     "apply": "hooks",
     "load_config": "hooks",
     "load_model": "evals.model",
+    "record_attention": "hooks",
     "Method": "interventions",
     "register": "interventions",
 }
@@ -31,6 +32,7 @@ __all__ = [
     "load_config",
     "load_model",
     "methods",
+    "record_attention",
     "register",
 ]
 

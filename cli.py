@@ -322,6 +322,73 @@ def calibrate(
     )
 
 
+@app.command("inspect")
+def inspect_attention(
+    prompt: Annotated[str, typer.Option(help="The text to look at (for a VLM: the question about --image).")],
+    model: Annotated[
+        str, typer.Option(help="Built-in model name, local checkpoint directory or hub id.")
+    ] = "smollm2-135m",
+    method: Annotated[str | None, typer.Option(help="Also show the attention under this intervention.")] = None,
+    param: Annotated[list[str] | None, typer.Option(help="Method parameter as key=value; repeatable.")] = None,
+    config: Annotated[Path | None, typer.Option(help="A saved intervention config (JSON) instead of --method.")] = None,
+    image: Annotated[Path | None, typer.Option(help="The image, for a vision-language model.")] = None,
+    layers: Annotated[
+        str | None, typer.Option(help="Comma-separated layers to draw (default: four spread over the edited ones).")
+    ] = None,
+    threshold: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Mean attention above which a later key is a hidden sink (ACT).")
+    ] = 0.1,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the checkpoint's).")] = None,
+    output_path: Annotated[Path, typer.Option(help="Folder for the PNGs, summary.txt and sinks.json.")] = Path(
+        "intervene_inspect"
+    ),
+) -> None:
+    """Sink statistics and attention maps of one prompt, before and after an intervention."""
+    if method is not None and config is not None:
+        raise _fail("give at most one of --method NAME or --config FILE")
+    params = _params(param or [])
+    try:
+        chosen_layers = [int(layer) for layer in layers.split(",")] if layers else None
+    except ValueError:
+        raise _fail(f"--layers {layers!r}: give comma-separated layer numbers, e.g. 0,5,10") from None
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        raise _fail(f"--dtype {dtype!r} is not one of float32, bfloat16, float16")
+
+    import intervene
+    from intervene.evals.inspect import inspect, require_matplotlib
+    from intervene.evals.model import shipped_config, smoke_test_warning
+    from intervene.interventions import method_class
+
+    handle = None
+    try:
+        require_matplotlib()
+        if method and not params and (shipped := shipped_config(model, method)):
+            typer.echo(f"using the {method} config calibrated for {model} that ships with intervene: {shipped}", err=True)
+            method, config = None, shipped
+        if method:
+            method_class(method).from_dict(params)  # an unknown method or a bad value fails before the model loads
+        if image is not None and not image.is_file():
+            raise ValueError(f"--image {image}: no such file")
+        loaded, processor = intervene.load_model(model, dtype=dtype, device=device)
+        if method or config:
+            handle = intervene.apply(loaded, intervene.load_config(config) if config else method, **params)
+        summary = inspect(
+            loaded, processor, prompt, handle=handle, image=image, layers=chosen_layers, threshold=threshold,
+            output=output_path,
+        )  # fmt: skip
+    except (ValueError, OSError, json.JSONDecodeError) as error:
+        raise _fail(str(error)) from None
+    finally:
+        if handle is not None:
+            handle.remove()
+    if warning := smoke_test_warning(loaded):
+        typer.echo(warning)
+    typer.echo(summary)
+    written = sorted(path.name for path in output_path.iterdir() if path.suffix in (".png", ".txt", ".json"))
+    typer.echo(f"\nwritten to {output_path}: {', '.join(written)}")
+
+
 @app.command()
 def methods() -> None:
     """List the registered interventions."""

@@ -15,6 +15,7 @@ prompt is also run without its image, with its own cache, just before the main p
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 import weakref
@@ -78,6 +79,7 @@ class Dispatcher:
         self._pixels: torch.Tensor | None = None  # the prompt's pixel values (pruning's padding debias)
         self.kept: torch.Tensor | None = None  # [B, T'] positions that go on past the pruning layer
         self.kept_total = 0
+        self.recorded: dict[int, torch.Tensor] | None = None  # layer -> probabilities, while recording
         self._model = weakref.ref(model)
         self._config_id = id(config)
         self._text_key = text_config_key(model)
@@ -326,6 +328,23 @@ class Dispatcher:
         return sys.modules[type(module).__module__].eager_attention_forward
 
 
+@contextlib.contextmanager
+def record_attention(model: nn.Module):
+    """Within the block, every forward of `model` stores each layer's attention probabilities
+    `[B, Hq, Nq, Nk]` (fp32, on the CPU, with the active interventions' edits applied) in the yielded dict,
+    keyed by layer; a later forward overwrites them. N² memory per layer: for short prompts."""
+    dispatcher = Dispatcher.of(model)
+    if dispatcher.kept is not None or any(h.config.prunes for h in dispatcher.handles):
+        raise ValueError("attention maps of a pruned sequence are not recorded; remove the prune intervention")
+    dispatcher.recorded = {}
+    try:
+        yield dispatcher.recorded
+    finally:
+        dispatcher.recorded = None
+        if not dispatcher.handles:  # attached only to record
+            dispatcher._detach(model)
+
+
 def _take(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     """`t` at positions `index` [B, n] along `dim`, per batch element (`t` may broadcast over batch)."""
     t = t.expand(index.shape[0], *t.shape[1:])
@@ -343,22 +362,22 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
     handles = [] if dispatcher.in_branch else dispatcher.active_handles(layer)
-    if not handles:
-        out = dispatcher.fall_through(module)(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )
-        if dispatcher.in_branch:
-            dispatcher.record_no_image(layer, out[0])
-        return out
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
-    call = dispatcher.layer_call(layer, query, key, attention_mask, scale, causal)
-    edit = dispatcher.edit_for(handles, call)
+    call = dispatcher.layer_call(layer, query, key, attention_mask, scale, causal) if handles else None
+    edit = dispatcher.edit_for(handles, call) if handles else None
+    if dispatcher.recorded is not None and not dispatcher.in_branch:
+        probabilities = kernels.attention_probabilities(
+            query, key, edit, attention_mask=attention_mask, scale=scale, causal=causal
+        )
+        dispatcher.recorded[layer] = probabilities.detach().cpu()  # [B, Hq, Nq, Nk]
     if edit is None:
         out, weights = dispatcher.fall_through(module)(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
+        if dispatcher.in_branch:
+            dispatcher.record_no_image(layer, out)
         return dispatcher.scale_heads(handles, call, out), weights
     for unsupported in ("softcap", "s_aux"):
         if kwargs.get(unsupported) is not None:

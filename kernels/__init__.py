@@ -22,7 +22,16 @@ import torch
 from . import reference
 from .edit import AttentionEdit, KeyGain, MassGate, Redistribute
 
-__all__ = ["BACKENDS", "AttentionEdit", "KeyGain", "MassGate", "Redistribute", "column_stats", "modified_attention"]
+__all__ = [
+    "BACKENDS",
+    "AttentionEdit",
+    "KeyGain",
+    "MassGate",
+    "Redistribute",
+    "attention_probabilities",
+    "column_stats",
+    "modified_attention",
+]
 
 BACKENDS = ("auto", "reference", "triton", "flex")
 
@@ -51,6 +60,24 @@ def modified_attention(
         scale=q.shape[-1] ** -0.5 if scale is None else scale,
         causal=causal,
         return_lse=return_lse,
+    )
+
+
+def attention_probabilities(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    edit: AttentionEdit | None = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """The probabilities `[B, Hq, Nq, Nk]` (fp32) of attention with `edit` applied, materialised by the
+    reference backend: N² memory, meant for looking at short prompts (`intervene inspect`), not for runs."""
+    _backend(q, k, "reference")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return reference.probabilities(
+        q, k, edit or AttentionEdit(), attention_mask=attention_mask, scale=scale, causal=causal
     )
 
 

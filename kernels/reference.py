@@ -33,6 +33,14 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
     return (out, torch.cat(lses, dim=2)) if return_lse else out
 
 
+def probabilities(q, k, edit: AttentionEdit, *, attention_mask, scale, causal) -> torch.Tensor:
+    """The edited attention probabilities `[B, Hq, Nq, Nk]` (fp32), materialised: for inspection only."""
+    rows = []
+    for r0, r1, p, _, _ in _probability_rows(q, k, edit, attention_mask, scale, causal):
+        rows.append(_redistribute(p, edit.redistribute, r0, r1) if edit.redistribute is not None else p)
+    return torch.cat(rows, dim=2)
+
+
 def column_stats(q, k, *, attention_mask, scale, causal, query_mask, key_bias):
     B, Hq, _, _ = q.shape
     Nk = k.shape[2]
