@@ -56,7 +56,8 @@ class Prune(Method):
         check_number("prune", "pad_threshold", self.pad_threshold, low=0.0, high=1.0)
         if self.debias in ("position", "both") and not _valid_trend(self.trend):
             raise ValueError(
-                f"prune: debias={self.debias!r} needs trend={{'mu': ..., 'sigma': ...}} or {{'weights': [...]}}, "
+                f"prune: debias={self.debias!r} needs trend={{'mu': ..., 'sigma': ...}} (finite, mu > 0) or "
+                f"{{'weights': [...]}} (finite, >= 0, not all 0), "
                 f"got {self.trend!r}; fit one with `intervene calibrate --method prune` or fit_trend()"
             )
         if self.select is None and self.layer == 0:
@@ -179,5 +180,10 @@ def _valid_trend(trend) -> bool:
     if not isinstance(trend, Mapping):
         return False
     if "weights" in trend:
-        return isinstance(trend["weights"], (list, tuple)) and len(trend["weights"]) > 0
-    return all(isinstance(trend.get(key), (int, float)) for key in ("mu", "sigma")) and trend["mu"] > 0
+        weights = trend["weights"]
+        return isinstance(weights, (list, tuple)) and any(weights) and all(map(_finite, weights)) and min(weights) >= 0
+    return _finite(trend.get("mu")) and _finite(trend.get("sigma")) and trend["mu"] > 0
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

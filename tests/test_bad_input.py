@@ -83,6 +83,9 @@ def test_malformed_configs(tmp_path, tiny_checkpoint, name):
         ["--method", "act", "--batch-size", "-1"],
         ["--method", "act", "--dtype", "float8"],
         ["--method", "act", "--split", "nonesuch"],
+        ["--method", "zerotuning", "--param", "gamma=NaN"],  # the bias log(gamma) of a user's number
+        ["--method", "zerotuning", "--param", "gamma=Infinity"],
+        ["--method", "heads", "--param", 'scales={"1": {"0": NaN}}'],
         ["--method", "var"],  # a VLM method on a text model
         ["--method", "act", "--tasks", "pope-photos"],  # an image task on a text model
     ],
@@ -102,3 +105,13 @@ def test_a_prompt_longer_than_the_context(tmp_path, tiny_checkpoint):
     check_clean_failure(result, tmp_path / "out")
     assert "task 'long', items [0, 1]: a prompt of" in result.output
     assert "is longer than the model's context of 1024 tokens" in result.output
+
+
+@pytest.mark.parametrize(
+    "trend", [{"weights": [1.0, float("nan")]}, {"weights": [0.0, 0.0]}, {"mu": float("inf"), "sigma": 1.0}]
+)
+def test_a_positional_trend_with_nan_or_inf_is_refused(trend):
+    from intervene.interventions.prune import Prune
+
+    with pytest.raises(ValueError, match=r"needs trend=.*finite"):
+        Prune(debias="position", trend=trend)
