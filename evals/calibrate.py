@@ -234,8 +234,9 @@ def fit_prune_trend(model, processor, params: dict, tasks: list, *, split="calib
         bar = progress.add_task("prompts", total=len(items))
         for start in range(0, len(items), batch_size):
             inputs = scorers._image_inputs(items[start : start + batch_size], processor, model.dtype)
-            model(**{k: v.to(model.device) for k, v in inputs.items()})
-            image = inputs["input_ids"].to(model.device) == spec.image_token_id
+            device = scorers.input_device(model)
+            model(**{k: v.to(device) for k, v in inputs.items()})
+            image = inputs["input_ids"].to(device) == spec.image_token_id
             scores = handle.state[layer]["scores"][image].view(image.shape[0], -1)  # [B, L]
             total = scores.sum(0) if total is None else total + scores.sum(0)
             count += scores.shape[0]

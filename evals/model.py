@@ -134,10 +134,20 @@ def cache_root() -> Path:
     return Path(os.environ.get("INTERVENE_CACHE", Path.home() / ".cache" / "intervene"))
 
 
-def load_model(name_or_path: str, *, dtype: torch.dtype | str | None = None, device: str | None = None):
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | None = None,
+    device_map: str | None = None,
+):
     """`(model, tokenizer)`, or `(model, processor)` for a vision-language model, in eval mode with SDPA
     attention, for a built-in name, a local directory or a hub id. A vision-language processor pads on the
-    left, for batched generation."""
+    left, for batched generation. `device_map` (one of `DEVICE_MAPS`) spreads a model too large for one
+    device over the GPUs (then the CPU), as accelerate places it; it replaces `device`."""
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForImageTextToText,
@@ -145,6 +155,10 @@ def load_model(name_or_path: str, *, dtype: torch.dtype | str | None = None, dev
         AutoTokenizer,
     )
 
+    if device is not None and device_map is not None:
+        raise ValueError("give a device or a device map, not both: a device map places the model itself")
+    if device_map not in (None, *DEVICE_MAPS):
+        raise ValueError(f"device map {device_map!r} is not one of {', '.join(DEVICE_MAPS)}")
     source = _builtin_directory(name_or_path) if name_or_path in BUILTIN else name_or_path
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -156,7 +170,7 @@ def load_model(name_or_path: str, *, dtype: torch.dtype | str | None = None, dev
         )
         processor = reader.from_pretrained(source, local_files_only=local)
         model = loader.from_pretrained(
-            source, dtype=dtype or "auto", attn_implementation="sdpa", local_files_only=local
+            source, dtype=dtype or "auto", attn_implementation="sdpa", local_files_only=local, device_map=device_map
         )
     except OSError as error:
         raise _unloadable(name_or_path, error) from None
@@ -164,8 +178,9 @@ def load_model(name_or_path: str, *, dtype: torch.dtype | str | None = None, dev
         processor.tokenizer.padding_side = "left"
     if name_or_path in BUILTIN:
         model.name_or_path = name_or_path  # configs record the built-in name, not this machine's cache path
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), processor
+    if device_map is None:
+        model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return model.eval(), processor
 
 
 def is_vision_language(name_or_path: str) -> bool:

@@ -215,7 +215,7 @@ def _generate(items, model, processor, max_new_tokens: int) -> list[str]:
     _check_context(model, inputs["attention_mask"].sum(dim=1), max_new_tokens)
     with torch.no_grad():
         out = model.generate(
-            **{k: v.to(model.device) for k, v in inputs.items()},
+            **{k: v.to(input_device(model)) for k, v in inputs.items()},
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=_pad_id(tokenizer),
@@ -272,15 +272,22 @@ def _last_logits(model, tokenizer, sequences: list[list[int]], keep: int) -> tor
     ids, mask = _left_pad(sequences, _pad_id(tokenizer))
     _check_context(model, mask.sum(dim=1), 0)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    device = input_device(model)
     with torch.no_grad():
         out = model(
-            input_ids=ids.to(model.device),
-            attention_mask=mask.to(model.device),
-            position_ids=positions.to(model.device),
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
             logits_to_keep=keep,
             use_cache=False,
         )
     return out.logits.float().cpu()
+
+
+def input_device(model) -> torch.device:
+    """Where a model's inputs go: the device of its input embeddings (for a model spread over devices by a
+    device map, `model.device` may name another one)."""
+    return model.get_input_embeddings().weight.device
 
 
 def _check_context(model, lengths: torch.Tensor, new_tokens: int) -> None:
