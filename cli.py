@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated
@@ -27,13 +26,6 @@ def _root() -> None:
 def _fail(message: str) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(2)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` so that a reader never sees it half written (a crash leaves the old file)."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
 
 
 def _params(pairs: list[str]) -> dict:
@@ -70,7 +62,16 @@ def evaluate(
     split: Annotated[str, typer.Option(help="Which split of each task to score.")] = "test",
     limit: Annotated[int | None, typer.Option(min=1, help="Score only the first N items of each task.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Items per forward pass.")] = 16,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available).")] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="cpu, cuda, cuda:1, ... (default: cuda if available; under accelerate launch, each process its own)."
+        ),
+    ] = None,
+    device_map: Annotated[
+        str | None,
+        typer.Option(help="auto, balanced, balanced_low_0 or sequential: spread a model too large for one device."),
+    ] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the checkpoint's).")] = None,
     output_path: Annotated[Path, typer.Option(help="Folder for the results JSON and per-sample logs.")] = Path(
         "intervene_results"
@@ -112,8 +113,11 @@ def evaluate(
         method, config = None, shipped
     if dtype not in (None, "float32", "bfloat16", "float16"):
         raise _fail(f"--dtype {dtype!r} is not one of float32, bfloat16, float16")
+    if device is not None and device_map is not None:
+        raise _fail("give --device or --device-map, not both (a device map places the model itself)")
 
     import torch
+    from accelerate.utils import broadcast_object_list
 
     import intervene
     from intervene.evals import report, runner
@@ -137,13 +141,20 @@ def evaluate(
             raise ValueError(f"{config} was calibrated on the {split!r} split; evaluate it on another (--split test)")
         if method:
             method_class(method).from_dict(params)  # an unknown method or a bad value fails before the model loads
+        # Every check above fails alike on every process, before the processes first wait for each other here.
+        ranks = runner.processes(device)
+        if ranks.num_processes > 1 and device_map is not None:
+            raise ValueError("--device-map spreads one model over the devices; use it in a single process")
+        if ranks.num_processes > 1 and device is None:
+            device = str(ranks.device)  # each process its own GPU (or the CPU)
         torch.manual_seed(seed)
-        loaded, tokenizer = intervene.load_model(model, dtype=dtype, device=device)
+        loaded, tokenizer = intervene.load_model(model, dtype=dtype, device=device, device_map=device_map)
         handle = intervene.apply(loaded, spec, **params)
     except (TaskError, ValueError, OSError, json.JSONDecodeError) as error:
         raise _fail(str(error)) from None
 
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%S")
+    # rank 0's clock names the run folder that every process writes to
+    (stamp,) = broadcast_object_list([datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%S")])
     settings = {
         "model": model, "intervention": {k: handle.to_dict()[k] for k in ("method", "params")},
         "tasks": [t.name for t in chosen], "split": split, "limit": limit, "batch_size": batch_size, "seed": seed,
@@ -163,8 +174,9 @@ def evaluate(
             raise _fail(f"--resume {run_dir}: that run had other {', '.join(changed)}; repeat its exact arguments")
     else:
         run_dir = output_path / stamp
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(run_dir / "run.json", json.dumps(settings, indent=2) + "\n")
+        if ranks.is_main_process:  # the others write only once the runner has waited for this one
+            run_dir.mkdir(parents=True, exist_ok=True)
+            report.write_atomic(run_dir / "run.json", json.dumps(settings, indent=2) + "\n")
     try:
         results, timing = runner.evaluate(
             loaded,
@@ -186,6 +198,8 @@ def evaluate(
         raise _fail(str(error)) from None
     finally:
         handle.remove()
+    if not ranks.is_main_process:
+        return  # rank 0 reports for every process
 
     warning = smoke_test_warning(loaded)
     document = {
@@ -199,6 +213,8 @@ def evaluate(
             "limit": limit,
             "batch_size": batch_size,
             "device": str(loaded.device),
+            "device_map": device_map,
+            "processes": ranks.num_processes,
             "dtype": str(loaded.dtype).removeprefix("torch."),
         },
         "intervention": handle.to_dict(),
@@ -207,7 +223,7 @@ def evaluate(
         "timing": timing,
         "date": stamp,
     }
-    _write_atomic(run_dir / "results.json", json.dumps(document, indent=2) + "\n")
+    report.write_atomic(run_dir / "results.json", json.dumps(document, indent=2) + "\n")
     typer.echo(f"\n{model} · {handle.method} {json.dumps(handle.config.to_dict())}\n")
     typer.echo(report.markdown(results, timing, warning))
     typer.echo(f"\nresults: {run_dir / 'results.json'}")
@@ -249,6 +265,10 @@ def calibrate(
     limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N items of each task.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Items per forward pass.")] = 16,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cuda if available).")] = None,
+    device_map: Annotated[
+        str | None,
+        typer.Option(help="auto, balanced, balanced_low_0 or sequential: spread a model too large for one device."),
+    ] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
     output_path: Annotated[Path, typer.Option(help="Folder for config.json and the resumable profile log.")] = Path(
         "intervene_calibration"
@@ -264,6 +284,8 @@ def calibrate(
         gamma_grid = [float(g) for g in gammas.split(",")] if gammas else []
     except ValueError:
         raise _fail(f"--select {select!r} / --gammas {gammas!r}: give numbers, e.g. top_k=5, 0.5,2,3") from None
+    if device is not None and device_map is not None:
+        raise _fail("give --device or --device-map, not both (a device map places the model itself)")
     params = _params(param or [])
 
     import intervene
@@ -288,7 +310,7 @@ def calibrate(
         if method == "prune" and not vision:
             raise ValueError(f"prune acts on image tokens and {model} is a text-only model; pass a VLM with --model")
         method_class(method).from_dict(params)
-        loaded, tokenizer = intervene.load_model(model, dtype=dtype, device=device)
+        loaded, tokenizer = intervene.load_model(model, dtype=dtype, device=device, device_map=device_map)
         say = lambda text: typer.echo(text, err=True)
         if method == "prune":  # no heads to profile: fit the positional trend its debiasing divides out
             artifact = engine.fit_prune_trend(
@@ -410,3 +432,7 @@ def tasks() -> None:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":  # python -m intervene.cli, as accelerate launch -m runs it
+    main()

@@ -1,8 +1,17 @@
-"""What a run reports: the lm-eval-shaped results document and the markdown table."""
+"""What a run reports: the lm-eval-shaped results document and the markdown table, written atomically."""
 
 from __future__ import annotations
 
+import os
 import platform
+from pathlib import Path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so that a reader never sees it half written (a crash leaves the old file)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def versions() -> dict:

@@ -1,60 +1,89 @@
-"""The paired runner: baseline and intervened scores on identical items, in one process.
+"""The paired runner: baseline and intervened scores on identical items, in one process or several.
 
 Each batch runs twice on the one loaded model, with the intervention toggled off then on, so the two
 scores differ by the intervention alone. Per-sample results are appended to a JSONL log as batches
-finish, so an interrupted run keeps what it computed, and `resume=True` continues from that log: whole
-batches already logged are read back, and the rest run as they would have (same order, same batches).
+finish, so an interrupted run keeps what it computed, and `resume=True` continues from the logs: the
+batches whose items are all logged are read back, and the rest run as they would have (same batches).
+
+Started as W processes by `accelerate launch` (or torchrun), the runner shares out the batches. They
+are formed as in one process (same order, same size), so each batch computes the same whatever W; rank
+r scores the batches r, r+W, r+2W, ... of those not yet done and logs them to its own
+`samples_<task>.rank<r>.jsonl`. At the end of a task rank 0 gathers every record, writes
+`samples_<task>.jsonl` in batch order (the file one process writes) and computes the metrics.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object, parse_flag_from_env
 
 from . import scorers, stats
+from .report import write_atomic
 from .tasks import TaskError
+
+
+def processes(device: str | None = None):
+    """The processes of this run (accelerate's `PartialState`): one, or those that `accelerate launch` or
+    torchrun started; later `PartialState()` calls return this same state."""
+    # accelerate treats processes without a GPU as distributed (over gloo) only when told they run on CPU
+    on_cpu = (device or "").startswith("cpu") or not torch.cuda.is_available()
+    return PartialState(cpu=on_cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def evaluate(
     model, tokenizer, handle, tasks, *, samples_dir, split="test", limit=None, batch_size=16, seed=0, resume=False
 ):
     """`(results, timing)`: `results[task][metric]` with both scores, the paired delta, its bootstrap 95% CI,
-    McNemar's p and n; `timing[task]` in seconds per item scored in this run. Per-sample logs go to
-    `samples_dir`; with `resume`, items already logged there are not scored again."""
+    McNemar's p and n; `timing[task]` in seconds per item scored in this run, summed over the processes
+    (process-seconds per item: W processes take about 1/W of it in wall time). Per-sample logs go to
+    `samples_dir`; with `resume`, items already logged there are not scored again. In a run of several
+    processes each one calls this; rank 0 gets the results, the others `({}, {})`."""
+    main = PartialState().is_main_process  # as `processes` set it up; one process if nothing did
     results, timing = {}, {}
-    with progress_bar() as progress:
+    with progress_bar(disable=not main) as progress:
         for task in tasks:
             items = task.items(split, limit)
             log = Path(samples_dir) / f"samples_{task.name}.jsonl"
             scored, seconds, fresh = _run_task(task, items, model, tokenizer, handle, batch_size, log, progress, resume)
-            results[task.name] = _metrics(task, scored, seed)
-            timing[task.name] = {
-                "items": len(items),
-                "baseline_s_per_item": seconds["baseline"] / max(1, fresh),
-                "intervened_s_per_item": seconds["intervened"] / max(1, fresh),
-            }
+            if main:
+                results[task.name] = _metrics(task, scored, seed)
+                timing[task.name] = {
+                    "items": len(items),
+                    "baseline_s_per_item": seconds["baseline"] / max(1, fresh),
+                    "intervened_s_per_item": seconds["intervened"] / max(1, fresh),
+                }
     return results, timing
 
 
 def _run_task(task, items, model, tokenizer, handle, batch_size, log, progress, resume):
+    """`(scored, seconds, fresh)` on rank 0: both results of every item, the seconds each variant took on all
+    ranks together, and how many items this run scored; `(None, None, None)` on the other ranks."""
+    ranks = PartialState()
     order = sorted(range(len(items)), key=lambda i: -len(items[i].query))  # similar lengths share a batch
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-    scored = [None] * len(items)
-    done = _logged_batches(log, task, items, batches) if resume else []
-    seconds = {"baseline": 0.0, "intervened": 0.0}
-    bar = progress.add_task(task.name, total=len(items))
-    with open(log, "w") as sink:
-        for batch, records in zip(batches, done, strict=False):  # rewritten whole: a line cut short is dropped
-            for i, record in zip(batch, records, strict=True):
-                scored[i] = {variant: record[variant] for variant in ("baseline", "intervened")}
-                sink.write(json.dumps(record) + "\n")
-            progress.advance(bar, len(batch))
-        sink.flush()
-        for batch in batches[len(done) :]:
-            both = {}
+    done = _logged_batches(log, task, items, batches) if resume else {}  # {batch number: its records}
+    ranks.wait_for_everyone()  # every rank has read the logs before rank 0 rewrites them
+    if ranks.is_main_process:
+        _rewrite_log(log, done)  # complete batches only: a line cut short by a kill is dropped
+    ranks.wait_for_everyone()
+
+    todo = [number for number in range(len(batches)) if number not in done]
+    mine = todo[ranks.process_index :: ranks.num_processes]
+    live = log if ranks.num_processes == 1 else log.with_name(f"{log.stem}.rank{ranks.process_index}.jsonl")
+    scored_here, seconds = {}, {"baseline": 0.0, "intervened": 0.0}
+    already = sum(map(len, done.values()))
+    bar = progress.add_task(task.name, total=already + sum(len(batches[number]) for number in mine))  # rank 0's share
+    progress.advance(bar, already)
+    with open(live, "a") as sink:
+        for number in mine:
+            batch, both = batches[number], {}
             for variant, enabled in (("baseline", False), ("intervened", True)):
                 handle.enabled = enabled
                 began = time.perf_counter()
@@ -63,39 +92,64 @@ def _run_task(task, items, model, tokenizer, handle, batch_size, log, progress, 
                 except TaskError as error:
                     raise TaskError(f"task {task.name!r}, items {sorted(batch)}: {error}") from None
                 seconds[variant] += time.perf_counter() - began
-            for slot, i in enumerate(batch):
-                scored[i] = {variant: both[variant][slot] for variant in both}
-                sink.write(json.dumps({"task": task.name, "index": i, **_reference(items[i]), **scored[i]}) + "\n")
+            scored_here[number] = [
+                {"task": task.name, "index": i, **_reference(items[i]), **{v: both[v][slot] for v in both}}
+                for slot, i in enumerate(batch)
+            ]
+            sink.write(_lines(scored_here[number]))
             sink.flush()
             progress.advance(bar, len(batch))
     handle.enabled = True
-    return scored, seconds, len(items) - sum(map(len, done))
+
+    shares = gather_object([(scored_here, seconds)])  # each rank's (records, seconds), on every rank
+    if not ranks.is_main_process:
+        return None, None, None
+    for records, _ in shares:
+        done |= records
+    _rewrite_log(log, done)  # every batch, in batch order: the file one process writes
+    scored = [None] * len(items)
+    for record in (record for records in done.values() for record in records):
+        scored[record["index"]] = {variant: record[variant] for variant in ("baseline", "intervened")}
+    seconds = {variant: sum(spent[variant] for _, spent in shares) for variant in seconds}
+    return scored, seconds, len(items) - already
 
 
-def _logged_batches(log: Path, task, items, batches) -> list[list[dict]]:
-    """The records of the leading batches that an earlier run of this task logged in full."""
-    if not log.exists():
-        return []
+def _lines(records: list[dict]) -> str:
+    return "".join(json.dumps(record) + "\n" for record in records)
+
+
+def _rank_logs(log: Path) -> list[Path]:
+    """The logs that the ranks of a run of several processes keep beside `samples_<task>.jsonl`."""
+    name = re.compile(re.escape(log.stem) + r"\.rank\d+\.jsonl")
+    return sorted(path for path in log.parent.iterdir() if name.fullmatch(path.name))
+
+
+def _rewrite_log(log: Path, done: dict[int, list[dict]]) -> None:
+    """Make `log` hold the records of the batches in `done` in batch order, and drop the ranks' logs."""
+    write_atomic(log, "".join(_lines(done[number]) for number in sorted(done)))
+    for path in _rank_logs(log):  # after the write: a kill in between leaves the records twice, never none
+        path.unlink()
+
+
+def _logged_batches(log: Path, task, items, batches) -> dict[int, list[dict]]:
+    """`{batch number: its records}` for each batch whose items are all logged, in `log` or in the logs of
+    the ranks of a run of any number of processes (see `_rank_logs`)."""
     found = {}
-    for number, line in enumerate(log.read_text().splitlines(), 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            break  # the run was stopped while writing this line
-        i = record.get("index")
-        if record.get("task") != task.name or not isinstance(i, int) or not 0 <= i < len(items):
-            raise ValueError(
-                f"{log}:{number}: not a record of task {task.name!r} ({len(items)} items); start a new run"
-            )
-        if {k: record.get(k) for k in _reference(items[i])} != _reference(items[i]):
-            raise ValueError(f"{log}:{number}: item {i} differs from the task's item {i}; start a new run")
-        found[i] = record
-    done = []
-    for batch in batches:
-        if not all(i in found for i in batch):
-            break
-        done.append([found[i] for i in batch])
-    return done
+    for path in [path for path in (log, *_rank_logs(log)) if path.exists()]:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break  # the run was stopped while writing this line
+            i = record.get("index")
+            if record.get("task") != task.name or not isinstance(i, int) or not 0 <= i < len(items):
+                raise ValueError(
+                    f"{path}:{number}: not a record of task {task.name!r} ({len(items)} items); start a new run"
+                )
+            if {k: record.get(k) for k in _reference(items[i])} != _reference(items[i]):
+                raise ValueError(f"{path}:{number}: item {i} differs from the task's item {i}; start a new run")
+            found[i] = record
+    return {number: [found[i] for i in batch] for number, batch in enumerate(batches) if all(i in found for i in batch)}
 
 
 def _metrics(task, scored, seed) -> dict:
@@ -140,7 +194,7 @@ def _reference(item) -> dict:
     return reference
 
 
-def progress_bar():
+def progress_bar(disable: bool = False):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -151,4 +205,5 @@ def progress_bar():
         TimeRemainingColumn(),
         console=Console(stderr=True),
         transient=False,
+        disable=disable,
     )
