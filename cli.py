@@ -100,6 +100,9 @@ def evaluate(
         Path | None,
         typer.Option(help="The folder of an interrupted run: continue it (same arguments) without redoing items."),
     ] = None,
+    plot: Annotated[
+        bool, typer.Option("--plot", help="Also draw results.png: each task before and after, changes with CIs.")
+    ] = False,
 ) -> None:
     """Score the baseline and the intervened model on the same items and compare them."""
     if (method is None) == (config is None):
@@ -121,6 +124,7 @@ def evaluate(
 
     import intervene
     from intervene.evals import report, runner
+    from intervene.evals.inspect import require_matplotlib
     from intervene.evals.model import is_vision_language, smoke_test_warning
     from intervene.evals.tasks import TaskError, builtin_tasks, check_modality, resolve_task
     from intervene.interventions import method_class
@@ -141,6 +145,8 @@ def evaluate(
             raise ValueError(f"{config} was calibrated on the {split!r} split; evaluate it on another (--split test)")
         if method:
             method_class(method).from_dict(params)  # an unknown method or a bad value fails before the model loads
+        if plot:
+            require_matplotlib()
         # Every check above fails alike on every process, before the processes first wait for each other here.
         ranks = runner.processes(device)
         if ranks.num_processes > 1 and device_map is not None:
@@ -227,6 +233,12 @@ def evaluate(
     typer.echo(f"\n{model} · {handle.method} {json.dumps(handle.config.to_dict())}\n")
     typer.echo(report.markdown(results, timing, warning))
     typer.echo(f"\nresults: {run_dir / 'results.json'}")
+    if plot:
+        from intervene.evals.plot import plot_results
+
+        title = f"{model} · {handle.method}" + (" · SMOKE TEST: random weights, scores mean nothing" if warning else "")
+        plot_results(results, run_dir / "results.png", title=title)
+        typer.echo(f"plot: {run_dir / 'results.png'}")
 
 
 def _settings(task) -> dict:
@@ -386,7 +398,8 @@ def inspect_attention(
     try:
         require_matplotlib()
         if method and not params and (shipped := shipped_config(model, method)):
-            typer.echo(f"using the {method} config calibrated for {model} that ships with intervene: {shipped}", err=True)
+            typer.echo(f"using the {method} config calibrated for {model} that ships with intervene: {shipped}",
+                       err=True)  # fmt: skip
             method, config = None, shipped
         if method:
             method_class(method).from_dict(params)  # an unknown method or a bad value fails before the model loads

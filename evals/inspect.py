@@ -78,7 +78,7 @@ def _inputs(model, processor, prompt: str, image):
     """The model's inputs for one prompt, its tokens as text, and the image tokens' positions (VLMs)."""
     from PIL import Image
 
-    from .scorers import _prompt
+    from .scorers import _prompt, input_device
 
     vision = hasattr(processor, "image_processor")
     if vision != (image is not None):
@@ -100,7 +100,7 @@ def _inputs(model, processor, prompt: str, image):
         inputs = processor(prompt, return_tensors="pt")
         tokenizer, image_positions = processor, None
     tokens = [tokenizer.decode([t]) for t in inputs["input_ids"][0].tolist()]
-    return {k: v.to(model.device) for k, v in inputs.items()}, tokens, image_positions
+    return {k: v.to(input_device(model)) for k, v in inputs.items()}, tokens, image_positions
 
 
 def _record(model, inputs, handle):
@@ -139,7 +139,9 @@ def _sink_statistics(maps: list[torch.Tensor], threshold: float, hidden: list[to
         "sink_rate_per_layer": (first > SINK_RATE_EPSILON).float().mean(dim=1),
         "hidden_sinks": hidden,
         # [L]: mass a row puts on its head's hidden sinks, mean over heads and rows
-        "hidden_sink_attention": torch.stack([(p * h[:, None, :]).sum(-1).mean() for p, h in zip(maps, hidden)]),
+        "hidden_sink_attention": torch.stack(
+            [(p * h[:, None, :]).sum(-1).mean() for p, h in zip(maps, hidden, strict=True)]
+        ),
     }
 
 

@@ -7,13 +7,14 @@ import sys
 
 import pytest
 import torch
-from conftest import build, left_padded, prompt
 from PIL import Image
 from typer.testing import CliRunner
 
 import intervene
 from intervene.cli import app
 from intervene.evals.inspect import inspect
+
+from conftest import build, left_padded, prompt
 
 PICTURE = "evals/data/pope-photos/astronaut.jpg"
 
@@ -45,13 +46,13 @@ def test_recorded_maps_are_what_an_edited_layer_computed():
     seen = {}
     layer.v_proj.register_forward_hook(lambda m, args, out: seen.update(v=out))
     layer.o_proj.register_forward_pre_hook(lambda m, args: seen.update(heads=args[0]))
-    with intervene.apply(model, "act", beta=0.2, threshold=0.05, layers=[2]) as handle, torch.no_grad():
-        with intervene.record_attention(model) as recorded:
-            handle.enabled = False
-            model(input_ids=ids, attention_mask=mask)
-            before = dict(recorded)
-            handle.enabled = True
-            model(input_ids=ids, attention_mask=mask)
+    handle = intervene.apply(model, "act", beta=0.2, threshold=0.05, layers=[2])
+    with handle, intervene.record_attention(model) as recorded, torch.no_grad():
+        handle.enabled = False
+        model(input_ids=ids, attention_mask=mask)
+        before = dict(recorded)
+        handle.enabled = True
+        model(input_ids=ids, attention_mask=mask)
     B, N = ids.shape
     v = seen["v"].view(B, N, 2, 16).transpose(1, 2).repeat_interleave(2, dim=1)  # [B, Hq, N, D]: GQA 4/2
     heads = seen["heads"].view(B, N, 4, 16).transpose(1, 2)  # [B, Hq, N, D] going into o_proj
@@ -99,7 +100,8 @@ def test_inspect_on_the_real_default_model(tmp_path):
     document = json.loads((tmp_path / "sinks.json").read_text())
     assert document["intervention"]["method"] == "act"
     first = torch.tensor(document["before"]["first_token_attention"])
-    assert first.shape == (30, 9) and document["before"]["sink_rate"] == pytest.approx(float((first > 0.3).float().mean()))
+    assert first.shape == (30, 9)
+    assert document["before"]["sink_rate"] == pytest.approx(float((first > 0.3).float().mean()))
     assert "| 29 |" in result.output and "sink rate" in result.output
 
 
