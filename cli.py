@@ -302,6 +302,7 @@ def calibrate(
 
     import intervene
     from intervene.evals import calibrate as engine
+    from intervene.evals import runner
     from intervene.evals.model import is_vision_language, smoke_test_warning
     from intervene.evals.tasks import TaskError, builtin_tasks, check_modality, resolve_task
     from intervene.interventions import method_class
@@ -322,6 +323,8 @@ def calibrate(
         if method == "prune" and not vision:
             raise ValueError(f"prune acts on image tokens and {model} is a text-only model; pass a VLM with --model")
         method_class(method).from_dict(params)
+        if runner.processes(device).num_processes > 1:
+            raise ValueError("calibrate runs in one process (each would profile every candidate): run it unlaunched")
         loaded, tokenizer = intervene.load_model(model, dtype=dtype, device=device, device_map=device_map)
         say = lambda text: typer.echo(text, err=True)
         if method == "prune":  # no heads to profile: fit the positional trend its debiasing divides out

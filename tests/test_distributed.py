@@ -119,3 +119,14 @@ def test_device_map_auto_gives_the_same_results(tmp_path, tiny_checkpoint):
 def test_a_bad_device_map_is_refused(tmp_path, tiny_checkpoint, extra, message):
     result = invoke(*EVAL[:-2], "--model", tiny_checkpoint, *extra, "--output-path", tmp_path)
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_calibrate_refuses_several_processes(tmp_path, tiny_checkpoint, monkeypatch):
+    from types import SimpleNamespace
+
+    from intervene.evals import runner
+
+    monkeypatch.setattr(runner, "processes", lambda device=None: SimpleNamespace(num_processes=2))
+    result = invoke("calibrate", "--method", "act", "--model", tiny_checkpoint, "--tasks", "cldr_currency",
+                    "--output-path", tmp_path)  # fmt: skip
+    assert result.exit_code == 2 and "calibrate runs in one process" in result.output
