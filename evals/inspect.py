@@ -69,7 +69,8 @@ def inspect(model, processor, prompt: str, *, handle=None, image=None, layers=No
         **{variant: _jsonable(s) for variant, s in stats.items()},
     }
     (output / "sinks.json").write_text(json.dumps(document, indent=1) + "\n")
-    text = _summary(prompt, tokens, handle, stats, threshold)
+    unchanged = after is not None and all(torch.equal(b, a) for b, a in zip(before, after, strict=True))
+    text = _summary(prompt, tokens, handle, stats, threshold, unchanged)
     (output / "summary.txt").write_text(text + "\n")
     return text
 
@@ -145,12 +146,15 @@ def _sink_statistics(maps: list[torch.Tensor], threshold: float, hidden: list[to
     }
 
 
-def _summary(prompt, tokens, handle, stats, threshold) -> str:
+def _summary(prompt, tokens, handle, stats, threshold, unchanged: bool) -> str:
     before, after = stats["before"], stats.get("after")
     lines = [f"prompt: {prompt!r} ({len(tokens)} tokens)"]
     if handle is not None:
         params = json.dumps(handle.to_dict()["params"])
         lines.append(f"intervention: {handle.method} {params if len(params) < 160 else params[:150] + ' ...'}")
+    if unchanged:
+        lines.append(f"{handle.method} leaves every attention probability as it was on this prompt "
+                     "(it acts after attention, e.g. on head outputs, or not on this prompt)")  # fmt: skip
     rate = f"{before['sink_rate']:.3f}" + (f" -> {after['sink_rate']:.3f}" if after else "")
     lines += [
         f"sink rate (share of layer-head pairs whose mean first-token attention exceeds {SINK_RATE_EPSILON}): {rate}",

@@ -92,6 +92,14 @@ def test_inspect_draws_the_image_attention_of_a_vision_language_model(tmp_path):
     assert "sink rate" in text
 
 
+def test_inspect_says_when_an_intervention_leaves_the_attention_alone(tmp_path, tiny_checkpoint):
+    model, tokenizer = intervene.load_model(str(tiny_checkpoint), device="cpu")
+    with intervene.apply(model, "heads", scales={3: {0: 2.0}}) as handle:  # the last layer: nothing after it
+        text = inspect(model, tokenizer, "The cat sat on the mat.", handle=handle, output=tmp_path)
+    assert "heads leaves every attention probability as it was" in text
+    assert "leaves every" not in inspect(model, tokenizer, "The cat sat.", output=tmp_path)
+
+
 def test_inspect_on_the_real_default_model(tmp_path):
     result = invoke("inspect", "--prompt", "The capital of France is Paris. The capital of Italy is",
                     "--method", "act", "--output-path", tmp_path)  # fmt: skip
@@ -112,6 +120,7 @@ def test_inspect_on_the_real_default_model(tmp_path):
         (["--layers", "a,b"], "give comma-separated layer numbers"),
         (["--image", PICTURE], "--image needs a vision-language model"),
         (["--image", "nowhere.png"], "no such file"),
+        (["--image", "tests/test_inspect.py"], "--image needs a vision-language model"),
         (["--method", "actt"], "unknown method"),
         (["--method", "act", "--config", "x.json"], "at most one of"),
     ],
@@ -124,6 +133,10 @@ def test_inspect_bad_input(tmp_path, tiny_checkpoint, args, message):
 def test_inspect_names_what_is_missing(tmp_path, tiny_checkpoint, monkeypatch):
     result = invoke("inspect", "--model", "tiny-llava", "--prompt", "hi", "--output-path", tmp_path)
     assert result.exit_code == 2 and "pass --image PATH" in result.output
+    result = invoke(
+        "inspect", "--model", "tiny-llava", "--prompt", "hi", "--image", "README.md", "--output-path", tmp_path
+    )
+    assert result.exit_code == 2 and "--image README.md cannot be read" in result.output
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the plot extra were not installed
     result = invoke("inspect", "--model", tiny_checkpoint, "--prompt", "hi", "--output-path", tmp_path)
     assert result.exit_code == 2 and "pip install 'intervene[plot]'" in result.output
