@@ -295,10 +295,11 @@ class Dispatcher:
         context = self.context or CallContext(key.shape[2] - query.shape[2], None)
         hidden = context.layer_input[1] if context.layer_input and context.layer_input[0] == layer else None
         no_image = self.branch.outputs.get(layer) if self.branch is not None else None
+        here = lambda t: None if t is None else t.to(query.device)  # a device map may put layers elsewhere
         return LayerCall(
             layer, query, key, attention_mask, scale, causal,
-            past_length=context.past_length, padding_mask=context.padding_mask, image_mask=context.image_mask,
-            layer_input=hidden, no_image=no_image,
+            past_length=context.past_length, padding_mask=here(context.padding_mask),
+            image_mask=here(context.image_mask), layer_input=hidden, no_image=no_image,
         )  # fmt: skip
 
     def edit_for(self, handles: list, call: LayerCall):
