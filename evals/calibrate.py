@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import scorers
+from .report import write_atomic
 from .runner import progress_bar
 
 GRANULARITIES = ("layer", "head_index", "head")
@@ -92,7 +93,12 @@ class ProfileLog:
         self.path = path
         self.done: dict[str, dict] = {}
         if path.exists():
-            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            lines = []
+            for line in path.read_text().splitlines():
+                try:
+                    lines.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # the run was killed while writing this line: it is profiled again
             if lines and lines[0] != {"settings": settings}:
                 raise ValueError(
                     f"{path} belongs to a calibration run with other settings; "
@@ -101,7 +107,8 @@ class ProfileLog:
             self.done = {entry["key"]: entry for entry in lines[1:]}
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"settings": settings}) + "\n")
+        # rewritten whole, so that what is appended next starts on a line of its own
+        write_atomic(path, "".join(json.dumps(line) + "\n" for line in [{"settings": settings}, *self.done.values()]))
 
     def get_or_run(self, key: str, run) -> dict:
         if key not in self.done:
@@ -196,7 +203,7 @@ def calibrate(
             "result": selected,
         },
     )  # fmt: skip
-    (Path(output) / "config.json").write_text(json.dumps(artifact, indent=2) + "\n")
+    write_atomic(Path(output) / "config.json", json.dumps(artifact, indent=2) + "\n")
     return artifact
 
 
@@ -257,5 +264,5 @@ def fit_prune_trend(model, processor, params: dict, tasks: list, *, split="calib
         },
     )  # fmt: skip
     Path(output).mkdir(parents=True, exist_ok=True)
-    (Path(output) / "config.json").write_text(json.dumps(artifact, indent=2) + "\n")
+    write_atomic(Path(output) / "config.json", json.dumps(artifact, indent=2) + "\n")
     return artifact

@@ -106,6 +106,8 @@ def test_an_interrupted_calibration_resumes_and_ends_the_same(tiny_checkpoint, s
     monkeypatch.setattr(engine, "objective", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_calibration(tiny_checkpoint, small_task, tmp_path / "resumed")
+    with open(tmp_path / "resumed" / "profile.jsonl", "a") as log:
+        log.write('{"key": "head_index=1", "sco')  # and a kill while a line was written
     calls.clear()
     monkeypatch.setattr(engine, "objective", lambda *a, **k: calls.append(1) or real_objective(*a, **k))
     resumed = run_calibration(tiny_checkpoint, small_task, tmp_path / "resumed")
