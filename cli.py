@@ -372,6 +372,9 @@ def inspect_attention(
     layers: Annotated[
         str | None, typer.Option(help="Comma-separated layers to draw (default: four spread over the edited ones).")
     ] = None,
+    heads: Annotated[
+        str | None, typer.Option(help="Comma-separated query heads whose mean is drawn (default: all heads).")
+    ] = None,
     threshold: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Mean attention above which a later key is a hidden sink (ACT).")
     ] = 0.1,
@@ -387,8 +390,9 @@ def inspect_attention(
     params = _params(param or [])
     try:
         chosen_layers = [int(layer) for layer in layers.split(",")] if layers else None
+        chosen_heads = [int(head) for head in heads.split(",")] if heads else None
     except ValueError:
-        raise _fail(f"--layers {layers!r}: give comma-separated layer numbers, e.g. 0,5,10") from None
+        raise _fail(f"--layers {layers!r} / --heads {heads!r}: give comma-separated numbers, e.g. 0,5,10") from None
     if dtype not in (None, "float32", "bfloat16", "float16"):
         raise _fail(f"--dtype {dtype!r} is not one of float32, bfloat16, float16")
 
@@ -412,8 +416,8 @@ def inspect_attention(
         if method or config:
             handle = intervene.apply(loaded, intervene.load_config(config) if config else method, **params)
         summary = inspect(
-            loaded, processor, prompt, handle=handle, image=image, layers=chosen_layers, threshold=threshold,
-            output=output_path,
+            loaded, processor, prompt, handle=handle, image=image, layers=chosen_layers, heads=chosen_heads,
+            threshold=threshold, output=output_path,
         )  # fmt: skip
     except (ValueError, OSError, json.JSONDecodeError) as error:
         raise _fail(str(error)) from None

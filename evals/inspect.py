@@ -8,8 +8,8 @@ included. From them:
   (layer, head) pairs whose attention on the first token, averaged over the query rows, exceeds ε = 0.3;
 - hidden sinks as ACT finds them: keys after the first sink whose mean attention, over the rows that see
   them, exceeds `threshold` (ACT's rule, read on the attention before the intervention);
-- `attention.png`: head-averaged attention maps of a few layers, before, after and their difference, on
-  one shared log colour scale (sinks dominate a linear one);
+- `attention.png`: attention maps of a few layers (averaged over all heads or chosen ones), before, after
+  and their difference, on one shared log colour scale (sinks dominate a linear one);
 - `sinks.png`: first-token attention per layer and head, before and after;
 - `image_attention.png` (VLMs): the attention the predicting row gives the image tokens, on the patch grid;
 - `summary.txt` (also printed) and `sinks.json` with the numbers.
@@ -43,23 +43,36 @@ def require_matplotlib():
     return plt
 
 
-def inspect(model, processor, prompt: str, *, handle=None, image=None, layers=None, threshold=0.1, output: Path):
-    """Record, measure and draw; write the files into `output` and return the summary text."""
+def inspect(
+    model, processor, prompt: str, *, handle=None, image=None, layers=None, heads=None, threshold=0.1, output: Path
+):
+    """Record, measure and draw; write the files into `output` and return the summary text. The maps drawn
+    are the mean over `heads` (query heads; all when None) of each of `layers`."""
     plt = require_matplotlib()
-    count = model.config.get_text_config().num_hidden_layers
+    config = model.config.get_text_config()
+    count = config.num_hidden_layers
     chosen = sorted(set(layers)) if layers else _default_layers(handle, count)
     if bad := [layer for layer in chosen if not 0 <= layer < count]:
         raise ValueError(f"--layers {bad} out of range: this model has layers 0..{count - 1}")
+    if bad := [head for head in heads or () if not 0 <= head < config.num_attention_heads]:
+        raise ValueError(f"--heads {bad} out of range: this model has heads 0..{config.num_attention_heads - 1}")
     inputs, tokens, image_positions = _inputs(model, processor, prompt, image)
     before, after = _record(model, inputs, handle)
     stats = {"before": _sink_statistics(before, threshold)}
     if after is not None:
         stats["after"] = _sink_statistics(after, threshold, stats["before"]["hidden_sinks"])
     output.mkdir(parents=True, exist_ok=True)
-    _plot_attention(plt, before, after, chosen, tokens, output / "attention.png")
+    which = sorted(set(heads)) if heads else slice(None)
+    drawn = {
+        name: {layer: maps[layer][which].mean(dim=0) for layer in chosen}  # [N, N] per layer
+        for name, maps in (("before", before), ("after", after))
+        if maps is not None
+    }
+    label = f"heads {', '.join(map(str, which))}" if heads else "mean of all heads"
+    _plot_attention(plt, drawn, chosen, tokens, label, output / "attention.png")
     _plot_first_token(plt, stats, output / "sinks.png")
     if image_positions is not None:
-        _plot_image_attention(plt, before, after, chosen, image_positions, image, output / "image_attention.png")
+        _plot_image_attention(plt, drawn, chosen, image_positions, image, label, output / "image_attention.png")
     document = {
         "prompt": prompt,
         "tokens": tokens,
@@ -176,31 +189,29 @@ def _summary(prompt, tokens, handle, stats, threshold, unchanged: bool) -> str:
     return "\n".join(lines)
 
 
-def _plot_attention(plt, before, after, layers, tokens, path: Path) -> None:
-    """Head-averaged maps of `layers`: before | after | after - before, the first two on one log scale."""
+def _plot_attention(plt, drawn, layers, tokens, label: str, path: Path) -> None:
+    """The maps of `layers`: before | after | after - before, the first two on one log scale."""
     from matplotlib.colors import LogNorm, TwoSlopeNorm
 
-    maps = {layer: [before[layer].mean(dim=0).numpy()] for layer in layers}  # [N, N] each
-    if after is not None:
-        for layer in layers:
-            maps[layer].append(after[layer].mean(dim=0).numpy())
+    maps = {layer: [drawn[name][layer].numpy() for name in drawn] for layer in layers}  # [N, N] each
     positive = np.concatenate([m[m > 0] for pair in maps.values() for m in pair])
     norm = LogNorm(vmin=max(float(positive.min()), 1e-5), vmax=float(positive.max()))
-    columns = 3 if after is not None else 1
+    columns = 3 if "after" in drawn else 1
     figure, axes = plt.subplots(
         len(layers), columns, figsize=(4.6 * columns, 4.4 * len(layers)), squeeze=False, layout="constrained"
     )
     for row, layer in enumerate(layers):
-        for column, (name, values) in enumerate(zip(("before", "after"), maps[layer], strict=False)):
+        for column, (name, values) in enumerate(zip(drawn, maps[layer], strict=True)):
             image = axes[row, column].imshow(np.ma.masked_less_equal(values, 0), norm=norm, cmap="viridis")
             _label(axes[row, column], f"layer {layer}, {name}", tokens)
-        if after is not None:
+        if "after" in drawn:
             change = maps[layer][1] - maps[layer][0]
             bound = max(float(np.abs(change).max()), 1e-12)
             shift = axes[row, 2].imshow(change, norm=TwoSlopeNorm(0.0, -bound, bound), cmap="RdBu_r")
             _label(axes[row, 2], f"layer {layer}, after - before", tokens)
             figure.colorbar(shift, ax=axes[row, 2], shrink=0.8)
     figure.colorbar(image, ax=axes[:, : min(2, columns)], location="left", shrink=0.5, label="attention (log scale)")
+    figure.suptitle(f"attention, {label}", fontsize=10)
     figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
 
@@ -228,24 +239,20 @@ def _plot_first_token(plt, stats, path: Path) -> None:
     plt.close(figure)
 
 
-def _plot_image_attention(plt, before, after, layers, positions, image, path: Path) -> None:
-    """The predicting row's head-averaged attention on the image tokens, on the patch grid (a strip when the
-    image tokens do not form a square), before and after, on one log scale; the image on the left."""
+def _plot_image_attention(plt, drawn, layers, positions, image, label: str, path: Path) -> None:
+    """The predicting row's attention on the image tokens, on the patch grid (a strip when the image tokens do
+    not form a square), before and after, on one log scale; the image on the left."""
     from matplotlib.colors import LogNorm
     from PIL import Image
 
     count = positions.numel()
     side = round(count**0.5)
     shape = (side, side) if side * side == count else (1, count)
-    grids = {
-        (layer, name): maps[layer].mean(dim=0)[-1, positions].reshape(shape).numpy()
-        for layer in layers
-        for name, maps in (("before", before), ("after", after))
-        if maps is not None
-    }
+    grids = {(layer, name): maps[layer][-1, positions].reshape(shape).numpy() for name, maps in drawn.items()
+             for layer in layers}  # fmt: skip
     values = np.concatenate([g.ravel() for g in grids.values()])
     norm = LogNorm(vmin=max(float(values[values > 0].min(initial=1.0)), 1e-6), vmax=max(float(values.max()), 1e-6))
-    columns = 1 + len(grids) // len(layers)
+    columns = 1 + len(drawn)
     figure, axes = plt.subplots(
         len(layers), columns, figsize=(3.6 * columns, 3.4 * len(layers)), squeeze=False, layout="constrained"
     )
@@ -255,13 +262,13 @@ def _plot_image_attention(plt, before, after, layers, positions, image, path: Pa
     axes[0, 0].set_title("image", fontsize=9)
     for row, layer in enumerate(layers):
         axes[row, 0].axis("off")
-        for column, name in enumerate(("before", "after"), start=1):
-            if (layer, name) in grids:
-                grid = grids[layer, name]
-                shown = axes[row, column].imshow(grid, norm=norm, cmap="inferno")
-                axes[row, column].set_title(f"layer {layer}, {name}: {grid.sum():.2f} on the image", fontsize=9)
-                axes[row, column].axis("off")
+        for column, name in enumerate(drawn, start=1):
+            grid = grids[layer, name]
+            shown = axes[row, column].imshow(grid, norm=norm, cmap="inferno")
+            axes[row, column].set_title(f"layer {layer}, {name}: {grid.sum():.2f} on the image", fontsize=9)
+            axes[row, column].axis("off")
     figure.colorbar(shown, ax=axes[:, 1:], shrink=0.6, label="attention from the last row (log scale)")
+    figure.suptitle(f"image attention, {label}", fontsize=10)
     figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
 

@@ -117,7 +117,8 @@ def test_inspect_on_the_real_default_model(tmp_path):
     ("args", "message"),
     [
         (["--layers", "99"], "out of range: this model has layers 0..3"),
-        (["--layers", "a,b"], "give comma-separated layer numbers"),
+        (["--layers", "a,b"], "give comma-separated numbers"),
+        (["--heads", "0,7"], "--heads [7] out of range: this model has heads 0..3"),
         (["--image", PICTURE], "--image needs a vision-language model"),
         (["--image", "nowhere.png"], "no such file"),
         (["--image", "tests/test_inspect.py"], "--image needs a vision-language model"),
