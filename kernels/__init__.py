@@ -74,9 +74,8 @@ def attention_probabilities(
 ) -> torch.Tensor:
     """The probabilities `[B, Hq, Nq, Nk]` (fp32) of attention with `edit` applied, materialised by the
     reference backend: N² memory, meant for looking at short prompts (`intervene inspect`), not for runs."""
-    _backend(q, k, "reference")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return reference.probabilities(
+    return _backend(q, k, "reference").probabilities(
         q, k, edit or AttentionEdit(), attention_mask=attention_mask, scale=scale, causal=causal
     )
 

@@ -96,6 +96,21 @@ def test_row_sums_stay_one_under_every_edit():
     assert (probs >= 0).all()
 
 
+def test_attention_probabilities_are_the_rows_the_output_is_made_of():
+    q, k, _ = qkv()  # GQA: 4 query heads over 2 key/value heads
+    g = torch.Generator().manual_seed(2)
+    source = torch.rand(2, 4, 9, generator=g) < 0.3
+    edit = AttentionEdit(
+        key_bias=torch.randn(2, 1, 9, 9, generator=g),
+        key_gain=KeyGain(torch.rand(2, 9, generator=g) < 0.5, 0.4),
+        redistribute=Redistribute(source=source, target=~source, p_move=0.6),
+    )
+    mask = padded_keep(2, 9, [0, 3])
+    probs = kernels.attention_probabilities(q, k, edit, attention_mask=mask, scale=0.3)  # [B, Hq, N, N]
+    rows = kernels.modified_attention(q, k, torch.eye(9).expand(2, 2, 9, 9), edit, attention_mask=mask, scale=0.3)
+    torch.testing.assert_close(probs, rows.transpose(1, 2), atol=1e-6, rtol=0)  # v = identity: output = rows
+
+
 def test_scale_and_renormalise_equals_log_bias():
     q, k, v = qkv()
     gamma = torch.tensor([0.25, 1.0, 2.0, 4.0])
