@@ -415,7 +415,7 @@ def inspect_attention(
         loaded, processor = intervene.load_model(model, dtype=dtype, device=device)
         if method or config:
             handle = intervene.apply(loaded, intervene.load_config(config) if config else method, **params)
-        summary = inspect(
+        summary, written = inspect(
             loaded, processor, prompt, handle=handle, image=image, layers=chosen_layers, heads=chosen_heads,
             threshold=threshold, output=output_path,
         )  # fmt: skip
@@ -427,8 +427,7 @@ def inspect_attention(
     if warning := smoke_test_warning(loaded):
         typer.echo(warning)
     typer.echo(summary)
-    written = sorted(path.name for path in output_path.iterdir() if path.suffix in (".png", ".txt", ".json"))
-    typer.echo(f"\nwritten to {output_path}: {', '.join(written)}")
+    typer.echo(f"\nwritten to {output_path}: {', '.join(path.name for path in written)}")
 
 
 @app.command()

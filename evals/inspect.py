@@ -46,7 +46,7 @@ def require_matplotlib():
 def inspect(
     model, processor, prompt: str, *, handle=None, image=None, layers=None, heads=None, threshold=0.1, output: Path
 ):
-    """Record, measure and draw; write the files into `output` and return the summary text. The maps drawn
+    """Record, measure and draw into `output`; return the summary text and the files written. The maps drawn
     are the mean over `heads` (query heads; all when None) of each of `layers`."""
     plt = require_matplotlib()
     config = model.config.get_text_config()
@@ -85,7 +85,8 @@ def inspect(
     unchanged = after is not None and all(torch.equal(b, a) for b, a in zip(before, after, strict=True))
     text = _summary(prompt, tokens, handle, stats, threshold, unchanged)
     (output / "summary.txt").write_text(text + "\n")
-    return text
+    pictures = ["attention.png", "sinks.png"] + (["image_attention.png"] if image_positions is not None else [])
+    return text, [output / name for name in (*pictures, "summary.txt", "sinks.json")]
 
 
 def _inputs(model, processor, prompt: str, image):

@@ -67,7 +67,7 @@ def test_recorded_maps_are_what_an_edited_layer_computed():
 def test_inspect_reports_the_sinks_act_detects(tmp_path, tiny_checkpoint):
     model, tokenizer = intervene.load_model(str(tiny_checkpoint), device="cpu")
     with intervene.apply(model, "act", threshold=0.05, layers=[0]) as handle:
-        text = inspect(model, tokenizer, "The cat sat on the mat and looked at the door.", handle=handle,
+        text, _ = inspect(model, tokenizer, "The cat sat on the mat and looked at the door.", handle=handle,
                        threshold=0.05, output=tmp_path)  # fmt: skip
         detected = handle.state[0]["sinks"][0][0]  # [Hq, N]: what ACT found in layer 0 (before any edit)
     document = json.loads((tmp_path / "sinks.json").read_text())
@@ -86,7 +86,11 @@ def test_inspect_reports_the_sinks_act_detects(tmp_path, tiny_checkpoint):
 def test_inspect_draws_the_image_attention_of_a_vision_language_model(tmp_path):
     model, processor = intervene.load_model("tiny-llava", device="cpu")
     with intervene.apply(model, "pai", alpha=0.5) as handle:
-        text = inspect(model, processor, "Is there a cat?", handle=handle, image=PICTURE, output=tmp_path)
+        text, written = inspect(model, processor, "Is there a cat?", handle=handle, image=PICTURE, output=tmp_path)
+    assert [path.name for path in written] == [
+        "attention.png", "sinks.png", "image_attention.png", "summary.txt", "sinks.json"
+    ]  # fmt: skip
+    assert all(path.is_file() for path in written)
     with Image.open(tmp_path / "image_attention.png") as picture:
         assert picture.width > 400
     assert "sink rate" in text
@@ -95,9 +99,9 @@ def test_inspect_draws_the_image_attention_of_a_vision_language_model(tmp_path):
 def test_inspect_says_when_an_intervention_leaves_the_attention_alone(tmp_path, tiny_checkpoint):
     model, tokenizer = intervene.load_model(str(tiny_checkpoint), device="cpu")
     with intervene.apply(model, "heads", scales={3: {0: 2.0}}) as handle:  # the last layer: nothing after it
-        text = inspect(model, tokenizer, "The cat sat on the mat.", handle=handle, output=tmp_path)
+        text, _ = inspect(model, tokenizer, "The cat sat on the mat.", handle=handle, output=tmp_path)
     assert "heads leaves every attention probability as it was" in text
-    assert "leaves every" not in inspect(model, tokenizer, "The cat sat.", output=tmp_path)
+    assert "leaves every" not in inspect(model, tokenizer, "The cat sat.", output=tmp_path)[0]
 
 
 def test_inspect_on_the_real_default_model(tmp_path):
@@ -111,6 +115,7 @@ def test_inspect_on_the_real_default_model(tmp_path):
     assert first.shape == (30, 9)
     assert document["before"]["sink_rate"] == pytest.approx(float((first > 0.3).float().mean()))
     assert "| 29 |" in result.output and "sink rate" in result.output
+    assert "attention.png, sinks.png, summary.txt, sinks.json" in result.output
 
 
 @pytest.mark.parametrize(
