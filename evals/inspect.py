@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 import intervene
+from intervene.interventions.act import hidden_sinks
 
 SINK_RATE_EPSILON = 0.3  # Gu et al.'s ε
 LABELLED_TOKENS = 48  # up to this many tokens, the heatmap axes name them
@@ -145,8 +146,7 @@ def _sink_statistics(maps: list[torch.Tensor], threshold: float, hidden: list[to
         hidden = []
         for p in maps:  # [Hq, N, N]
             seen_by = torch.arange(p.shape[-1], 0, -1, dtype=p.dtype)  # causal: key j is seen by N - j rows
-            detected = p.sum(dim=1) / seen_by > threshold  # [Hq, N]: column means above the threshold
-            hidden.append(detected & (detected.cumsum(dim=-1) > 1))  # ACT keeps each head's first sink as it is
+            hidden.append(hidden_sinks(p.sum(dim=1) / seen_by, threshold))  # [Hq, N], from column means
     first = torch.stack([p[:, :, 0].mean(dim=1) for p in maps])  # [L, Hq]: mean over query rows
     return {
         "first_token_attention": first,

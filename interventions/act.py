@@ -70,7 +70,7 @@ class ACT(Method):
             positions = call.key_positions
             if not call.decode:  # prompt chunks accumulate: every query that sees a key counts
                 sums, counts = _accumulate(state, sums, counts, positions)
-            sinks = _sinks(sums / counts.clamp_min(1.0), self.threshold)
+            sinks = hidden_sinks(sums / counts.clamp_min(1.0), self.threshold)
             if not call.decode:
                 state["sinks"] = (sinks, positions)
         sinks = sinks & head_mask(self.heads, call.layer, sinks.shape[1], sinks.device)[None, :, None]
@@ -86,8 +86,9 @@ class ACT(Method):
         return lookup[:, :, positions]
 
 
-def _sinks(column_mean: torch.Tensor, threshold: float) -> torch.Tensor:
-    """[B, Hq, Nk] keys above the threshold, except the first one found in each head."""
+def hidden_sinks(column_mean: torch.Tensor, threshold: float) -> torch.Tensor:
+    """`[..., Nk]` keys whose column mean is above the threshold, except the first one found in each head
+    (ACT keeps it as it is). Also what `intervene inspect` reports."""
     detected = column_mean > threshold
     first = detected & (detected.cumsum(dim=-1) == 1)
     return detected & ~first
