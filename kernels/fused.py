@@ -31,6 +31,7 @@ def _scores(
     q,
     K,
     k_offsets,
+    k_mask,
     offs_m,
     offs_n,
     Nq,
@@ -73,7 +74,7 @@ def _scores(
     IEEE: tl.constexpr,
 ):
     """Edited base-2 logits of one [BLOCK_M, BLOCK_N] tile, -inf where a key is not visible."""
-    k = tl.load(K + k_offsets, mask=offs_n[:, None] < Nk, other=0.0)
+    k = tl.load(K + k_offsets, mask=k_mask, other=0.0)  # [BLOCK_N, BLOCK_D], zero past Nk and D
     if UPCAST:
         qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
     elif IEEE:
@@ -219,8 +220,9 @@ def _forward(
     for start_n in range(0, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_offsets = b * skb + kv * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
+        k_mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
         qk = _scores(
-            q, K, k_offsets, offs_m, offs_n, Nq, Nk, qk_scale, b, h,
+            q, K, k_offsets, k_mask, offs_m, offs_n, Nq, Nk, qk_scale, b, h,
             Mask, smb, smm, smn, Bias, sbb, sbh, sbm, sbn, GainKeys, sgkb, sgkn, GainRows, sgrb, sgrm, gain,
             Codes, scb, sch, 0, scn, GroupBias, sgb_b, sgb_h, sgb_m,
             CAUSAL, HAS_MASK, HAS_BIAS, HAS_GAIN, GAIN_ROWS, HAS_GROUPS, UPCAST, IEEE,
@@ -318,8 +320,9 @@ def _statistics(
     for start_n in range(0, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_offsets = b * skb + kv * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
+        k_mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
         qk = _scores(
-            q, K, k_offsets, offs_m, offs_n, Nq, Nk, qk_scale, b, h,
+            q, K, k_offsets, k_mask, offs_m, offs_n, Nq, Nk, qk_scale, b, h,
             Mask, smb, smm, smn, Bias, sbb, sbh, sbm, sbn, GainKeys, sgkb, sgkn, GainRows, sgrb, sgrm, gain,
             Codes, scb, sch, 0, scn, Codes, 0, 0, 0,
             CAUSAL, HAS_MASK, HAS_BIAS, HAS_GAIN, GAIN_ROWS, False, UPCAST, IEEE,
@@ -398,6 +401,7 @@ def _column_sums(
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k_offsets = b * skb + kv * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
+    k_mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
     sums = tl.zeros([BLOCK_N], tl.float32)
     counts = tl.zeros([BLOCK_N], tl.float32)
     start = 0
@@ -410,7 +414,7 @@ def _column_sums(
             mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D), other=0.0,
         )  # fmt: skip
         qk = _scores(
-            q, K, k_offsets, offs_m, offs_n, Nq, Nk, qk_scale, b, h,
+            q, K, k_offsets, k_mask, offs_m, offs_n, Nq, Nk, qk_scale, b, h,
             Mask, smb, smm, smn, Bias, sbb, sbh, sbm, sbn, Mask, 0, 0, Mask, 0, 0, 0.0,
             Mask, 0, 0, 0, 0, Mask, 0, 0, 0,
             CAUSAL, HAS_MASK, HAS_BIAS, False, False, False, UPCAST, IEEE,
@@ -508,11 +512,13 @@ def _decode_split(
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_offsets = b * skb + kv * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
+        k_mask = (offs_n[:, None] < end) & (offs_d[None, :] < D)
         # rows are heads here: per-row strides are per-head strides, and the one query row is shared
         qk = _scores(
             q,
             K,
             k_offsets,
+            k_mask,
             offs_m,
             offs_n,
             G,

@@ -108,6 +108,29 @@ def test_fully_masked_rows_give_zero_and_minus_infinity(backend):
     assert torch.isneginf(lse[1, :, 2]).all() and torch.isfinite(lse[0]).all()
 
 
+@pytest.mark.parametrize("nq", [13, 1])  # prefill, split-KV decode
+def test_a_head_size_below_the_block_reads_nothing_past_it(nq):
+    """D = 24 runs in 32-wide tiles. q, k and v are views into buffers whose lanes 24..31 hold NaN, as a
+    slice of a fused projection or a larger cache would: a lane read past D would turn the output into NaN."""
+    nk, hq, hkv, d = 21, 4, 2, 24
+    q, k, v, g = tensors(nq, nk, hq, hkv, d)
+
+    def beside_nan(t):
+        buffer = torch.full((*t.shape[:-1], 32), float("nan"))
+        buffer[..., :d] = t
+        return buffer[..., :d]
+
+    q, k, v = beside_nan(q), beside_nan(k), beside_nan(v)
+    for name, edit in edits(2, hq, nq, nk, g).items():
+        expected = kernels.modified_attention(q, k, v, edit, scale=0.3, backend="reference")
+        out = kernels.modified_attention(q, k, v, edit, scale=0.3, backend="triton")
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    sums, counts = kernels.column_stats(q, k, scale=0.3, backend="triton")
+    ref_sums, ref_counts = kernels.column_stats(q, k, scale=0.3, backend="reference")
+    torch.testing.assert_close(sums, ref_sums, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(counts, ref_counts.expand_as(counts))
+
+
 def eager_low_precision(q, k, v, mask, scale):
     """transformers' eager attention: low-precision matmuls, softmax in fp32."""
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
