@@ -128,9 +128,25 @@ def _backend(q: torch.Tensor, k: torch.Tensor, backend: str):
             "backend='triton' runs CUDA tensors; for CPU tensors set TRITON_INTERPRET=1 before importing intervene "
             "(Triton's interpreter, slow: for tests) or use backend='reference'"
         )
+    if not q.is_cuda:
+        _check_interpreter()
     from . import fused
 
     return fused
+
+
+def _check_interpreter() -> None:
+    """Triton's interpreter before 3.7 turns a loop bound into an int with `int(array)`, which NumPy 2.4
+    refuses for the 1-element arrays it holds: every kernel would fail with an InterpreterError."""
+    import numpy
+    import triton
+    from packaging.version import Version
+
+    if Version(triton.__version__) < Version("3.7") and Version(numpy.__version__) >= Version("2.4"):
+        raise RuntimeError(
+            f"Triton {triton.__version__}'s CPU interpreter cannot run with NumPy {numpy.__version__} "
+            "(fixed in Triton 3.7): pip install 'numpy<2.4' or 'triton>=3.7'"
+        )
 
 
 @functools.cache

@@ -44,7 +44,7 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
         )
         lses = [_call(q, k, v, _restricted(edited, codes, group), scale)[1] for group in groups]  # [B, Hq, Nq]
         pivot = lses[0].clamp_min(-1e30)  # a row that sees no key has no mass anywhere
-        biases = rd.row_biases(*(torch.exp(lse - pivot) for lse in lses))  # [B, Hq, Nq, 2]
+        biases = rd.row_biases(*(torch.exp(lse - pivot) for lse in lses)).unbind(-1)  # 2 x [B, Hq, Nq]
 
     def score_mod(score, b, h, qi, ki):
         score = edited(score, b, h, qi, ki)
@@ -53,7 +53,8 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
         code = codes[b, h.clamp_max(codes.shape[1] - 1), ki]
         is_source = (code & Redistribute.SOURCE) != 0
         is_target = ((code & Redistribute.TARGET) != 0) & ~is_source
-        bias = torch.where(is_source, biases[b, h, qi, 0], torch.where(is_target, biases[b, h, qi, 1], 0.0))
+        source_bias, target_bias = biases  # indexed apart: torch 2.6 cannot trace a constant index here
+        bias = torch.where(is_source, source_bias[b, h, qi], torch.where(is_target, target_bias[b, h, qi], 0.0))
         return score + bias
 
     out, lse = _call(q, k, v, score_mod, scale)

@@ -15,6 +15,8 @@ the interpreter's bf16 `tl.dot` is wrong).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -23,7 +25,7 @@ from .edit import AttentionEdit
 from .reference import visible_keys
 
 LOG2E = 1.4426950408889634
-INTERPRET = triton.knobs.runtime.interpret
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # as kernels/__init__ reads it (triton.knobs is 3.4+)
 
 
 @triton.jit
@@ -104,7 +106,7 @@ def _scores(
         bias_source = tl.load(row, mask=offs_m < Nq, other=0.0)
         bias_target = tl.load(row + 1, mask=offs_m < Nq, other=0.0)
         is_source = (code & 1) != 0
-        is_target = ((code & 2) != 0) & ~is_source
+        is_target = ((code & 2) != 0) & ((code & 1) == 0)
         group = tl.where(is_target, bias_target[:, None], 0.0)
         group = tl.where(is_source, bias_source[:, None], group)
         qk = qk + group * 1.4426950408889634
@@ -332,7 +334,7 @@ def _statistics(
         if HAS_CODES:
             code = tl.load(Codes + b * scb + h * sch + offs_n * scn, mask=offs_n < Nk, other=0).to(tl.int32)
             source = (code & 1) != 0
-            target = ((code & 2) != 0) & ~source
+            target = ((code & 2) != 0) & ((code & 1) == 0)
             gate = (code & 4) != 0
             l_source = l_source * rescale + tl.sum(tl.where(source[None, :], p, 0.0), 1)
             l_target = l_target * rescale + tl.sum(tl.where(target[None, :], p, 0.0), 1)

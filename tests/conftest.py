@@ -210,6 +210,18 @@ VLM_FACTORIES = {
 }
 
 
+def _portable_vision_tower(model, seed: int):
+    """Vision towers initialise with truncated normals, which torch releases draw differently (2.6 and 2.13
+    give other patch embeddings from one seed). Redraw the tower's matrices from plain normals (LeCun
+    scale), so that a fixture, and so which heads a gate picks, is the same on every supported torch."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.split(".")[1] in ("vision_tower", "vision_model", "visual") and param.dim() >= 2:
+                fan_in = param[0].numel()
+                param.copy_(torch.randn(param.shape, generator=generator) * fan_in**-0.5)
+
+
 class TinyVLM:
     """A tiny random VLM of one family and a way to build its inputs for prompts of text around one image."""
 
@@ -218,6 +230,7 @@ class TinyVLM:
         self.family = family
         model, self.image_tokens = VLM_FACTORIES[family]()
         self.model = model.eval()
+        _portable_vision_tower(self.model, seed)
         _sharpen(self.model)
 
     def sample(self, before: list[int], after: list[int]) -> list[int]:

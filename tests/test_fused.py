@@ -215,6 +215,19 @@ def test_backend_choice_and_errors():
         kernels.modified_attention(torch.zeros(1, 4, 2, 16), torch.zeros(1, 3, 2, 16), torch.zeros(1, 3, 2, 16))
 
 
+def test_an_interpreter_that_cannot_run_says_what_to_install(monkeypatch):
+    import numpy
+    import triton
+
+    q, k, v, _ = tensors(4, 4, 2, 2, 16)
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    with pytest.raises(RuntimeError, match=r"Triton 3.6.0's CPU interpreter cannot run with NumPy 2.4.6 .*'numpy<2.4'"):
+        kernels.modified_attention(q, k, v, backend="triton")
+    monkeypatch.setattr(numpy, "__version__", "2.3.5")
+    kernels.modified_attention(q, k, v, backend="triton")
+
+
 GPU_LENGTHS = [4096, 16384, 32768]
 ROWS = 256  # rows checked against the fp32 reference (an eager comparator over all rows would not fit at 32k)
 
