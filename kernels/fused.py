@@ -69,9 +69,11 @@ def _scores(
     CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    BIAS_ROWS: tl.constexpr,
     HAS_GAIN: tl.constexpr,
     GAIN_ROWS: tl.constexpr,
     HAS_GROUPS: tl.constexpr,
+    CODE_ROWS: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
@@ -96,12 +98,22 @@ def _scores(
     if HAS_MASK:
         keep = tl.load(Mask + b * smb + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=visible, other=0)
         visible = visible & (keep != 0)
+    # a bias or code that is the same on every row of the tile loads as one [1, BLOCK_N] row: a full tile of
+    # 64-bit addresses costs registers the loop needs (spills, seen in ptxas's report)
     if HAS_BIAS:
-        bias_at = Bias + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn
-        qk = qk + tl.load(bias_at, mask=visible, other=0.0).to(tl.float32) * 1.4426950408889634
+        bias_at = Bias + b * sbb + h * sbh + offs_n[None, :] * sbn
+        if BIAS_ROWS:
+            bias = tl.load(bias_at + offs_m[:, None] * sbm, mask=visible, other=0.0)  # [BLOCK_M, BLOCK_N]
+        else:
+            bias = tl.load(bias_at, mask=offs_n[None, :] < Nk, other=0.0)  # [1, BLOCK_N]
+        qk = qk + bias.to(tl.float32) * 1.4426950408889634
     if HAS_GROUPS:
-        code_at = Codes + b * scb + h * sch + offs_m[:, None] * scm + offs_n[None, :] * scn
-        code = tl.load(code_at, mask=offs_n[None, :] < Nk, other=0).to(tl.int32)  # [BLOCK_M | 1, BLOCK_N]
+        code_at = Codes + b * scb + h * sch + offs_n[None, :] * scn
+        if CODE_ROWS:
+            code = tl.load(code_at + offs_m[:, None] * scm, mask=visible, other=0)  # [BLOCK_M, BLOCK_N]
+        else:
+            code = tl.load(code_at, mask=offs_n[None, :] < Nk, other=0)  # [1, BLOCK_N]
+        code = code.to(tl.int32)
         row = GroupBias + b * sgb_b + h * sgb_h + offs_m * sgb_m
         bias_source = tl.load(row, mask=offs_m < Nq, other=0.0)
         bias_target = tl.load(row + 1, mask=offs_m < Nq, other=0.0)
@@ -191,6 +203,7 @@ def _forward(
     CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    BIAS_ROWS: tl.constexpr,
     HAS_GAIN: tl.constexpr,
     GAIN_ROWS: tl.constexpr,
     HAS_GROUPS: tl.constexpr,
@@ -227,7 +240,7 @@ def _forward(
             q, K, k_offsets, k_mask, offs_m, offs_n, Nq, Nk, qk_scale, b, h,
             Mask, smb, smm, smn, Bias, sbb, sbh, sbm, sbn, GainKeys, sgkb, sgkn, GainRows, sgrb, sgrm, gain,
             Codes, scb, sch, 0, scn, GroupBias, sgb_b, sgb_h, sgb_m,
-            CAUSAL, HAS_MASK, HAS_BIAS, HAS_GAIN, GAIN_ROWS, HAS_GROUPS, UPCAST, IEEE,
+            CAUSAL, HAS_MASK, HAS_BIAS, BIAS_ROWS, HAS_GAIN, GAIN_ROWS, HAS_GROUPS, False, UPCAST, IEEE,
         )  # fmt: skip
         p, rescale, m_i = _softmax_step(qk, m_i)
         l_i = l_i * rescale + tl.sum(p, 1)
@@ -288,6 +301,7 @@ def _statistics(
     CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    BIAS_ROWS: tl.constexpr,
     HAS_GAIN: tl.constexpr,
     GAIN_ROWS: tl.constexpr,
     HAS_CODES: tl.constexpr,
@@ -327,7 +341,7 @@ def _statistics(
             q, K, k_offsets, k_mask, offs_m, offs_n, Nq, Nk, qk_scale, b, h,
             Mask, smb, smm, smn, Bias, sbb, sbh, sbm, sbn, GainKeys, sgkb, sgkn, GainRows, sgrb, sgrm, gain,
             Codes, scb, sch, 0, scn, Codes, 0, 0, 0,
-            CAUSAL, HAS_MASK, HAS_BIAS, HAS_GAIN, GAIN_ROWS, False, UPCAST, IEEE,
+            CAUSAL, HAS_MASK, HAS_BIAS, BIAS_ROWS, HAS_GAIN, GAIN_ROWS, False, False, UPCAST, IEEE,
         )  # fmt: skip
         p, rescale, m_i = _softmax_step(qk, m_i)
         l_all = l_all * rescale + tl.sum(p, 1)
@@ -386,6 +400,7 @@ def _column_sums(
     CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    BIAS_ROWS: tl.constexpr,
     HAS_ROWS: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
@@ -419,7 +434,7 @@ def _column_sums(
             q, K, k_offsets, k_mask, offs_m, offs_n, Nq, Nk, qk_scale, b, h,
             Mask, smb, smm, smn, Bias, sbb, sbh, sbm, sbn, Mask, 0, 0, Mask, 0, 0, 0.0,
             Mask, 0, 0, 0, 0, Mask, 0, 0, 0,
-            CAUSAL, HAS_MASK, HAS_BIAS, False, False, False, UPCAST, IEEE,
+            CAUSAL, HAS_MASK, HAS_BIAS, BIAS_ROWS, False, False, False, False, UPCAST, IEEE,
         )  # fmt: skip
         lse = tl.load(Lse + (b * Hq + h) * Nq + offs_m, mask=offs_m < Nq, other=float("-inf")) * 1.4426950408889634
         take = lse > float("-inf")
@@ -481,9 +496,11 @@ def _decode_split(
     qk_scale,
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    BIAS_ROWS: tl.constexpr,
     HAS_GAIN: tl.constexpr,
     GAIN_ROWS: tl.constexpr,
     HAS_GROUPS: tl.constexpr,
+    CODE_ROWS: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -556,9 +573,11 @@ def _decode_split(
             False,
             HAS_MASK,
             HAS_BIAS,
+            BIAS_ROWS,
             HAS_GAIN,
             GAIN_ROWS,
             HAS_GROUPS,
+            CODE_ROWS,
             UPCAST,
             IEEE,
         )
@@ -597,7 +616,7 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
         return (out, lse) if return_lse else out
     out = torch.empty(B, Nq, Hq, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device) if return_lse else out
-    BLOCK_M, BLOCK_N, BLOCK_D = _blocks(Nq, Nk, D)
+    BLOCK_M, BLOCK_N, BLOCK_D, warps = _blocks(Nq, Nk, D)
     grid = (triton.cdiv(Nq, BLOCK_M), B * Hq)
     _forward[grid](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -605,9 +624,10 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
         *_strided(codes, 3), *_strided(group_bias, 3), *_strided(head_scale, 2),
         Hq, Hq // Hkv, Nq, Nk, common["qk_scale"],
         CAUSAL=common["causal"], HAS_MASK=common["has_mask"], HAS_BIAS=common["has_bias"],
-        HAS_GAIN=common["has_gain"], GAIN_ROWS=common["gain_rows_given"], HAS_GROUPS=codes is not None,
-        HAS_HEAD_SCALE=head_scale is not None, STORE_LSE=return_lse, UPCAST=common["upcast"],
-        IEEE=common["ieee"], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, D=D,
+        BIAS_ROWS=common["bias"][3] != 0, HAS_GAIN=common["has_gain"], GAIN_ROWS=common["gain_rows_given"],
+        HAS_GROUPS=codes is not None, HAS_HEAD_SCALE=head_scale is not None, STORE_LSE=return_lse,
+        UPCAST=common["upcast"], IEEE=common["ieee"], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, D=D,
+        num_warps=warps,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
@@ -661,9 +681,11 @@ def _decode(q, k, v, common: dict, codes, group_bias):
         common["qk_scale"],
         HAS_MASK=common["has_mask"],
         HAS_BIAS=common["has_bias"],
+        BIAS_ROWS=bias[2] != 0,  # the tile's rows are the query heads: a per-head bias differs along them
         HAS_GAIN=common["has_gain"],
         GAIN_ROWS=common["gain_rows_given"],
         HAS_GROUPS=codes is not None,
+        CODE_ROWS=codes is not None and codes.shape[1] > 1,
         UPCAST=common["upcast"],
         IEEE=common["ieee"],
         BLOCK_M=max(16, triton.next_power_of_2(G)),
@@ -688,12 +710,14 @@ def column_stats(q, k, *, attention_mask, scale, causal, query_mask, key_bias):
     sums = torch.empty(B, Hq, Nk, dtype=torch.float32, device=q.device)
     counts = torch.empty_like(sums)
     rows = None if query_mask is None else query_mask.to(device=q.device, dtype=torch.int8)
-    BLOCK_M, BLOCK_N, BLOCK_D = _blocks(Nq, Nk, D)
+    BLOCK_M, BLOCK_N, BLOCK_D, warps = _blocks(Nq, Nk, D)
     _column_sums[(triton.cdiv(Nk, BLOCK_N), B * Hq)](
         q, k, lse, sums, counts, *q.stride(), *k.stride(), *_strided(rows, 2),
         *common["mask"], *common["bias"], Hq, Hq // Hkv, Nq, Nk, common["qk_scale"],
-        CAUSAL=common["causal"], HAS_MASK=common["has_mask"], HAS_BIAS=common["has_bias"], HAS_ROWS=rows is not None,
+        CAUSAL=common["causal"], HAS_MASK=common["has_mask"], HAS_BIAS=common["has_bias"],
+        BIAS_ROWS=common["bias"][3] != 0, HAS_ROWS=rows is not None,
         UPCAST=common["upcast"], IEEE=common["ieee"], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, D=D,
+        num_warps=warps,
     )  # fmt: skip
     return sums, counts
 
@@ -726,14 +750,16 @@ def _run_statistics(q, k, common: dict, codes) -> torch.Tensor:
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     stats = torch.empty(6, B, Hq, Nq, dtype=torch.float32, device=q.device)
-    BLOCK_M, BLOCK_N, BLOCK_D = _blocks(Nq, Nk, D)
+    BLOCK_M, BLOCK_N, BLOCK_D, warps = _blocks(Nq, Nk, D)
     _statistics[(triton.cdiv(Nq, BLOCK_M), B * Hq)](
         q, k, stats, *q.stride(), *k.stride(),
         *common["mask"], *common["bias"], *common["gain_keys"], *common["gain_rows"], common["gain"],
         *_strided(codes, 3), Hq, Hq // Hkv, Nq, Nk, common["qk_scale"],
         CAUSAL=common["causal"], HAS_MASK=common["has_mask"], HAS_BIAS=common["has_bias"],
-        HAS_GAIN=common["has_gain"], GAIN_ROWS=common["gain_rows_given"], HAS_CODES=codes is not None,
+        BIAS_ROWS=common["bias"][3] != 0, HAS_GAIN=common["has_gain"], GAIN_ROWS=common["gain_rows_given"],
+        HAS_CODES=codes is not None,
         UPCAST=common["upcast"], IEEE=common["ieee"], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, D=D,
+        num_warps=warps,
     )  # fmt: skip
     return stats
 
@@ -746,8 +772,12 @@ def _strided(t, dims: int):
     return (t, *strides[:dims])
 
 
-def _blocks(Nq: int, Nk: int, D: int) -> tuple[int, int, int]:
+def _blocks(Nq: int, Nk: int, D: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps), chosen from ptxas's resource report (`bench/kernel_resources.py`,
+    sm_80 and sm_90), not yet from timings: every kernel and edit then runs without register spills, in the
+    shared memory of an A100 as of an H100. Up to D = 128, 4 warps spill the 128-row accumulator; at D = 256 the
+    128 x 64 tiles need more shared memory than an H100 has."""
     block_d = max(16, triton.next_power_of_2(D))
     if INTERPRET:  # the interpreter's cost grows with programs x iterations, not with block size
-        return 32, 32, block_d
-    return (128, 64, block_d) if D > 64 else (128, 128, block_d)
+        return 32, 32, block_d, 4
+    return (128, 64, block_d, 8) if block_d <= 128 else (64, 32, block_d, 4)
