@@ -627,7 +627,7 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
         BIAS_ROWS=common["bias"][3] != 0, HAS_GAIN=common["has_gain"], GAIN_ROWS=common["gain_rows_given"],
         HAS_GROUPS=codes is not None, HAS_HEAD_SCALE=head_scale is not None, STORE_LSE=return_lse,
         UPCAST=common["upcast"], IEEE=common["ieee"], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, D=D,
-        num_warps=warps,
+        num_warps=warps, num_stages=2 if common["bias"][3] != 0 else 3,  # a bias tile per stage: A100's limit
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
