@@ -217,9 +217,11 @@ def _forward(
     D: tl.constexpr,
 ):
     start_m = tl.program_id(0)
-    b = tl.program_id(1) // Hq
+    b = (tl.program_id(1) // Hq).to(tl.int64)  # batch offsets pass 2**31 elements at 32k tokens and B >= 16
     h = tl.program_id(1) % Hq
     kv = h // G  # GQA: the key/value head this query head reads
+    keys = K + b * skb + kv * skh  # this batch row's key head: per-tile offsets stay int32
+    values = V + b * svb + kv * svh
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = tl.load(
@@ -234,19 +236,19 @@ def _forward(
         end = tl.minimum(Nk, (start_m + 1) * BLOCK_M + Nk - Nq)
     for start_n in range(0, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_offsets = b * skb + kv * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
+        k_offsets = offs_n[:, None] * skn + offs_d[None, :] * skd
         k_mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
         qk = _scores(
-            q, K, k_offsets, k_mask, offs_m, offs_n, Nq, Nk, qk_scale, b, h,
+            q, keys, k_offsets, k_mask, offs_m, offs_n, Nq, Nk, qk_scale, b, h,
             Mask, smb, smm, smn, Bias, sbb, sbh, sbm, sbn, GainKeys, sgkb, sgkn, GainRows, sgrb, sgrm, gain,
             Codes, scb, sch, 0, scn, GroupBias, sgb_b, sgb_h, sgb_m,
             CAUSAL, HAS_MASK, HAS_BIAS, BIAS_ROWS, HAS_GAIN, GAIN_ROWS, HAS_GROUPS, False, UPCAST, IEEE,
         )  # fmt: skip
         p, rescale, m_i = _softmax_step(qk, m_i)
         l_i = l_i * rescale + tl.sum(p, 1)
-        v_offsets = b * svb + kv * svh + offs_n[:, None] * svn + offs_d[None, :] * svd
+        v_offsets = offs_n[:, None] * svn + offs_d[None, :] * svd
         v_mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
-        acc = acc * rescale[:, None] + _weighted_values(p, V, v_offsets, v_mask, UPCAST, IEEE)
+        acc = acc * rescale[:, None] + _weighted_values(p, values, v_offsets, v_mask, UPCAST, IEEE)
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     if HAS_HEAD_SCALE:
@@ -315,9 +317,10 @@ def _statistics(
     """Per row: the running max and the partial sums over all keys, source, target, gate and
     gate-and-source keys, all against that max. Stats is [6, B, Hq, Nq] fp32 (max in base 2)."""
     start_m = tl.program_id(0)
-    b = tl.program_id(1) // Hq
+    b = (tl.program_id(1) // Hq).to(tl.int64)
     h = tl.program_id(1) % Hq
     kv = h // G
+    keys = K + b * skb + kv * skh  # this batch row's key head: per-tile offsets stay int32
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = tl.load(
@@ -335,10 +338,10 @@ def _statistics(
         end = tl.minimum(Nk, (start_m + 1) * BLOCK_M + Nk - Nq)
     for start_n in range(0, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_offsets = b * skb + kv * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
+        k_offsets = offs_n[:, None] * skn + offs_d[None, :] * skd
         k_mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
         qk = _scores(
-            q, K, k_offsets, k_mask, offs_m, offs_n, Nq, Nk, qk_scale, b, h,
+            q, keys, k_offsets, k_mask, offs_m, offs_n, Nq, Nk, qk_scale, b, h,
             Mask, smb, smm, smn, Bias, sbb, sbh, sbm, sbn, GainKeys, sgkb, sgkn, GainRows, sgrb, sgrm, gain,
             Codes, scb, sch, 0, scn, Codes, 0, 0, 0,
             CAUSAL, HAS_MASK, HAS_BIAS, BIAS_ROWS, HAS_GAIN, GAIN_ROWS, False, False, UPCAST, IEEE,
@@ -412,12 +415,13 @@ def _column_sums(
     """For one block of keys: the probability each receives, summed over the selected query rows
     (from the rows' LSE, no N x N), and how many selected rows see it. No atomics."""
     start_n = tl.program_id(0)
-    b = tl.program_id(1) // Hq
+    b = (tl.program_id(1) // Hq).to(tl.int64)
     h = tl.program_id(1) % Hq
     kv = h // G
+    keys = K + b * skb + kv * skh  # this batch row's key head: per-tile offsets stay int32
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k_offsets = b * skb + kv * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
+    k_offsets = offs_n[:, None] * skn + offs_d[None, :] * skd
     k_mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
     sums = tl.zeros([BLOCK_N], tl.float32)
     counts = tl.zeros([BLOCK_N], tl.float32)
@@ -431,7 +435,7 @@ def _column_sums(
             mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D), other=0.0,
         )  # fmt: skip
         qk = _scores(
-            q, K, k_offsets, k_mask, offs_m, offs_n, Nq, Nk, qk_scale, b, h,
+            q, keys, k_offsets, k_mask, offs_m, offs_n, Nq, Nk, qk_scale, b, h,
             Mask, smb, smm, smn, Bias, sbb, sbh, sbm, sbn, Mask, 0, 0, Mask, 0, 0, 0.0,
             Mask, 0, 0, 0, 0, Mask, 0, 0, 0,
             CAUSAL, HAS_MASK, HAS_BIAS, BIAS_ROWS, False, False, False, False, UPCAST, IEEE,
@@ -512,8 +516,10 @@ def _decode_split(
     key/value head are the rows of the tile, so each chunk of K and V is read once for all of them.
     Writes the chunk's running max, sum and unnormalised output; `_combine` merges the chunks."""
     Hkv = Hq // G
-    b = tl.program_id(0) // Hkv
+    b = (tl.program_id(0) // Hkv).to(tl.int64)
     kv = tl.program_id(0) % Hkv
+    keys = K + b * skb + kv * skh  # this batch row's key head: per-tile offsets stay int32
+    values = V + b * svb + kv * svh
     split = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)  # query heads kv * G + offs_m
     offs_d = tl.arange(0, BLOCK_D)
@@ -530,12 +536,12 @@ def _decode_split(
     end = tl.minimum(Nk, start + chunk)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_offsets = b * skb + kv * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
+        k_offsets = offs_n[:, None] * skn + offs_d[None, :] * skd
         k_mask = (offs_n[:, None] < end) & (offs_d[None, :] < D)
         # rows are heads here: per-row strides are per-head strides, and the one query row is shared
         qk = _scores(
             q,
-            K,
+            keys,
             k_offsets,
             k_mask,
             offs_m,
@@ -583,9 +589,9 @@ def _decode_split(
         )
         p, rescale, m_i = _softmax_step(qk, m_i)
         l_i = l_i * rescale + tl.sum(p, 1)
-        v_offsets = b * svb + kv * svh + offs_n[:, None] * svn + offs_d[None, :] * svd
+        v_offsets = offs_n[:, None] * svn + offs_d[None, :] * svd
         v_mask = (offs_n[:, None] < end) & (offs_d[None, :] < D)
-        acc = acc * rescale[:, None] + _weighted_values(p, V, v_offsets, v_mask, UPCAST, IEEE)
+        acc = acc * rescale[:, None] + _weighted_values(p, values, v_offsets, v_mask, UPCAST, IEEE)
     slot = (b * Hq + first_head + offs_m) * n_splits + split  # [BLOCK_M] in [B, Hq, n_splits]
     valid = offs_m < G
     tl.store(PartMax + slot, m_i, mask=valid)
