@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .edit import AttentionEdit
+from .edit import AttentionEdit, Redistribute
 from .reference import visible_keys
 
 LOG2E = 1.4426950408889634
@@ -60,7 +60,6 @@ def _scores(
     Codes,
     scb,
     sch,
-    scm,
     scn,
     GroupBias,
     sgb_b,
@@ -73,7 +72,6 @@ def _scores(
     HAS_GAIN: tl.constexpr,
     GAIN_ROWS: tl.constexpr,
     HAS_GROUPS: tl.constexpr,
-    CODE_ROWS: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
@@ -98,7 +96,7 @@ def _scores(
     if HAS_MASK:
         keep = tl.load(Mask + b * smb + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=visible, other=0)
         visible = visible & (keep != 0)
-    # a bias or code that is the same on every row of the tile loads as one [1, BLOCK_N] row: a full tile of
+    # a bias that is the same on every row of the tile loads as one [1, BLOCK_N] row: a full tile of
     # 64-bit addresses costs registers the loop needs (spills, seen in ptxas's report)
     if HAS_BIAS:
         bias_at = Bias + b * sbb + h * sbh + offs_n[None, :] * sbn
@@ -109,11 +107,7 @@ def _scores(
         qk = qk + bias.to(tl.float32) * 1.4426950408889634
     if HAS_GROUPS:
         code_at = Codes + b * scb + h * sch + offs_n[None, :] * scn
-        if CODE_ROWS:
-            code = tl.load(code_at + offs_m[:, None] * scm, mask=visible, other=0)  # [BLOCK_M, BLOCK_N]
-        else:
-            code = tl.load(code_at, mask=offs_n[None, :] < Nk, other=0)  # [1, BLOCK_N]
-        code = code.to(tl.int32)
+        code = tl.load(code_at, mask=offs_n[None, :] < Nk, other=0).to(tl.int32)  # [1, BLOCK_N]
         row = GroupBias + b * sgb_b + h * sgb_h + offs_m * sgb_m
         bias_source = tl.load(row, mask=offs_m < Nq, other=0.0)
         bias_target = tl.load(row + 1, mask=offs_m < Nq, other=0.0)
@@ -135,9 +129,8 @@ def _softmax_step(qk, m_i):
 
 
 @triton.jit
-def _weighted_values(p, V, v_offsets, v_mask, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """`p @ V` for one tile: fp32 under the interpreter's bf16 and for fp32 inputs, else in V's dtype."""
-    v = tl.load(V + v_offsets, mask=v_mask, other=0.0)
+def _weighted_values(p, v, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """`p @ v` for one tile: fp32 under the interpreter's bf16 and for fp32 inputs, else in v's dtype."""
     if UPCAST:
         return tl.dot(p, v.to(tl.float32))
     if IEEE:
@@ -241,14 +234,13 @@ def _forward(
         qk = _scores(
             q, keys, k_offsets, k_mask, offs_m, offs_n, Nq, Nk, qk_scale, b, h,
             Mask, smb, smm, smn, Bias, sbb, sbh, sbm, sbn, GainKeys, sgkb, sgkn, GainRows, sgrb, sgrm, gain,
-            Codes, scb, sch, 0, scn, GroupBias, sgb_b, sgb_h, sgb_m,
-            CAUSAL, HAS_MASK, HAS_BIAS, BIAS_ROWS, HAS_GAIN, GAIN_ROWS, HAS_GROUPS, False, UPCAST, IEEE,
+            Codes, scb, sch, scn, GroupBias, sgb_b, sgb_h, sgb_m,
+            CAUSAL, HAS_MASK, HAS_BIAS, BIAS_ROWS, HAS_GAIN, GAIN_ROWS, HAS_GROUPS, UPCAST, IEEE,
         )  # fmt: skip
         p, rescale, m_i = _softmax_step(qk, m_i)
         l_i = l_i * rescale + tl.sum(p, 1)
-        v_offsets = offs_n[:, None] * svn + offs_d[None, :] * svd
-        v_mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
-        acc = acc * rescale[:, None] + _weighted_values(p, values, v_offsets, v_mask, UPCAST, IEEE)
+        v = tl.load(values + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=k_mask, other=0.0)
+        acc = acc * rescale[:, None] + _weighted_values(p, v, UPCAST, IEEE)
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     if HAS_HEAD_SCALE:
@@ -343,8 +335,8 @@ def _statistics(
         qk = _scores(
             q, keys, k_offsets, k_mask, offs_m, offs_n, Nq, Nk, qk_scale, b, h,
             Mask, smb, smm, smn, Bias, sbb, sbh, sbm, sbn, GainKeys, sgkb, sgkn, GainRows, sgrb, sgrm, gain,
-            Codes, scb, sch, 0, scn, Codes, 0, 0, 0,
-            CAUSAL, HAS_MASK, HAS_BIAS, BIAS_ROWS, HAS_GAIN, GAIN_ROWS, False, False, UPCAST, IEEE,
+            Codes, scb, sch, scn, Codes, 0, 0, 0,
+            CAUSAL, HAS_MASK, HAS_BIAS, BIAS_ROWS, HAS_GAIN, GAIN_ROWS, False, UPCAST, IEEE,
         )  # fmt: skip
         p, rescale, m_i = _softmax_step(qk, m_i)
         l_all = l_all * rescale + tl.sum(p, 1)
@@ -437,8 +429,8 @@ def _column_sums(
         qk = _scores(
             q, keys, k_offsets, k_mask, offs_m, offs_n, Nq, Nk, qk_scale, b, h,
             Mask, smb, smm, smn, Bias, sbb, sbh, sbm, sbn, Mask, 0, 0, Mask, 0, 0, 0.0,
-            Mask, 0, 0, 0, 0, Mask, 0, 0, 0,
-            CAUSAL, HAS_MASK, HAS_BIAS, BIAS_ROWS, False, False, False, False, UPCAST, IEEE,
+            Mask, 0, 0, 0, Mask, 0, 0, 0,
+            CAUSAL, HAS_MASK, HAS_BIAS, BIAS_ROWS, False, False, False, UPCAST, IEEE,
         )  # fmt: skip
         lse = tl.load(Lse + (b * Hq + h) * Nq + offs_m, mask=offs_m < Nq, other=float("-inf")) * 1.4426950408889634
         take = lse > float("-inf")
@@ -489,9 +481,6 @@ def _decode_split(
     scb,
     sch,
     scn,
-    GroupBias,
-    sgb_b,
-    sgb_h,
     Hq,
     G,
     Nk,
@@ -503,7 +492,7 @@ def _decode_split(
     BIAS_ROWS: tl.constexpr,
     HAS_GAIN: tl.constexpr,
     GAIN_ROWS: tl.constexpr,
-    HAS_GROUPS: tl.constexpr,
+    GROUP_SUMS: tl.constexpr,
     CODE_ROWS: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
@@ -514,7 +503,13 @@ def _decode_split(
 ):
     """One decoding row against one chunk of the KV cache (flash-decoding). The G query heads sharing a
     key/value head are the rows of the tile, so each chunk of K and V is read once for all of them.
-    Writes the chunk's running max, sum and unnormalised output; `_combine` merges the chunks."""
+    Writes the chunk's running max, sums and unnormalised outputs; `_decode` merges the chunks.
+
+    With GROUP_SUMS (redistribution) the sums and outputs are kept apart for source, target and other
+    keys, and the gate masses are summed too: the group biases depend on the whole row's masses, but
+    they scale each group's part of the output by one factor, so `_decode` applies them after merging,
+    and the cache is read once (no statistics pass). PartSum then holds 5 sums (source, target, other,
+    gate, gate and source) and PartOut 3 outputs (source, target, other) per row and chunk."""
     Hkv = Hq // G
     b = (tl.program_id(0) // Hkv).to(tl.int64)
     kv = tl.program_id(0) % Hkv
@@ -530,8 +525,14 @@ def _decode_split(
         other=0.0,
     )
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # l_i and acc: all keys, or the source keys with GROUP_SUMS
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    l_target = tl.zeros([BLOCK_M], tl.float32)
+    l_other = tl.zeros([BLOCK_M], tl.float32)
+    l_gate = tl.zeros([BLOCK_M], tl.float32)
+    l_gate_source = tl.zeros([BLOCK_M], tl.float32)
+    acc_target = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc_other = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     start = split * chunk
     end = tl.minimum(Nk, start + chunk)
     for start_n in range(start, end, BLOCK_N):
@@ -540,63 +541,55 @@ def _decode_split(
         k_mask = (offs_n[:, None] < end) & (offs_d[None, :] < D)
         # rows are heads here: per-row strides are per-head strides, and the one query row is shared
         qk = _scores(
-            q,
-            keys,
-            k_offsets,
-            k_mask,
-            offs_m,
-            offs_n,
-            G,
-            end,
-            qk_scale,
-            b,
-            first_head,
-            Mask,
-            smb,
-            0,
-            smn,
-            Bias,
-            sbb,
-            sbh,
-            sbh,
-            sbn,
-            GainKeys,
-            sgkb,
-            sgkn,
-            GainRows,
-            sgrb,
-            0,
-            gain,
-            Codes,
-            scb,
-            sch,
-            sch,
-            scn,
-            GroupBias,
-            sgb_b,
-            sgb_h,
-            sgb_h,
-            False,
-            HAS_MASK,
-            HAS_BIAS,
-            BIAS_ROWS,
-            HAS_GAIN,
-            GAIN_ROWS,
-            HAS_GROUPS,
-            CODE_ROWS,
-            UPCAST,
-            IEEE,
-        )
+            q, keys, k_offsets, k_mask, offs_m, offs_n, G, end, qk_scale, b, first_head,
+            Mask, smb, 0, smn, Bias, sbb, sbh, sbh, sbn, GainKeys, sgkb, sgkn, GainRows, sgrb, 0, gain,
+            Codes, 0, 0, 0, Codes, 0, 0, 0,
+            False, HAS_MASK, HAS_BIAS, BIAS_ROWS, HAS_GAIN, GAIN_ROWS, False, UPCAST, IEEE,
+        )  # fmt: skip
         p, rescale, m_i = _softmax_step(qk, m_i)
-        l_i = l_i * rescale + tl.sum(p, 1)
-        v_offsets = offs_n[:, None] * svn + offs_d[None, :] * svd
-        v_mask = (offs_n[:, None] < end) & (offs_d[None, :] < D)
-        acc = acc * rescale[:, None] + _weighted_values(p, values, v_offsets, v_mask, UPCAST, IEEE)
+        v = tl.load(values + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=k_mask, other=0.0)
+        if GROUP_SUMS:
+            code_at = Codes + b * scb + first_head * sch + offs_n[None, :] * scn
+            if CODE_ROWS:  # codes per head: differ along the tile's rows
+                heads_keys = (offs_m[:, None] < G) & (offs_n[None, :] < end)
+                code = tl.load(code_at + offs_m[:, None] * sch, mask=heads_keys, other=0)  # [BLOCK_M, BLOCK_N]
+            else:
+                code = tl.load(code_at, mask=offs_n[None, :] < end, other=0)  # [1, BLOCK_N]
+            code = code.to(tl.int32)
+            source = (code & 1) != 0
+            target = ((code & 2) != 0) & ((code & 1) == 0)
+            gate = (code & 4) != 0
+            p_source = tl.where(source, p, 0.0)
+            p_target = tl.where(target, p, 0.0)
+            p_other = tl.where(source | target, 0.0, p)
+            l_i = l_i * rescale + tl.sum(p_source, 1)
+            l_target = l_target * rescale + tl.sum(p_target, 1)
+            l_other = l_other * rescale + tl.sum(p_other, 1)
+            l_gate = l_gate * rescale + tl.sum(tl.where(gate, p, 0.0), 1)
+            l_gate_source = l_gate_source * rescale + tl.sum(tl.where(gate, p_source, 0.0), 1)
+            acc = acc * rescale[:, None] + _weighted_values(p_source, v, UPCAST, IEEE)
+            acc_target = acc_target * rescale[:, None] + _weighted_values(p_target, v, UPCAST, IEEE)
+            acc_other = acc_other * rescale[:, None] + _weighted_values(p_other, v, UPCAST, IEEE)
+        else:
+            l_i = l_i * rescale + tl.sum(p, 1)
+            acc = acc * rescale[:, None] + _weighted_values(p, v, UPCAST, IEEE)
     slot = (b * Hq + first_head + offs_m) * n_splits + split  # [BLOCK_M] in [B, Hq, n_splits]
     valid = offs_m < G
+    out_at = PartOut + slot[:, None] * D * (3 if GROUP_SUMS else 1) + offs_d[None, :]
+    out_valid = valid[:, None] & (offs_d[None, :] < D)
     tl.store(PartMax + slot, m_i, mask=valid)
-    tl.store(PartSum + slot, l_i, mask=valid)
-    tl.store(PartOut + slot[:, None] * D + offs_d[None, :], acc, mask=valid[:, None] & (offs_d[None, :] < D))
+    tl.store(out_at, acc, mask=out_valid)
+    if GROUP_SUMS:
+        sums_at = PartSum + slot * 5
+        tl.store(sums_at, l_i, mask=valid)
+        tl.store(sums_at + 1, l_target, mask=valid)
+        tl.store(sums_at + 2, l_other, mask=valid)
+        tl.store(sums_at + 3, l_gate, mask=valid)
+        tl.store(sums_at + 4, l_gate_source, mask=valid)
+        tl.store(out_at + D, acc_target, mask=out_valid)
+        tl.store(out_at + 2 * D, acc_other, mask=out_valid)
+    else:
+        tl.store(PartSum + slot, l_i, mask=valid)
 
 
 # --- launchers ----------------------------------------------------------------------------------
@@ -606,20 +599,20 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     common = _common(q, k, edit, attention_mask, scale, causal)
+    head_scale = None
+    if edit.head_scale is not None:
+        head_scale = edit.head_scale.to(device=q.device, dtype=torch.float32).expand(B, Hq)
+    if Nq == 1 and v.shape[-1] == D:
+        out, lse = _decode(q, k, v, common, edit.redistribute)
+        if head_scale is not None:
+            out = out * head_scale[:, None, :, None]
+        out = out.to(q.dtype)
+        return (out, lse) if return_lse else out
     codes, group_bias = None, None
     if edit.redistribute is not None:
         codes = edit.redistribute.key_codes(B, Nk, q.device)
         _, *masses = _run_statistics(q, k, common, codes)
         group_bias = edit.redistribute.row_biases(*masses)  # [B, Hq, Nq, 2]
-    head_scale = None
-    if edit.head_scale is not None:
-        head_scale = edit.head_scale.to(device=q.device, dtype=torch.float32).expand(B, Hq)
-    if Nq == 1 and v.shape[-1] == D:
-        out, lse = _decode(q, k, v, common, codes, group_bias)
-        if head_scale is not None:
-            out = out * head_scale[:, None, :, None]
-        out = out.to(q.dtype)
-        return (out, lse) if return_lse else out
     out = torch.empty(B, Nq, Hq, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device) if return_lse else out
     BLOCK_M, BLOCK_N, BLOCK_D, warps = _blocks(Nq, Nk, D)
@@ -638,8 +631,9 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
     return (out, lse) if return_lse else out
 
 
-def _decode(q, k, v, common: dict, codes, group_bias):
-    """Split-KV decoding: `_decode_split` over chunks of the cache, then the chunks combined (fp32)."""
+def _decode(q, k, v, common: dict, redistribute: Redistribute | None):
+    """Split-KV decoding: `_decode_split` over chunks of the cache, then the chunks combined (fp32). A
+    redistribution is applied in the combine, from the per-group sums, so the cache is read once."""
     B, Hq, _, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -650,59 +644,37 @@ def _decode(q, k, v, common: dict, codes, group_bias):
         n_splits = triton.cdiv(Nk, BLOCK_N)  # exercise the combine on toy sizes
     chunk = triton.cdiv(triton.cdiv(Nk, n_splits), BLOCK_N) * BLOCK_N
     n_splits = triton.cdiv(Nk, chunk)
+    codes = None if redistribute is None else redistribute.key_codes(B, Nk, q.device)  # [B, Hq|1, Nk]
+    sums, outs = (1, 1) if codes is None else (5, 3)  # see _decode_split
     part_max = torch.empty(B, Hq, n_splits, dtype=torch.float32, device=q.device)
-    part_sum = torch.empty_like(part_max)
-    part_out = torch.empty(B, Hq, n_splits, D, dtype=torch.float32, device=q.device)
+    part_sum = torch.empty(B, Hq, n_splits, sums, dtype=torch.float32, device=q.device)
+    part_out = torch.empty(B, Hq, n_splits, outs, D, dtype=torch.float32, device=q.device)
     mask, bias, gain_keys, gain_rows = common["mask"], common["bias"], common["gain_keys"], common["gain_rows"]
     _decode_split[(B * Hkv, n_splits)](
-        q,
-        k,
-        v,
-        part_max,
-        part_sum,
-        part_out,
-        q.stride(0),
-        q.stride(1),
-        q.stride(3),
-        *k.stride(),
-        *v.stride(),
-        mask[0],
-        mask[1],
-        mask[3],
-        bias[0],
-        bias[1],
-        bias[2],
-        bias[4],
-        *gain_keys,
-        gain_rows[0],
-        gain_rows[1],
-        common["gain"],
-        *_strided(codes, 3),
-        *_strided(group_bias, 2),
-        Hq,
-        G,
-        Nk,
-        chunk,
-        n_splits,
-        common["qk_scale"],
-        HAS_MASK=common["has_mask"],
-        HAS_BIAS=common["has_bias"],
+        q, k, v, part_max, part_sum, part_out, q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(),
+        mask[0], mask[1], mask[3], bias[0], bias[1], bias[2], bias[4], *gain_keys, gain_rows[0], gain_rows[1],
+        common["gain"], *_strided(codes, 3), Hq, G, Nk, chunk, n_splits, common["qk_scale"],
+        HAS_MASK=common["has_mask"], HAS_BIAS=common["has_bias"],
         BIAS_ROWS=bias[2] != 0,  # the tile's rows are the query heads: a per-head bias differs along them
-        HAS_GAIN=common["has_gain"],
-        GAIN_ROWS=common["gain_rows_given"],
-        HAS_GROUPS=codes is not None,
-        CODE_ROWS=codes is not None and codes.shape[1] > 1,
-        UPCAST=common["upcast"],
-        IEEE=common["ieee"],
-        BLOCK_M=max(16, triton.next_power_of_2(G)),
-        BLOCK_N=BLOCK_N,
-        BLOCK_D=max(16, triton.next_power_of_2(D)),
-        D=D,
-    )
+        HAS_GAIN=common["has_gain"], GAIN_ROWS=common["gain_rows_given"],
+        GROUP_SUMS=codes is not None, CODE_ROWS=codes is not None and codes.shape[1] > 1,
+        UPCAST=common["upcast"], IEEE=common["ieee"], BLOCK_M=max(16, triton.next_power_of_2(G)), BLOCK_N=BLOCK_N,
+        BLOCK_D=max(16, triton.next_power_of_2(D)), D=D,
+        num_warps=8 if codes is not None and D > 128 else 4,  # three [G, 256] accumulators spill on 4 warps
+    )  # fmt: skip
     top = part_max.amax(dim=-1, keepdim=True)  # [B, Hq, 1], base 2
     weight = torch.exp2(part_max - torch.where(torch.isinf(top), 0.0, top))  # empty chunks weigh 0
-    total = (part_sum * weight).sum(dim=-1)  # [B, Hq]
-    out = (part_out * weight[..., None]).sum(dim=2) / torch.where(total > 0, total, 1.0)[..., None]
+    sums = (part_sum * weight[..., None]).sum(dim=2)  # [B, Hq, 1 | 5]
+    outs = (part_out * weight[..., None, None]).sum(dim=2)  # [B, Hq, 1 | 3, D]
+    if codes is None:
+        total, out = sums[..., 0], outs[:, :, 0]
+    else:  # each group's part scaled by its bias; the row's normaliser is unchanged by construction
+        source, target, other, gate, gate_source = (m[..., None] for m in sums.unbind(-1))  # [B, Hq, 1]
+        biases = redistribute.row_biases(source + target + other, source, target, gate, gate_source)
+        factors = biases[:, :, 0].exp()  # [B, Hq, 2]: source, target
+        total = factors[..., 0] * sums[..., 0] + factors[..., 1] * sums[..., 1] + sums[..., 2]
+        out = factors[..., :1] * outs[:, :, 0] + factors[..., 1:] * outs[:, :, 1] + outs[:, :, 2]
+    out = out / torch.where(total > 0, total, 1.0)[..., None]
     lse = torch.where(total > 0, (top[..., 0] + torch.log2(total.clamp_min(1e-38))) / LOG2E, float("-inf"))
     return out[:, None], lse[..., None]  # [B, 1, Hq, D] fp32, [B, Hq, 1]
 

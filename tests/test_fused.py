@@ -257,6 +257,8 @@ def test_real_sizes_in_bf16_on_the_gpu(n):
     ours = kernels.modified_attention(q, k, v, edit, backend="triton")[:, -ROWS:].float()
     exact = kernels.modified_attention(tail.float(), k.float(), v.float(), edit, backend="reference")
     assert (ours - exact).norm() / exact.norm() < 5e-3  # RMS-relative, as flash-linear-attention checks
+    decode = kernels.modified_attention(q[:, :, -1:], k, v, edit, backend="triton").float()  # one pass, no statistics
+    torch.testing.assert_close(decode, ours[:, -1:], atol=2e-2, rtol=0)
     prefill = kernels.modified_attention(q, k, v, AttentionEdit(key_bias=bias), backend="triton")
     decode = kernels.modified_attention(q[:, :, -1:], k, v, AttentionEdit(key_bias=bias), backend="triton")
     torch.testing.assert_close(decode, prefill[:, -1:], atol=2e-2, rtol=0)
