@@ -189,11 +189,14 @@ def test_a_model_gives_the_same_logits_through_either_backend(monkeypatch):
     model = build("llama")
     ids, mask = left_padded([prompt(9, 1), prompt(5, 2)])
 
-    def run():
+    def run():  # the prompt's logits, then 3 greedy steps decoded one row at a time against the cache
         act = intervene.apply(model, "act", beta=0.3, layers="all")
         zerotuning = intervene.apply(model, "zerotuning", gamma=2.0)
         with act, zerotuning, torch.no_grad():
-            return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+            prompt_logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+            steps = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                                   output_logits=True, return_dict_in_generate=True, pad_token_id=0)  # fmt: skip
+        return prompt_logits, torch.stack(steps.logits, dim=1)
 
     expected = run()
     from intervene.kernels import fused
