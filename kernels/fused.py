@@ -623,10 +623,10 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
         *_strided(codes, 3), *_strided(group_bias, 3), *_strided(head_scale, 2),
         Hq, Hq // Hkv, Nq, Nk, common["qk_scale"],
         CAUSAL=common["causal"], HAS_MASK=common["has_mask"], HAS_BIAS=common["has_bias"],
-        BIAS_ROWS=common["bias"][3] != 0, HAS_GAIN=common["has_gain"], GAIN_ROWS=common["gain_rows_given"],
+        BIAS_ROWS=common["bias_rows"], HAS_GAIN=common["has_gain"], GAIN_ROWS=common["gain_rows_given"],
         HAS_GROUPS=codes is not None, HAS_HEAD_SCALE=head_scale is not None, STORE_LSE=return_lse,
         UPCAST=common["upcast"], IEEE=common["ieee"], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, D=D,
-        num_warps=warps, num_stages=2 if common["bias"][3] != 0 else 3,  # a bias tile per stage: A100's limit
+        num_warps=warps, num_stages=2 if common["bias_rows"] else 3,  # a bias tile per stage: A100's limit
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
@@ -693,7 +693,7 @@ def column_stats(q, k, *, attention_mask, scale, causal, query_mask, key_bias):
         q, k, lse, sums, counts, *q.stride(), *k.stride(), *_strided(rows, 2),
         *common["mask"], *common["bias"], Hq, Hq // Hkv, Nq, Nk, common["qk_scale"],
         CAUSAL=common["causal"], HAS_MASK=common["has_mask"], HAS_BIAS=common["has_bias"],
-        BIAS_ROWS=common["bias"][3] != 0, HAS_ROWS=rows is not None,
+        BIAS_ROWS=common["bias_rows"], HAS_ROWS=rows is not None,
         UPCAST=common["upcast"], IEEE=common["ieee"], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, D=D,
         num_warps=warps,
     )  # fmt: skip
@@ -714,9 +714,11 @@ def _common(q, k, edit: AttentionEdit, attention_mask, scale, causal) -> dict:
     gain = edit.key_gain
     gain_keys = None if gain is None else gain.keys.to(device=q.device, dtype=torch.int8)
     gain_rows = None if gain is None or gain.rows is None else gain.rows.to(device=q.device, dtype=torch.int8)
+    bias_args = _strided(bias, 4)
     return {
-        "mask": _strided(mask, 3), "bias": _strided(bias, 4), "gain_keys": _strided(gain_keys, 2),
-        "gain_rows": _strided(gain_rows, 2), "gain": 0.0 if gain is None else float(gain.alpha),
+        "mask": _strided(mask, 3), "bias": bias_args, "bias_rows": bias_args[3] != 0,  # the bias differs by row
+        "gain_keys": _strided(gain_keys, 2), "gain_rows": _strided(gain_rows, 2),
+        "gain": 0.0 if gain is None else float(gain.alpha),
         "causal": bool(causal and attention_mask is None), "has_mask": mask is not None, "has_bias": bias is not None,
         "has_gain": gain is not None, "gain_rows_given": gain_rows is not None,
         "upcast": bool(INTERPRET and q.dtype == torch.bfloat16), "ieee": q.dtype == torch.float32,
@@ -734,7 +736,7 @@ def _run_statistics(q, k, common: dict, codes) -> torch.Tensor:
         *common["mask"], *common["bias"], *common["gain_keys"], *common["gain_rows"], common["gain"],
         *_strided(codes, 3), Hq, Hq // Hkv, Nq, Nk, common["qk_scale"],
         CAUSAL=common["causal"], HAS_MASK=common["has_mask"], HAS_BIAS=common["has_bias"],
-        BIAS_ROWS=common["bias"][3] != 0, HAS_GAIN=common["has_gain"], GAIN_ROWS=common["gain_rows_given"],
+        BIAS_ROWS=common["bias_rows"], HAS_GAIN=common["has_gain"], GAIN_ROWS=common["gain_rows_given"],
         HAS_CODES=codes is not None,
         UPCAST=common["upcast"], IEEE=common["ieee"], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, D=D,
         num_warps=warps,
