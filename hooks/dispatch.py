@@ -68,7 +68,8 @@ class Dispatcher:
                 f"{' or '.join(map(repr, WRAPPABLE))}. Call model.set_attn_implementation('sdpa') first "
                 "(or load it with attn_implementation='sdpa')."
             )
-        self.layers = frozenset(attention_layers(model))
+        # id(attention module) -> its layer. By module, not by config: models may share one config object.
+        self.layers = {id(module): layer for layer, module in attention_layers(model).items()}
         self.handles: list = []  # active Intervention handles, in order of application
         self.context: CallContext | None = None
         self.image_token = image_token_id(model)
@@ -76,6 +77,7 @@ class Dispatcher:
         self._input_ids: torch.Tensor | None = None  # handed from the model's pre-hook to the decoder's
         self.branch: NoImageBranch | None = None
         self.in_branch = False
+        self._real: torch.Tensor | None = None  # [B, tokens so far] True at real tokens; None: no padding
         self._pixels: torch.Tensor | None = None  # the prompt's pixel values (pruning's padding debias)
         self.kept: torch.Tensor | None = None  # [B, T'] positions that go on past the pruning layer
         self.kept_total = 0
@@ -91,6 +93,8 @@ class Dispatcher:
         ]
         if self.image_token is not None:
             self._hooks.append(model.register_forward_pre_hook(self._before_model, with_kwargs=True))
+            if isinstance(tower := getattr(model.base_model, "vision_tower", None), nn.Module):
+                self._hooks.append(tower.register_forward_pre_hook(self._before_vision, with_kwargs=True))
             for index, layer in enumerate(decoder.layers):
                 self._hooks.append(layer.register_forward_pre_hook(self._layer_input(index), with_kwargs=True))
         model.set_attn_implementation(self._implementation(NAME))
@@ -139,7 +143,11 @@ class Dispatcher:
     def _before_model(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._input_ids = ids if isinstance(ids, torch.Tensor) else None
-        self._pixels = kwargs.get("pixel_values")
+        if kwargs.get("mm_encoder_outputs") is None:  # else `generate` encoded the images just before
+            self._pixels = kwargs.get("pixel_values")
+
+    def _before_vision(self, module, args, kwargs):
+        self._pixels = args[0] if args else kwargs.get("pixel_values")
 
     def _layer_input(self, index: int):
         def before_layer(module, args, kwargs):
@@ -219,18 +227,42 @@ class Dispatcher:
         given = self._signature.bind_partial(*args, **kwargs).arguments
         cache = given.get("past_key_values")
         past = int(cache.get_seq_length()) if cache is not None else 0
-        mask = given.get("attention_mask")
-        padding = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         if past == 0:  # a new sequence: state kept from the previous one (e.g. ACT's sinks) is stale
             for handle in self.handles:
                 handle.state.clear()
-            self._image_mask, self.branch, self.kept = None, None, None
+            self._image_mask, self._real, self.branch, self.kept = None, None, None, None
+        padding = self._real = self._real_tokens(given.get("attention_mask"), past)
         ids, self._input_ids = self._input_ids, None
         if self.image_token is not None:
             self._track_images(ids, past, padding)
         self.context = CallContext(past_length=past, padding_mask=padding, image_mask=self._image_mask)
         if any(h.enabled and h.config.no_image_branch for h in self.handles):
             self._run_no_image_branch(ids, past, padding)
+            if past == 0 and cache is not None:
+                self._follow_reorders(cache)
+
+    def _real_tokens(self, mask, past: int) -> torch.Tensor | None:
+        """[B, past + Nq] bool, True at real tokens, from the mask the decoder was given; None: no padding.
+
+        `generate` with a static cache hands the decoder 4-D masks (per layer type, for sliding-window
+        models), which say which of this call's tokens are real through their diagonal: a real token
+        sees itself and a pad sees nothing. Earlier tokens' flags are the previous calls'."""
+        if isinstance(mask, dict):
+            mask = mask.get("full_attention", next(iter(mask.values()), None))
+        if not isinstance(mask, torch.Tensor):
+            return None
+        if mask.dim() == 2:
+            return mask.bool()
+        new = mask.shape[-2]
+        if mask.dim() != 4 or mask.shape[-1] < past + new:
+            return None  # keys not indexed by position (a sliding-window cache): nothing to read
+        rows = torch.arange(new, device=mask.device)
+        diagonal = mask[:, 0, rows, past + rows]  # [B, Nq]
+        real = diagonal if diagonal.dtype == torch.bool else diagonal > torch.finfo(diagonal.dtype).min
+        earlier = self._real
+        if earlier is None or earlier.shape[1] != past:  # no padding so far, or a cache we did not see fill
+            earlier = real.new_ones(real.shape[0], past)
+        return torch.cat([earlier, real], dim=1)
 
     def _after_forward(self, module, args, output):
         if not self.in_branch:
@@ -285,6 +317,19 @@ class Dispatcher:
             )
         finally:
             self.in_branch = False
+
+    def _follow_reorders(self, cache) -> None:
+        """Make beam search, which reorders the rows of the main cache between steps, reorder the no-image
+        branch's rows alike (the branch is held weakly: the cache may outlive this prompt)."""
+        branch, reorder = weakref.ref(self.branch), cache.reorder_cache
+
+        def reorder_both(beam_idx: torch.Tensor) -> None:
+            reorder(beam_idx)
+            if (followed := branch()) is not None:
+                followed.cache.reorder_cache(beam_idx)
+                followed.padding_mask = followed.padding_mask[beam_idx.to(followed.padding_mask.device)]
+
+        cache.reorder_cache = reorder_both
 
     # -- per layer --------------------------------------------------------------------------------
 
@@ -357,20 +402,25 @@ def _take(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The function transformers calls for every attention layer of an intervened model."""
     dispatcher = _ATTACHED.get(id(getattr(module, "config", None)))
-    layer = getattr(module, "layer_idx", None)
-    if dispatcher is None or layer not in dispatcher.layers:  # e.g. a deep copy of an intervened model
-        return ALL_ATTENTION_FUNCTIONS["sdpa"](
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )
+    layer = dispatcher.layers.get(id(module)) if dispatcher is not None else None
+    if layer is None:  # a deep copy of an intervened model, or another model built from the same config
+        fall_through = dispatcher.fall_through(module) if dispatcher is not None else ALL_ATTENTION_FUNCTIONS["sdpa"]
+        return fall_through(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     handles = [] if dispatcher.in_branch else dispatcher.active_handles(layer)
+    # With no mask, a static cache's empty slots are hidden by SDPA's top-left causal alignment, not by
+    # our bottom-right one: edits see the written slots only (the fall-through keeps SDPA's own call).
+    filled = dispatcher.context.past_length + query.shape[2] if dispatcher.context else key.shape[2]
+    written_key, written_value = (
+        (key, value) if attention_mask is not None else (key[:, :, :filled], value[:, :, :filled])
+    )
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
-    call = dispatcher.layer_call(layer, query, key, attention_mask, scale, causal) if handles else None
+    call = dispatcher.layer_call(layer, query, written_key, attention_mask, scale, causal) if handles else None
     edit = dispatcher.edit_for(handles, call) if handles else None
     if dispatcher.recorded is not None and not dispatcher.in_branch:
         probabilities = kernels.attention_probabilities(
-            query, key, edit, attention_mask=attention_mask, scale=scale, causal=causal
+            query, written_key, edit, attention_mask=attention_mask, scale=scale, causal=causal
         )
         dispatcher.recorded[layer] = probabilities.detach().cpu()  # [B, Hq, Nq, Nk]
     if edit is None:
@@ -388,7 +438,9 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
             )
     if dropout and module.training:
         raise RuntimeError("intervene edits attention at inference only; call model.eval() first")
-    out = kernels.modified_attention(query, key, value, edit, attention_mask=attention_mask, scale=scale, causal=causal)
+    out = kernels.modified_attention(
+        query, written_key, written_value, edit, attention_mask=attention_mask, scale=scale, causal=causal
+    )
     return dispatcher.scale_heads(handles, call, out), None
 
 

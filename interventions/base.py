@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar
@@ -201,6 +201,11 @@ def resolve_layers(layers, model: ModelSpec, *, method: str, auto: range) -> tup
         return tuple(auto)
     if layers == "all":
         return tuple(range(model.num_layers))
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, (int, Iterable)):
+        raise ValueError(
+            f"{method}: layers must be 'auto', 'all', a layer index or a list of them such as [2, 3] "
+            f"(on the command line: --param 'layers=[2,3]'), got {layers!r}"
+        )
     values = [layers] if isinstance(layers, int) else list(layers)
     for layer in values:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < model.num_layers:
@@ -214,7 +219,7 @@ def resolve_scope(layers, heads, model: ModelSpec, *, method: str, default: str,
     """Checked `(layers, heads)`; when `layers` is left at its `default` and `heads` maps layers to
     head lists, those layers are the scope."""
     if layers == default and isinstance(heads, Mapping):
-        layers = sorted(int(layer) for layer in heads)
+        layers = sorted(_heads_layer(method, layer, hs) for layer, hs in heads.items())
     layers = resolve_layers(layers, model, method=method, auto=auto)
     return layers, resolve_heads(heads, layers, model, method=method)
 
@@ -234,7 +239,7 @@ def resolve_heads(heads, layers: tuple[int, ...], model: ModelSpec, *, method: s
         raise ValueError(f"{method}: heads must be 'all' or a mapping {{layer: [heads]}}, got {heads!r}")
     resolved = {}
     for layer, hs in heads.items():
-        layer = int(layer)  # JSON turns keys into strings
+        layer = _heads_layer(method, layer, hs)
         if layer not in layers:
             raise ValueError(
                 f"{method}: heads are given for layer {layer}, which is not among layers={list(layers)}; "
@@ -249,6 +254,16 @@ def resolve_heads(heads, layers: tuple[int, ...], model: ModelSpec, *, method: s
                 )
         resolved[layer] = tuple(sorted(set(hs)))
     return resolved
+
+
+def _heads_layer(method: str, layer, hs) -> int:
+    """The layer index of one `heads` entry (JSON turns keys into strings), once the entry is well formed."""
+    if isinstance(hs, (str, bytes)) or not isinstance(hs, (int, Iterable)) or not str(layer).isdigit():
+        raise ValueError(
+            f"{method}: heads must map layer indices to lists of query heads such as {{2: [0, 5]}}, "
+            f"got {layer!r}: {hs!r}"
+        )
+    return int(layer)
 
 
 def head_mask(heads, layer: int, num_heads: int, device) -> torch.Tensor:

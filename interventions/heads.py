@@ -32,6 +32,11 @@ class HeadScale(Method):
             )
         for layer, weights in self.scales.items():
             for head, weight in weights.items():
+                if not (str(layer).isdigit() and str(head).isdigit()):  # JSON turns keys into strings
+                    raise ValueError(
+                        f"heads: scales are keyed by layer and head indices, got scales[{layer!r}][{head!r}]; "
+                        "e.g. scales={3: {0: 0.5, 7: 2.0}}"
+                    )
                 check_number("heads", f"scales[{layer}][{head}]", weight)
 
     def resolve(self, model: ModelSpec) -> HeadScale:

@@ -119,7 +119,10 @@ class VAR(Method):
         sinks = peak / rms > self.tau
         if call.query_valid is not None:
             sinks = sinks & call.query_valid
-        state["sinks"] = sinks if call.past_length == 0 else torch.cat([state["sinks"], sinks], dim=1)
+        held = state.get("sinks", sinks[:, :0]) if call.past_length else sinks[:, :0]  # [B, prompt so far]
+        # Tokens generated since the last chunk (or cached before VAR was applied) are never sinks.
+        unseen = sinks.new_zeros(sinks.shape[0], call.past_length - held.shape[1])
+        state["sinks"] = torch.cat([held, unseen, sinks], dim=1)  # [B, past + Nq]
 
 
 def _at_keys(sinks: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

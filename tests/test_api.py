@@ -99,6 +99,17 @@ def test_a_deep_copy_of_an_intervened_model_runs_unedited(batch):
     assert torch.equal(run(twin, ids, mask), expected)
 
 
+def test_another_model_built_from_the_same_config_runs_unedited(batch):
+    model = build("llama")
+    torch.manual_seed(1)
+    other = type(model)(model.config).eval()  # shares the config object, hence its attention implementation
+    ids, mask = batch
+    plain, expected = run(model, ids, mask), run(other, ids, mask)
+    with intervene.apply(model, "zerotuning", gamma=5.0):
+        assert torch.equal(run(other, ids, mask), expected)
+        assert not torch.allclose(run(model, ids, mask), plain)
+
+
 def test_key_biases_and_head_scales_compose(batch):
     model = build("llama")
     ids, mask = batch
@@ -233,6 +244,11 @@ def test_methods_lists_the_builtins_and_register_adds_one(batch, monkeypatch):
         ("zerotuning", {}, r"method 'zerotuning' needs the parameter 'gamma' \(e.g. gamma=...\)"),
         ("heads", {"scales": [1.0]}, r"scales must be a mapping \{layer: \{head: weight\}\}"),
         ("heads", {"scales": {7: {0: 0.5}}}, r"heads: layer 7 is out of range"),
+        ("heads", {"scales": {1: {"a": 2.0}}}, r"keyed by layer and head indices, got scales\[1\]\['a'\]"),
+        ("act", {"layers": "2,3"}, r"act: layers must be 'auto', 'all', a layer index or a list .*got '2,3'"),
+        ("act", {"layers": 2.5}, r"act: layers must be .* such as \[2, 3\] .*got 2.5"),
+        ("act", {"heads": {"x": [0]}}, r"heads must map layer indices to lists of query heads .*got 'x': \[0\]"),
+        ("act", {"heads": {2: "all"}}, r"heads must map layer indices to lists of query heads .*got 2: 'all'"),
     ],
 )
 def test_bad_input_names_the_value_and_the_fix(method, params, message):

@@ -210,3 +210,24 @@ def test_generate_with_a_kv_cache_and_left_padding(arch, method):
         )  # fmt: skip
     assert out.sequences.shape == (2, ids.shape[1] + 6)
     assert all(torch.isfinite(score).all() for score in out.scores)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_generate_with_a_static_cache_equals_a_dynamic_one(arch, method):
+    """A static cache hands attention its empty slots (and no mask when nothing is padded) and the decoder
+    4-D masks: edits must still see only the written keys and know which tokens are padding."""
+    model = build(arch)
+    padded = left_padded([prompt(9, 4), prompt(4, 5)])
+    alone = (torch.tensor([prompt(4, 5)]), None)
+    with intervene.apply(model, method, **METHODS[method]), torch.no_grad():
+        for ids, mask in (padded, alone):
+            scores = {
+                cache: torch.stack(
+                    model.generate(
+                        input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                        output_scores=True, return_dict_in_generate=True, cache_implementation=cache,
+                    ).scores
+                )
+                for cache in ("dynamic", "static")
+            }  # fmt: skip
+            torch.testing.assert_close(scores["static"], scores["dynamic"], atol=1e-5, rtol=1e-5)

@@ -170,7 +170,7 @@ def test_qwen_layouts_and_combinations_are_refused():
         intervene.apply(model, "prune")
 
 
-@pytest.mark.parametrize("debias", ["none", "position"])
+@pytest.mark.parametrize("debias", ["none", "position", "padding", "both"])  # padding: pixels reach generate
 def test_a_sample_alone_equals_it_in_a_padded_batch_through_generation(debias):
     vlm = TinyVLM("llava")
     prompts = [vlm.sample(prompt(3, 1), prompt(5, 2)), vlm.sample(prompt(1, 3), prompt(2, 4))]

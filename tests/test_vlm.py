@@ -144,6 +144,30 @@ def test_vhr_equals_the_described_lockstep_reinforcement(vlm_family):
     check_against_official(vlm, official, ours)
 
 
+def test_vhr_beam_search_scores_each_beam_as_its_own_greedy_run():
+    # Beam search reorders the cache's rows between steps; the no-image branch must follow, or a beam is
+    # compared with another beam's history. Each returned beam's step scores must be what VHR gives when
+    # that very sequence is decoded alone.
+    vlm = TinyVLM("llava")
+    inputs = vlm.inputs([prompts(vlm)[0]])
+    beams = 3
+    with intervene.apply(vlm.model, "vhr", alpha=2.0), torch.no_grad():
+        out = vlm.model.generate(
+            **inputs, max_new_tokens=STEPS + 2, min_new_tokens=STEPS + 2, num_beams=beams,
+            num_return_sequences=beams, do_sample=False, output_scores=True, return_dict_in_generate=True,
+        )  # fmt: skip
+        steps = vlm.model.compute_transition_scores(out.sequences, out.scores, out.beam_indices)  # [beams, T]
+        for beam, sequence in enumerate(out.sequences[:, inputs["input_ids"].shape[1] :]):
+            tokens = iter(sequence.tolist())
+            alone = vlm.model.generate(
+                **inputs, max_new_tokens=len(sequence), min_new_tokens=len(sequence), do_sample=False,
+                output_logits=True, return_dict_in_generate=True,
+                logits_processor=LogitsProcessorList([lambda ids, scores, tokens=tokens: force(scores, next(tokens))]),
+            )  # fmt: skip
+            log_probs = torch.stack(alone.logits, dim=1)[0].log_softmax(-1)  # [T, V]
+            torch.testing.assert_close(steps[beam], log_probs.gather(1, sequence[:, None])[:, 0])
+
+
 def test_var_prefill_and_cached_decode_equal_one_full_forward(vlm_family):
     # Sinks are fixed at prefill and generated tokens are never sinks. When a forward over prompt + generated
     # tokens finds no sink among them either, it edits the same rows with the same sinks as the cached steps.
@@ -161,6 +185,29 @@ def test_var_prefill_and_cached_decode_equal_one_full_forward(vlm_family):
     torch.testing.assert_close(full_logits[:, -STEPS:], logits, atol=2e-5, rtol=1e-5)
     _, baseline = generate(vlm.model, vlm.inputs(batch), forced=token)
     assert not torch.allclose(logits, baseline, atol=1e-4)  # image sinks were found and redistributed
+
+
+def test_var_sinks_of_a_prompt_chunk_after_decoding_land_at_its_positions():
+    # A follow-up turn on the same cache: the sinks found in it sit after the generated tokens (never sinks),
+    # where one forward over the whole sequence finds them.
+    vlm = TinyVLM("llava")
+    first, generated, follow_up = prompts(vlm)[0], [5, 6], prompt(4, 9)
+    with intervene.apply(vlm.model, "var", tau=TAU, sink_dims=sink_dims(vlm), layers="all") as handle:
+        with torch.no_grad():
+            cache = vlm.model(**vlm.inputs([first]), use_cache=True).past_key_values
+            for token in generated:
+                vlm.model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            vlm.model(input_ids=torch.tensor([follow_up]), past_key_values=cache, use_cache=True)
+            cached = {layer: state["sinks"] for layer, state in handle.state.items()}
+            forward_logits(vlm.model, vlm.inputs([first + generated + follow_up]))
+        whole = {layer: state["sinks"] for layer, state in handle.state.items()}
+    start, end = len(first), len(first) + len(generated)
+    assert any(sinks[:, end:].any() for sinks in cached.values())  # the follow-up has sinks to place
+    for layer, sinks in cached.items():
+        assert sinks.shape == whole[layer].shape == (1, end + len(follow_up))
+        assert not sinks[:, start:end].any()
+        assert torch.equal(sinks[:, :start], whole[layer][:, :start])
+        assert torch.equal(sinks[:, end:], whole[layer][:, end:])
 
 
 def test_vlm_methods_refuse_text_models_and_unsupported_vlms():
