@@ -1,7 +1,8 @@
 """Scorers: turn a batch of items into one result per item, with the per-item metrics of its task.
 
 - `multiple_choice`: log-likelihood of each choice after the query (`acc`; `acc_norm` divides by the
-  choice's length in bytes, as lm-eval does; `entropy` of the distribution over the choices);
+  choice's length in characters, delimiter left out, as lm-eval does; `entropy` of the distribution
+  over the choices);
 - `classification`: ACT-style, the argmax over the choices' label tokens at the last position, each
   label being the last token of " " + choice;
 - `generate_until`: greedy generation, cut at the stop strings, matched against the accepted answers;
@@ -106,9 +107,7 @@ def multiple_choice(task, items, model, tokenizer) -> list[dict]:
     for item in items:
         loglik = totals[start : start + len(item.choices)]
         start += len(item.choices)
-        normalised = [
-            ll / len((task.target_delimiter + c).encode()) for ll, c in zip(loglik, item.choices, strict=True)
-        ]
+        normalised = [ll / len(c) for ll, c in zip(loglik, item.choices, strict=True)]  # lm-eval: characters
         pred, pred_norm = _argmax(loglik), _argmax(normalised)
         results.append(
             {

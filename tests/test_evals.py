@@ -111,7 +111,8 @@ def test_multiple_choice_log_likelihoods_match_a_direct_forward(tokenizer, tiny)
             expected = sum(logprobs[len(context) - 1 + i, t].item() for i, t in enumerate(continuation))
             assert loglik == pytest.approx(expected, abs=1e-4)
         assert result["acc"] == float(np.argmax(result["loglikelihoods"]) == item.gold)
-        norm = [ll / len((" " + c).encode()) for ll, c in zip(result["loglikelihoods"], item.choices, strict=True)]
+        # lm-eval's acc_norm: per character of the choice itself, the delimiter left out
+        norm = [ll / len(c) for ll, c in zip(result["loglikelihoods"], item.choices, strict=True)]
         assert result["acc_norm"] == float(np.argmax(norm) == item.gold)
 
 
