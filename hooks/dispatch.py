@@ -80,6 +80,7 @@ class Dispatcher:
         self._real: torch.Tensor | None = None  # [B, tokens so far] True at real tokens; None: no padding
         self._pixels: torch.Tensor | None = None  # the prompt's pixel values (pruning's padding debias)
         self.kept: torch.Tensor | None = None  # [B, T'] positions that go on past the pruning layer
+        self.filler: torch.Tensor | None = None  # [B, T'] kept slots no query may see (see `kept_positions`)
         self.kept_total = 0
         self.recorded: dict[int, torch.Tensor] | None = None  # layer -> probabilities, while recording
         self._model = weakref.ref(model)
@@ -170,7 +171,8 @@ class Dispatcher:
                 if self._image_mask is None:
                     raise ValueError("prune needs the VLM called with `input_ids`, to find the image tokens")
                 scores = handle.state.get(index - 1, {}).get("scores")
-                self.kept = handle.config.kept_positions(self._image_mask, scores, self._padding(handle))
+                padding = self._padding(handle)
+                self.kept, self.filler = handle.config.kept_positions(self._image_mask, scores, padding)
                 self.kept_total = self._image_mask.shape[1]  # the prompt's length before pruning
             kept = self.kept  # [B, T']
             hidden = args[0] if args else kwargs.pop("hidden_states")
@@ -181,8 +183,16 @@ class Dispatcher:
                 kwargs["position_embeddings"] = tuple(_take(t, kept, dim=1) for t in kwargs["position_embeddings"])
             if kwargs.get("position_ids") is not None:
                 kwargs["position_ids"] = _take(kwargs["position_ids"], kept, dim=1)
-            if isinstance(kwargs.get("attention_mask"), torch.Tensor):
-                kwargs["attention_mask"] = _take(_take(kwargs["attention_mask"], kept, dim=2), kept, dim=3)
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor):
+                mask = _take(_take(mask, kept, dim=2), kept, dim=3)  # [B, 1, T', T']
+                filler = self.filler[:, None, None, :]
+                if mask.dtype == torch.bool:
+                    kwargs["attention_mask"] = mask & ~filler
+                else:
+                    kwargs["attention_mask"] = mask.masked_fill(filler, torch.finfo(mask.dtype).min)
+            elif bool(self.filler.any()):  # no mask was needed before; one is now, to hide the filler
+                kwargs["attention_mask"] = self._pruned_mask(0, kept.shape[1], hidden.dtype)
         elif self.kept is not None:
             if self.context.pruned_mask is None:  # one mask serves every later layer of this call
                 hidden = args[0] if args else kwargs["hidden_states"]
@@ -192,15 +202,17 @@ class Dispatcher:
         return args, kwargs
 
     def _pruned_mask(self, held: int, new: int, dtype: torch.dtype) -> torch.Tensor:
-        """The mask of a call after the prompt was pruned: over the kept prompt keys, the `held - T'` tokens
-        cached since, and this call's `new` ones. Built here, since transformers sizes its mask by the first
-        layer's cache (itself pruned when `layer=0`)."""
+        """The mask of a call after the prompt was pruned: over the kept prompt keys (filler hidden), the
+        `held - T'` tokens cached since, and this call's `new` ones (at prefill: nothing held, T' new).
+        Built here, since transformers sizes its mask by the first layer's cache (itself pruned when
+        `layer=0`)."""
         device = self.kept.device
         since = torch.arange(self.kept_total, self.kept_total + held - self.kept.shape[1] + new, device=device)
         keys = torch.cat([self.kept, since.expand(self.kept.shape[0], -1)], dim=1)  # [B, Nk] positions
-        visible = torch.ones(keys.shape, dtype=torch.bool, device=device)[:, None, None, :]  # [B, 1, 1, Nk]
+        visible = torch.cat([~self.filler, torch.ones_like(keys[:, self.kept.shape[1] :], dtype=torch.bool)], dim=1)
         if self.context.padding_mask is not None:
-            visible = self.context.padding_mask.gather(1, keys)[:, None, None, :]
+            visible = visible & self.context.padding_mask.gather(1, keys)
+        visible = visible[:, None, None, :]  # [B, 1, 1, Nk]
         rows = torch.arange(new, device=device)[:, None] + keys.shape[1] - new  # bottom-right causal
         visible = visible & (torch.arange(keys.shape[1], device=device)[None, :] <= rows)
         if self.previous == "sdpa":

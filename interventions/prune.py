@@ -6,7 +6,8 @@ rows (the last prompt token, or every text token after the image), averaged over
 - `debias="position"` divides the score of the i-th of L image tokens by the fitted trend f(i / L)
   (`trend={"mu", "sigma"}` for f(x) = mu * exp(sigma * x), or `{"weights": [...]}` multiplied in, as the
   official code ships them), since attention grows with recency;
-- `debias="padding"` zeroes patches that are mostly pad-to-square padding, and caps k at the rest.
+- `debias="padding"` zeroes patches that are mostly pad-to-square padding, and caps each sample's k at
+  the rest.
 The `keep` best image tokens (a count, or a fraction of the image tokens) and every other token go on:
 from layer `layer` on, the hidden states, positions, masks and KV cache hold only them, so decoding
 attends to the kept tokens only. Positions stay the original ones. `select` gives the kept image tokens
@@ -95,31 +96,46 @@ class Prune(Method):
         state["scores"] = (sums / counts.clamp_min(1.0)).mean(dim=1)  # [B, Nk]
         return None
 
-    def kept_positions(self, image_mask: torch.Tensor, scores: torch.Tensor | None, padding) -> torch.Tensor:
-        """[B, T'] positions that go on: every non-image token and the chosen image tokens, in order.
+    def kept_positions(
+        self, image_mask: torch.Tensor, scores: torch.Tensor | None, padding
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(kept [B, T'], filler [B, T'])`: the positions that go on (every non-image token and the chosen
+        image tokens, in order), and which of them a sample holds only to keep the batch rectangular.
 
+        With padding debias a sample keeps at most its unpadded patches, so samples may keep different
+        counts; the batch keeps the largest, and the rest of a sample's slots are filler, which no query
+        may see (then a sample gives what it gives alone).
         `image_mask` [B, T]; `scores` [B, T] (None with `select`); `padding` [B, L] True for padded patches."""
+        batch, length = image_mask.shape
         count = image_mask.sum(dim=1)
         if not bool((count == count[0]).all()):
             raise ValueError(f"prune needs the same number of image tokens in every sample, got {count.tolist()}")
         L = int(count[0])
         if L == 0:  # a text-only prompt: nothing to prune
-            return torch.arange(image_mask.shape[1], device=image_mask.device).expand(image_mask.shape[0], -1)
+            everything = torch.arange(length, device=image_mask.device).expand(batch, -1)
+            return everything, torch.zeros_like(image_mask)
         image = image_mask.nonzero()[:, 1].view(-1, L)  # [B, L] positions of the image tokens
         if self.select is not None:
             chosen = torch.tensor(sorted(set(self.select)), device=image.device)
             if chosen.numel() and not 0 <= int(chosen.min()) <= int(chosen.max()) < L:
                 raise ValueError(f"prune: select holds indices outside the {L} image tokens")
-            chosen = chosen.expand(image.shape[0], -1)
+            chosen = chosen.expand(batch, -1)
+            filler = torch.zeros(chosen.shape, dtype=torch.bool, device=image.device)
         else:
             score = self.debiased(scores.gather(1, image), padding)  # [B, L]
             k = self.keep if isinstance(self.keep, int) else math.ceil(self.keep * L)
+            counts = torch.full((batch,), min(k, L), device=image.device)  # [B] image tokens each sample keeps
             if padding is not None and self.debias in ("padding", "both"):
-                k = min(k, int((~padding).sum(dim=1).min()))  # one count for the batch keeps it rectangular
-            chosen = score.topk(min(k, L), dim=1).indices.sort(dim=1).values
+                counts = counts.clamp_max((~padding).sum(dim=1).to(image.device))
+            ranked = score.topk(int(counts.max()), dim=1).indices  # [B, k'] best first
+            filler = torch.arange(ranked.shape[1], device=image.device) >= counts[:, None]  # [B, k']
+            chosen, order = ranked.sort(dim=1)
+            filler = filler.gather(1, order)
         keep = ~image_mask
         keep.scatter_(1, image.gather(1, chosen), True)
-        return keep.nonzero()[:, 1].view(image_mask.shape[0], -1)
+        kept = keep.nonzero()[:, 1].view(batch, -1)  # [B, T']
+        is_filler = torch.zeros_like(image_mask).scatter_(1, image.gather(1, chosen), filler)  # [B, T]
+        return kept, is_filler.gather(1, kept)
 
     def debiased(self, score: torch.Tensor, padding) -> torch.Tensor:
         """The ranking score `[B, L]` of the image tokens after the chosen debiasing."""

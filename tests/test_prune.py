@@ -98,10 +98,8 @@ def test_text_only_prompts_go_through_whole():
     from intervene.interventions import method_class
 
     prune = method_class("prune")(keep=2)
-    assert (
-        prune.kept_positions(torch.zeros(2, 5, dtype=torch.bool), torch.rand(2, 5), None).tolist()
-        == [list(range(5))] * 2
-    )
+    kept, filler = prune.kept_positions(torch.zeros(2, 5, dtype=torch.bool), torch.rand(2, 5), None)
+    assert kept.tolist() == [list(range(5))] * 2 and not filler.any()
 
 
 def test_trend_formula_and_fit():
@@ -121,10 +119,15 @@ def test_debiasing_changes_the_ranking_as_the_formulas_say():
     scores = torch.tensor([[9.0, 0.10, 0.12, 0.30, 0.35, 9.0]])
     padding = torch.tensor([[False, False, False, True]])
     # position: 0.10, 0.12 / e^0.5, 0.30 / e^1, 0.35 / e^1.5 -> 0.1, 0.073, 0.110, 0.078; padding drops the last
-    kept = prune.kept_positions(image, scores, padding)
-    assert kept.tolist() == [[0, 1, 3, 5]]
+    kept, filler = prune.kept_positions(image, scores, padding)
+    assert kept.tolist() == [[0, 1, 3, 5]] and not filler.any()
     raw = method_class("prune")(keep=2)
-    assert raw.kept_positions(image, scores, None).tolist() == [[0, 3, 4, 5]]
+    assert raw.kept_positions(image, scores, None)[0].tolist() == [[0, 3, 4, 5]]
+    # a sample keeps at most its unpadded patches; the batch keeps the most any sample keeps, as filler
+    padding = torch.tensor([[False, False, False, True], [False, True, True, True]])
+    kept, filler = prune.kept_positions(image.expand(2, -1), scores.expand(2, -1), padding)
+    assert kept.tolist() == [[0, 1, 3, 5], [0, 1, 3, 5]]
+    assert filler.tolist() == [[False] * 4, [False, False, True, False]]  # the second keeps its one real patch
 
 
 def test_padding_masks_of_non_square_images():
@@ -187,6 +190,33 @@ def test_a_sample_alone_equals_it_in_a_padded_batch_through_generation(debias):
     together = run(vlm.inputs(prompts))
     for row, sample in enumerate(prompts):
         alone = run(vlm.inputs([sample], image_seeds=[row]))
+        torch.testing.assert_close(together[row], alone[0], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("text_padding", [True, False])  # with and without a mask from transformers
+def test_samples_with_different_padding_keep_their_own_counts_in_a_batch(text_padding):
+    vlm = TinyVLM("llava")
+    prompts = [vlm.sample(prompt(3, 1), prompt(5, 2)), vlm.sample(prompt(3, 3), prompt(2 if text_padding else 5, 4))]
+    params = {"layer": 2, "keep": 0.75, "debias": "padding"}
+
+    def padded_image(inputs, row):  # the upper half of sample 0's image is pad-to-square padding
+        if row == 0:
+            inputs["pixel_values"][0, :, : inputs["pixel_values"].shape[-2] // 2] = 0.0
+        return inputs
+
+    def run(inputs):
+        with torch.no_grad(), intervene.apply(vlm.model, "prune", **params):
+            out = vlm.model.generate(
+                **inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                output_logits=True, return_dict_in_generate=True,
+            )  # fmt: skip
+        return torch.stack(out.logits, dim=1)  # [B, steps, V]
+
+    batch = vlm.inputs(prompts)
+    together = run(padded_image(batch, 0))
+    assert (batch["attention_mask"] == 0).any() == text_padding
+    for row, sample in enumerate(prompts):
+        alone = run(padded_image(vlm.inputs([sample], image_seeds=[row]), row))
         torch.testing.assert_close(together[row], alone[0], atol=2e-5, rtol=1e-5)
 
 
