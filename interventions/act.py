@@ -66,7 +66,7 @@ class ACT(Method):
                 return None  # the prompt was run without this intervention: nothing was detected
             sinks = self._frozen(state["sinks"], call.key_positions)  # [B, Hq, Nk]
         else:
-            sums, counts = call.column_stats()  # [B, Hq, Nk], [B, 1, Nk]
+            sums, counts = call.column_stats()  # [B, Hq, Nk] each
             positions = call.key_positions
             if not call.decode:  # prompt chunks accumulate: every query that sees a key counts
                 sums, counts = _accumulate(state, sums, counts, positions)

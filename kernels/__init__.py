@@ -8,7 +8,13 @@ KV-cache decode step needs.
 
 Backends: `reference` (pure PyTorch, the specification; `auto` on CPU), `triton` (`fused.py`, the fused
 kernels; `auto` on CUDA) and `flex` (`flex.py`, FlexAttention; opt-in). A combination a backend cannot
-run exactly raises rather than changing semantics.
+run exactly raises rather than changing semantics. `auto` never raises for that reason: value heads of
+another size than the query/key heads (MLA models), which the Triton kernels do not run, go to the
+reference on CUDA too.
+
+Every entry point checks its inputs once, for all backends (`_checked`): q/k/v shapes, dtypes and device,
+the mask's dtype and each edit tensor's shape, so that every backend refuses the same inputs with the
+same message. Edit tensors then move to q's device.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from dataclasses import replace
 
 import torch
 
@@ -50,12 +57,13 @@ def modified_attention(
 ):
     """Attention with `edit` applied: `[B, Nq, Hq, D]` in q's dtype, plus the fp32 row log-sum-exp
     `[B, Hq, Nq]` of the unredistributed logits when `return_lse`."""
-    chosen = _backend(q, k, backend)
+    edit = _checked(q, k, v, edit or AttentionEdit(), attention_mask)
+    chosen = _backend(q, v, backend)
     return chosen.attention(
         q,
         k,
         v,
-        edit or AttentionEdit(),
+        edit,
         attention_mask=attention_mask,
         scale=q.shape[-1] ** -0.5 if scale is None else scale,
         causal=causal,
@@ -75,9 +83,8 @@ def attention_probabilities(
     """The probabilities `[B, Hq, Nq, Nk]` (fp32) of attention with `edit` applied, materialised by the
     reference backend: N² memory, meant for looking at short prompts (`intervene inspect`), not for runs."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _backend(q, k, "reference").probabilities(
-        q, k, edit or AttentionEdit(), attention_mask=attention_mask, scale=scale, causal=causal
-    )
+    edit = _checked(q, k, None, edit or AttentionEdit(), attention_mask)
+    return reference.probabilities(q, k, edit, attention_mask=attention_mask, scale=scale, causal=causal)
 
 
 def column_stats(
@@ -94,10 +101,15 @@ def column_stats(
     """Probability each key receives, summed over the query rows selected by `query_mask` `[B, Nq]`
     (all rows when None), and how many of those rows can see it.
 
-    Returns `(sums [B, Hq, Nk], counts [B, 1|Hq, Nk])`, both fp32; `sums / counts` is the mean
-    attention a key receives from the queries that can really see it.
+    A row sees a key when the key's final logit is finite: the mask shows it to the row and `key_bias`
+    `[B|1, Hq|1, Nq|1, Nk]` does not set it to -inf. Returns `(sums [B, Hq, Nk], counts [B, Hq, Nk])`,
+    both fp32; `sums / counts` is the mean attention a key receives from the queries that really see it.
     """
-    chosen = _backend(q, k, backend)
+    key_bias = _checked(q, k, None, AttentionEdit(key_bias=key_bias), attention_mask).key_bias
+    if query_mask is not None:
+        _check_edit_tensor("query_mask", query_mask, "B, Nq", _sizes(q, k))
+        query_mask = query_mask.to(q.device)
+    chosen = _backend(q, None, backend)
     return chosen.column_stats(
         q,
         k,
@@ -109,13 +121,90 @@ def column_stats(
     )
 
 
-def _backend(q: torch.Tensor, k: torch.Tensor, backend: str):
-    """The module running this call: Triton for CUDA tensors (`auto`), else the reference."""
+def _checked(q, k, v, edit: AttentionEdit, attention_mask) -> AttentionEdit:
+    """`edit` on q's device with `head_scale` as `[B|1, Hq]`, once q, k, v (None for the statistics),
+    the mask and the edit are known to be what every backend runs; else a ValueError or TypeError that
+    names the offending shapes or dtypes and the fix."""
+    named = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}
+    shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in named.items())
+    if any(t.dim() != 4 for t in named.values()):
+        raise ValueError(f"q must be [B, Hq, Nq, D] and k, v [B, Hkv, Nk, D] (4-D); got {shapes}")
+    if k.shape[0] != q.shape[0] or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k must have q's batch size and head size ([B, Hkv, Nk, D]); got {shapes}")
+    if v is not None and v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must have k's batch size, heads and length ([B, Hkv, Nk, Dv]); got {shapes}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(
+            f"{q.shape[1]} query heads cannot be grouped over {k.shape[1]} key/value heads: Hq must be a multiple "
+            f"of Hkv; got {shapes}"
+        )
+    if len({t.device for t in named.values()}) > 1:
+        devices = ", ".join(f"{name} on {t.device}" for name, t in named.items())
+        raise ValueError(f"q, k and v must be on one device; got {devices}: move them with .to(q.device)")
+    if len({t.dtype for t in named.values()}) > 1:
+        dtypes = ", ".join(f"{name} {t.dtype}" for name, t in named.items())
+        raise TypeError(f"q, k and v must have one dtype; got {dtypes}: cast them with .to(q.dtype)")
+    if attention_mask is not None and not (attention_mask.dtype == torch.bool or attention_mask.is_floating_point()):
+        raise TypeError(
+            f"attention_mask must be bool (True = visible) or an additive float mask, got {attention_mask.dtype}: "
+            "pass `mask.bool()` for a 0/1 mask"
+        )
+    if edit.head_scale is not None and edit.head_scale.dim() == 1:  # [Hq]: the same for every batch row
+        edit = replace(edit, head_scale=edit.head_scale[None])
+    sizes = _sizes(q, k)
+    for name, t, layout in _edit_tensors(edit):
+        _check_edit_tensor(name, t, layout, sizes)
+    p_move = None if edit.redistribute is None else edit.redistribute.p_move
+    if isinstance(p_move, torch.Tensor) and (p_move.dim() > 1 or p_move.numel() not in (1, q.shape[1])):
+        raise ValueError(
+            f"redistribute.p_move must be a scalar or [Hq] with Hq = {q.shape[1]}, got shape {tuple(p_move.shape)}"
+        )
+    return edit.to(q.device)
+
+
+def _sizes(q, k) -> dict[str, int]:
+    return {"B": q.shape[0], "Hq": q.shape[1], "Nq": q.shape[2], "Nk": k.shape[2]}
+
+
+def _edit_tensors(edit: AttentionEdit) -> list[tuple[str, torch.Tensor, str]]:
+    """(name, tensor, layout) of each tensor `edit` holds; a layout lists the sizes each dimension may take."""
+    gain, rd = edit.key_gain, edit.redistribute
+    named = [("key_bias", edit.key_bias, "B|1, Hq|1, Nq|1, Nk"), ("head_scale", edit.head_scale, "B|1, Hq")]
+    if gain is not None:
+        named += [("key_gain.keys", gain.keys, "B, Nk"), ("key_gain.rows", gain.rows, "B, Nq")]
+    if rd is not None:
+        named += [("redistribute.source", rd.source, "B, Hq|1, Nk"), ("redistribute.target", rd.target, "B, Hq|1, Nk"),
+                  ("redistribute.row_gate", rd.row_gate, "B, Hq|1, Nq")]  # fmt: skip
+        if rd.mass_gate is not None:
+            named.append(("redistribute.mass_gate.keys", rd.mass_gate.keys, "B, Nk"))
+    return [entry for entry in named if entry[1] is not None]
+
+
+_FLOATING = ("key_bias", "head_scale")  # every other edit tensor is a bool set of keys or rows
+
+
+def _check_edit_tensor(name: str, t: torch.Tensor, layout: str, sizes: dict[str, int]) -> None:
+    """Refuse `t` unless each dimension has a size its `layout` allows and its dtype is the field's."""
+    dims = [dim.split("|") for dim in layout.split(", ")]  # e.g. [["B", "1"], ["Nk"]]
+    allowed = [{1 if size == "1" else sizes[size] for size in dim} for dim in dims]
+    if t.dim() != len(dims) or any(size not in ok for size, ok in zip(t.shape, allowed, strict=True)):
+        here = ", ".join(f"{dim[0]}={sizes[dim[0]]}" for dim in dims)
+        raise ValueError(f"{name} must be [{layout}] with {here}; got shape {tuple(t.shape)}")
+    if name in _FLOATING and not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
+    if name not in _FLOATING and t.dtype != torch.bool:
+        raise TypeError(f"{name} must be bool, got {t.dtype}: pass `{name.rsplit('.', 1)[-1]}.bool()`")
+
+
+def _backend(q: torch.Tensor, v: torch.Tensor | None, backend: str):
+    """The module running this call: Triton for CUDA tensors (`auto`) it can run, else the reference. `v` is
+    None for the statistics, which read no values."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"{q.shape[1]} query heads cannot be grouped over {k.shape[1]} key/value heads")
-    if backend == "reference" or (backend == "auto" and not (q.is_cuda and triton_available())):
+    if backend == "auto":
+        same_head_size = v is None or v.shape[-1] == q.shape[-1]  # the Triton kernels' limit (MLA has Dv != D)
+        backend = "triton" if q.is_cuda and triton_available() and same_head_size else "reference"
+    if backend == "reference":
         return reference
     if backend == "flex":
         from . import flex

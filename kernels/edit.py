@@ -6,7 +6,7 @@ attention call; an edit with every field `None` is plain attention.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
 
 import torch
 
@@ -28,6 +28,17 @@ class Redistribute:
 
     # For kernels that never hold a row's probabilities: the keys' groups, then a per-row bias per group.
     SOURCE, TARGET, GATE = 1, 2, 4  # bits of a key's code
+
+    def __post_init__(self):
+        # Outside [0, 1] rows get negative probabilities (reference) or NaN (log1p(-p) in the kernels). A GPU
+        # tensor is not checked: reading it would stall every attention call until the GPU catches up.
+        p = self.p_move
+        if isinstance(p, torch.Tensor):
+            inside = p.device.type != "cpu" or bool(((p >= 0) & (p <= 1)).all())
+        else:
+            inside = 0 <= p <= 1
+        if not inside:
+            raise ValueError(f"Redistribute: p_move must be in [0, 1], got {p!r}")
 
     def key_codes(self, batch: int, num_keys: int, device) -> torch.Tensor:
         """[B, Hq|1, Nk] int8: the SOURCE, TARGET and GATE bits of each key."""
@@ -84,7 +95,11 @@ class AttentionEdit:
     key_bias: torch.Tensor | None = None  # [B|1, Hq|1, Nq|1, Nk] float, added to the logits (natural log)
     key_gain: KeyGain | None = None
     redistribute: Redistribute | None = None
-    head_scale: torch.Tensor | None = None  # [B|1, Hq] multiplies each head's output
+    head_scale: torch.Tensor | None = None  # [B|1, Hq] (or [Hq]) multiplies each head's output
+
+    def to(self, device) -> AttentionEdit:
+        """This edit with every tensor, nested ones included, on `device`."""
+        return _to(self, device)
 
     def __add__(self, other: AttentionEdit) -> AttentionEdit:
         """Compose two edits of one layer: biases add, head scales multiply.
@@ -103,6 +118,18 @@ class AttentionEdit:
             redistribute=self.redistribute if self.redistribute is not None else other.redistribute,
             head_scale=_combine(self.head_scale, other.head_scale, torch.mul),
         )
+
+
+def _to(edit, device):
+    """A copy of the dataclass `edit` with its tensors, and those of the dataclasses it holds, on `device`."""
+    changes = {}
+    for field in fields(edit):
+        value = getattr(edit, field.name)
+        if isinstance(value, torch.Tensor):
+            changes[field.name] = value.to(device)
+        elif is_dataclass(value):
+            changes[field.name] = _to(value, device)
+    return replace(edit, **changes)
 
 
 def _combine(a, b, op):

@@ -93,15 +93,18 @@ def _scores(
     visible = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
     if CAUSAL:  # bottom-right aligned: row i sees keys up to i + Nk - Nq
         visible = visible & (offs_n[None, :] <= offs_m[:, None] + (Nk - Nq))
+    # row and head offsets into the mask and bias are 64-bit, as the batch's: a mask's Nq * Nk passes 2**31
+    # at 46k tokens, a per-row bias's Hq * Nq * Nk sooner
+    rows = offs_m.to(tl.int64)
     if HAS_MASK:
-        keep = tl.load(Mask + b * smb + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=visible, other=0)
+        keep = tl.load(Mask + b * smb + rows[:, None] * smm + offs_n[None, :] * smn, mask=visible, other=0)
         visible = visible & (keep != 0)
     # a bias that is the same on every row of the tile loads as one [1, BLOCK_N] row: a full tile of
     # 64-bit addresses costs registers the loop needs (spills, seen in ptxas's report)
     if HAS_BIAS:
-        bias_at = Bias + b * sbb + h * sbh + offs_n[None, :] * sbn
+        bias_at = Bias + b * sbb + h.to(tl.int64) * sbh + offs_n[None, :] * sbn
         if BIAS_ROWS:
-            bias = tl.load(bias_at + offs_m[:, None] * sbm, mask=visible, other=0.0)  # [BLOCK_M, BLOCK_N]
+            bias = tl.load(bias_at + rows[:, None] * sbm, mask=visible, other=0.0)  # [BLOCK_M, BLOCK_N]
         else:
             bias = tl.load(bias_at, mask=offs_n[None, :] < Nk, other=0.0)  # [1, BLOCK_N]
         qk = qk + bias.to(tl.float32) * 1.4426950408889634
@@ -598,11 +601,16 @@ def _decode_split(
 def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, return_lse):
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
+    if v.shape[-1] != D:  # the kernels tile q, k and v with one head size
+        raise ValueError(
+            f"the triton backend needs value heads of the query/key head size; got q/k head size {D} and v head "
+            f"size {v.shape[-1]} (as in MLA models): use backend='reference' (or 'auto', which picks it)"
+        )
     common = _common(q, k, edit, attention_mask, scale, causal)
     head_scale = None
     if edit.head_scale is not None:
         head_scale = edit.head_scale.to(device=q.device, dtype=torch.float32).expand(B, Hq)
-    if Nq == 1 and v.shape[-1] == D:
+    if Nq == 1:
         out, lse = _decode(q, k, v, common, edit.redistribute)
         if head_scale is not None:
             out = out * head_scale[:, None, :, None]
@@ -706,11 +714,7 @@ def _common(q, k, edit: AttentionEdit, attention_mask, scale, causal) -> dict:
     Nk = k.shape[2]
     mask = visible_keys(attention_mask, "triton")
     mask = None if mask is None else mask.expand(mask.shape[0], Nq, Nk)
-    bias = None
-    if edit.key_bias is not None:
-        bias = edit.key_bias.to(q.device).expand(B, Hq, Nq, Nk) if edit.key_bias.dim() == 4 else None
-        if bias is None:
-            raise ValueError(f"key_bias must be [B|1, Hq|1, Nq|1, Nk], got {tuple(edit.key_bias.shape)}")
+    bias = None if edit.key_bias is None else edit.key_bias.to(q.device).expand(B, Hq, Nq, Nk)
     gain = edit.key_gain
     gain_keys = None if gain is None else gain.keys.to(device=q.device, dtype=torch.int8)
     gain_rows = None if gain is None or gain.rows is None else gain.rows.to(device=q.device, dtype=torch.int8)

@@ -1,8 +1,9 @@
 """Pure-PyTorch reference backend: the specification, the CPU path and the test oracle.
 
 Softmax runs in fp32 and rows are processed in chunks, so memory stays bounded by
-`_CHUNK_SCORES` scores whatever the sequence length. Masked keys get probability exactly 0 and a
-fully masked row yields a zero output (never NaN).
+`_CHUNK_SCORES` scores whatever the sequence length. A row sees the keys whose final logit is finite:
+masked keys, and keys a -inf `key_bias` hides, get probability exactly 0, and a row that sees no key
+yields a zero output and a -inf LSE (never NaN).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
         lses.append(lse)
     out = torch.cat(outputs, dim=2)  # [B, Hq, Nq, Dv]
     if edit.head_scale is not None:
-        out = out * edit.head_scale.float()[:, :, None, None]
+        out = out * edit.head_scale.float()[:, :, None, None]  # [B|1, Hq, 1, 1]
     out = out.transpose(1, 2).to(q.dtype)  # [B, Nq, Hq, Dv]
     return (out, torch.cat(lses, dim=2)) if return_lse else out
 
@@ -45,20 +46,19 @@ def column_stats(q, k, *, attention_mask, scale, causal, query_mask, key_bias):
     B, Hq, _, _ = q.shape
     Nk = k.shape[2]
     sums = q.new_zeros(B, Hq, Nk, dtype=torch.float32)
-    counts = None
-    for r0, r1, p, keep, _ in _probability_rows(q, k, AttentionEdit(key_bias=key_bias), attention_mask, scale, causal):
+    counts = torch.zeros_like(sums)
+    for r0, r1, p, seen, _ in _probability_rows(q, k, AttentionEdit(key_bias=key_bias), attention_mask, scale, causal):
         if query_mask is not None:
             rows = query_mask[:, None, r0:r1, None]  # [B, 1, rows, 1]
-            p, keep = p * rows, keep & rows
+            p, seen = p * rows, seen & rows
         sums += p.sum(dim=2)
-        keep = keep.expand(*keep.shape[:2], r1 - r0, Nk)  # a mask shared by all rows still counts each row
-        seen = keep.sum(dim=2, dtype=torch.float32).expand(B, -1, Nk)  # [B, 1|Hq, Nk]
-        counts = seen if counts is None else counts + seen
+        counts += seen.sum(dim=2, dtype=torch.float32)
     return sums, counts
 
 
 def _probability_rows(q, k, edit, attention_mask, scale, causal, lse=False) -> Iterator:
-    """Yield `(r0, r1, probabilities [B, Hq, rows, Nk], keep [B|1, 1|Hq, rows, Nk], lse [B, Hq, rows] | None)`."""
+    """Yield `(r0, r1, probabilities [B, Hq, rows, Nk], seen [B, Hq, rows, Nk], lse [B, Hq, rows] | None)`,
+    `seen` True where a key's final logit is finite."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     q_grouped = (q.float() * scale).view(B, Hkv, Hq // Hkv, Nq, D)
@@ -80,15 +80,11 @@ def _probability_rows(q, k, edit, attention_mask, scale, causal, lse=False) -> I
         if edit.key_bias is not None:
             s += _rows_of(edit.key_bias, r0, r1).float()
         s.masked_fill_(~keep, float("-inf"))
-        row_lse = torch.logsumexp(s, dim=-1) if lse else None  # -inf on a fully masked row
-        seen = keep.any(dim=-1, keepdim=True)  # [B|1, 1|Hq, rows, 1]
-        fully_masked = not bool(seen.all())
-        if fully_masked:  # give such rows 0 probabilities rather than softmax's NaN
-            s.masked_fill_(~seen, 0.0)
-        p = torch.softmax(s, dim=-1)
-        if fully_masked:
-            p.masked_fill_(~seen, 0.0)
-        yield r0, r1, p, keep, row_lse
+        seen = s > float("-inf")  # a -inf bias hides a key as the mask does
+        row_lse = torch.logsumexp(s, dim=-1) if lse else None  # -inf on a row that sees nothing
+        blind = ~seen.any(dim=-1, keepdim=True)  # [B, Hq, rows, 1]
+        p = torch.softmax(s, dim=-1).masked_fill_(blind, 0.0)  # 0 rather than softmax's NaN on such rows
+        yield r0, r1, p, seen, row_lse
 
 
 def visible_keys(attention_mask, backend: str) -> torch.Tensor | None:

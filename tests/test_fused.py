@@ -170,14 +170,16 @@ def test_column_statistics_match_the_reference(shape):
     nq, nk, hq, hkv, d = SHAPES[shape]
     q, k, _, g = tensors(nq, nk, hq, hkv, d)
     rows = torch.rand(2, nq, generator=g) < 0.6
+    hidden = torch.randn(2, hq, 1, nk, generator=g).masked_fill(torch.rand(2, hq, 1, nk, generator=g) < 0.3, -torch.inf)
     for kwargs in ({}, {"query_mask": rows}, {"key_bias": torch.randn(2, hq, 1, nk, generator=g)},
+                   {"key_bias": hidden},  # keys biased to -inf are not seen, so not counted
                    {"attention_mask": padded_mask(2, nq, nk, [0, 3])}, {"causal": False}):  # fmt: skip
         sums, counts = kernels.column_stats(q, k, scale=0.3, backend="triton", **kwargs)
         ref_sums, ref_counts = kernels.column_stats(q, k, scale=0.3, backend="reference", **kwargs)
         torch.testing.assert_close(sums, ref_sums, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(counts, ref_counts.expand_as(counts))
         seen_rows = (rows if "query_mask" in kwargs else torch.ones(2, nq, dtype=torch.bool)).sum(-1)
-        if "attention_mask" not in kwargs:  # every selected row sums to one
+        if "attention_mask" not in kwargs and kwargs.get("key_bias") is not hidden:  # every selected row sums to one
             torch.testing.assert_close(sums.sum(-1), seen_rows[:, None].float().expand(2, hq), atol=1e-4, rtol=1e-5)
     _, counts = kernels.column_stats(q, k, scale=0.3, causal=False, backend="triton")
     assert torch.equal(counts, torch.full((2, hq, nk), float(nq)))  # every row sees every key
@@ -201,13 +203,13 @@ def test_a_model_gives_the_same_logits_through_either_backend(monkeypatch):
     expected = run()
     from intervene.kernels import fused
 
-    monkeypatch.setattr(kernels, "_backend", lambda q, k, backend: fused)
+    monkeypatch.setattr(kernels, "_backend", lambda q, v, backend: fused)
     torch.testing.assert_close(run(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_backend_choice_and_errors():
     q, k, v, _ = tensors(4, 4, 2, 2, 16)
-    assert kernels._backend(q, k, "auto") is kernels.reference  # CPU tensors: the reference
+    assert kernels._backend(q, v, "auto") is kernels.reference  # CPU tensors: the reference
     with pytest.raises(NotImplementedError, match="flex backend does not compute column statistics"):
         kernels.column_stats(q, k, backend="flex")
     with pytest.raises(
@@ -216,6 +218,87 @@ def test_backend_choice_and_errors():
         kernels.modified_attention(q, k, v, backend="cuda")
     with pytest.raises(ValueError, match="4 query heads cannot be grouped over 3 key/value heads"):
         kernels.modified_attention(torch.zeros(1, 4, 2, 16), torch.zeros(1, 3, 2, 16), torch.zeros(1, 3, 2, 16))
+
+
+@pytest.mark.parametrize("nq", [5, 1])  # prefill, split-KV decode
+def test_value_heads_of_another_size_go_to_the_reference_or_flex_not_triton(nq):
+    q, k, _, g = tensors(nq, 9, 4, 2, 16)
+    v = torch.randn(2, 2, 9, 32, generator=g)  # as in MLA models: value heads larger than query/key heads
+    with pytest.raises(ValueError, match=r"q/k head size 16 and v head size 32 .*backend='reference'"):
+        kernels.modified_attention(q, k, v, scale=0.3, backend="triton")
+    logits = q @ k.repeat_interleave(2, dim=1).transpose(-1, -2) * 0.3
+    logits = logits.masked_fill(~torch.ones(nq, 9, dtype=torch.bool).tril(diagonal=9 - nq), float("-inf"))
+    expected = (logits.softmax(-1) @ v.repeat_interleave(2, dim=1)).transpose(1, 2)  # [B, Nq, Hq, 32]
+    for backend in ("reference", "flex"):
+        out = kernels.modified_attention(q, k, v, scale=0.3, backend=backend)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+class OnCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: enough for the backend choice, which runs nothing."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def test_auto_on_cuda_runs_value_heads_of_another_size_on_the_reference():
+    from intervene.kernels import fused
+
+    q, _, v, _ = tensors(5, 9, 4, 2, 16)
+    q = q.as_subclass(OnCuda)
+    assert kernels._backend(q, v, "auto") is fused
+    assert kernels._backend(q, torch.zeros(2, 2, 9, 32), "auto") is kernels.reference
+    assert kernels._backend(q, None, "auto") is fused  # column statistics read no values
+
+
+WRAP = 3 * 2**29  # entries this many elements apart: a 32-bit offset to the third (2**31 + 2**30) wraps
+
+
+def far_apart(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """`values` (1-byte dtype, 3 entries along `dim`, 1 along the others but the last) with its entries WRAP
+    elements apart, in a buffer that holds other values where a wrapped 32-bit offset to the third entry lands
+    (2**32 elements before it): a kernel that wraps reads those. 4 GiB of address space, of which only the
+    pages written are touched."""
+    n = values.shape[-1]
+    try:
+        buffer = torch.empty(2**32 + n, dtype=values.dtype)
+    except RuntimeError:
+        pytest.skip("needs 4 GiB of address space")
+    strides = [0] * values.dim()
+    strides[dim], strides[-1] = WRAP, 1
+    spread = buffer.as_strided(values.shape, strides, storage_offset=2**30)  # third entry at 2**32
+    spread.copy_(values)
+    buffer[:n] = values.select(dim, 2).flatten().view(torch.uint8).flip(0).view(values.dtype)  # reversed
+    return spread
+
+
+@pytest.mark.parametrize(
+    ("case", "nq"), [("mask per row", 3), ("bias per head", 3), ("bias per head", 1), ("bias per row", 3)]
+)
+def test_mask_and_bias_offsets_past_two_to_the_31_do_not_wrap(case, nq):
+    """A [B, 1, Nq, Nk] mask passes 2**31 elements at 46k tokens, a per-row bias at Hq * Nq * Nk >= 2**31."""
+    q, k, v, g = tensors(nq, 8, 3, 1, 16, batch=1)
+    mask, bias = None, None
+    if case == "mask per row":
+        mask = torch.rand(1, 1, nq, 8, generator=g) < 0.6
+        mask[..., 0] = True
+    else:  # fp8: one byte an element keeps the buffer at 4 GiB
+        shape = (1, 3, 1, 8) if case == "bias per head" else (1, 1, 3, 8)
+        bias = (torch.randn(shape, generator=g) * 2).to(torch.float8_e5m2)
+    edit = AttentionEdit(key_bias=bias)
+    expected = kernels.modified_attention(q, k, v, edit, attention_mask=mask, scale=0.3, backend="reference")
+    dim = 1 if case == "bias per head" else 2
+    spread_mask = None if mask is None else far_apart(mask, dim)
+    spread = AttentionEdit(key_bias=None if bias is None else far_apart(bias, dim))
+    out = kernels.modified_attention(q, k, v, spread, attention_mask=spread_mask, scale=0.3, backend="triton")
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    if nq > 1:  # the statistics and column sums read the mask and bias as the forward does
+        sums, _ = kernels.column_stats(q, k, attention_mask=mask, key_bias=bias, scale=0.3, backend="reference")
+        spread_sums, _ = kernels.column_stats(
+            q, k, attention_mask=spread_mask, key_bias=spread.key_bias, scale=0.3, backend="triton"
+        )
+        torch.testing.assert_close(spread_sums, sums, atol=1e-5, rtol=1e-4)
 
 
 def test_an_interpreter_that_cannot_run_says_what_to_install(monkeypatch):

@@ -257,3 +257,169 @@ def test_bad_backend_and_head_grouping_are_refused():
         kernels.modified_attention(q, k, v, backend="cuda")
     with pytest.raises(ValueError, match=r"4 query heads cannot be grouped over 3"):
         kernels.modified_attention(q, k[:, :1].repeat(1, 3, 1, 1), v[:, :1].repeat(1, 3, 1, 1))
+
+
+def test_a_bias_that_hides_every_visible_key_of_a_row_gives_zero_and_minus_infinity():
+    q, k, v = qkv(n=6)
+    bias = torch.zeros(1, 1, 1, 6)
+    bias[..., 0] = float("-inf")  # causal row 0 sees only key 0
+    edit = AttentionEdit(key_bias=bias)
+    out, lse = kernels.modified_attention(q, k, v, edit, scale=0.3, return_lse=True)
+    assert torch.equal(out[:, 0], torch.zeros_like(out[:, 0]))
+    assert torch.isneginf(lse[:, :, 0]).all()
+    keep = torch.ones(6, 6, dtype=torch.bool).tril()
+    keep[:, 0] = False  # the other rows: key 0 hidden as by the mask
+    expected = explicit(q, k, v, 0.3, keep.expand(2, 1, 6, 6))
+    torch.testing.assert_close(out[:, 1:], expected[:, 1:], atol=1e-6, rtol=1e-6)
+    exact = torch.stack([explicit_probabilities(q[b], k[b], 0.3, keep).nan_to_num() for b in range(2)])
+    probs = kernels.attention_probabilities(q, k, edit, scale=0.3)
+    torch.testing.assert_close(probs, exact, atol=1e-6, rtol=1e-6)  # row 0 all 0
+    sums, _ = kernels.column_stats(q, k, scale=0.3, key_bias=bias)
+    torch.testing.assert_close(sums, exact.sum(dim=2), atol=1e-6, rtol=1e-6)
+
+
+def test_column_stats_do_not_count_a_key_biased_to_minus_infinity():
+    q, k, _ = qkv(n=7)
+    bias = torch.zeros(2, 4, 1, 7)
+    bias[0, 1, 0, 3] = float("-inf")  # head 1 of element 0 never sees key 3
+    bias[1, :, 0, 0] = float("-inf")
+    _, counts = kernels.column_stats(q, k, scale=0.3, key_bias=bias)
+    seen = torch.ones(7, 7).tril().sum(dim=0).expand(2, 4, 7).clone()  # causal: key j seen by 7 - j rows
+    seen[0, 1, 3] = 0
+    seen[1, :, 0] = 0
+    torch.testing.assert_close(counts, seen)
+
+
+BAD_INPUTS = {  # name: (q, k, v shapes, mask dtype, error, words the message must hold)
+    "q 3-D": ((5, 2, 16), (2, 7, 16), (2, 7, 16), None, ValueError, ["4-D", "q (5, 2, 16)"]),
+    "k head size": ((2, 4, 5, 16), (2, 2, 7, 8), (2, 2, 7, 16), None, ValueError, ["head size", "k (2, 2, 7, 8)"]),
+    "k batch": ((2, 4, 5, 16), (1, 2, 7, 16), (1, 2, 7, 16), None, ValueError, ["batch size", "k (1, 2, 7, 16)"]),
+    "v length": ((2, 4, 5, 16), (2, 2, 7, 16), (2, 2, 6, 16), None, ValueError, ["length", "v (2, 2, 6, 16)"]),
+    "head grouping": ((2, 4, 5, 16), (2, 3, 7, 16), (2, 3, 7, 16), None, ValueError, ["grouped over 3"]),
+    "integer mask": ((2, 4, 5, 16), (2, 2, 7, 16), (2, 2, 7, 16), torch.int64, TypeError, ["int64", "mask.bool()"]),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "flex", "triton"])  # refused before a backend is chosen
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_inputs_no_backend_runs_are_refused_naming_them(backend, case):
+    q_shape, k_shape, v_shape, mask_dtype, error, words = BAD_INPUTS[case]
+    q, k, v = torch.zeros(q_shape), torch.zeros(k_shape), torch.zeros(v_shape)
+    mask = None if mask_dtype is None else torch.ones(2, 1, 5, 7, dtype=mask_dtype)
+    calls = [lambda: kernels.modified_attention(q, k, v, attention_mask=mask, backend=backend)]
+    if case != "v length":  # the statistics read no values
+        calls.append(lambda: kernels.column_stats(q, k, attention_mask=mask, backend=backend))
+        calls.append(lambda: kernels.attention_probabilities(q, k, attention_mask=mask))
+    for call in calls:
+        with pytest.raises(error) as raised:
+            call()
+        for word in words:
+            assert word in str(raised.value)
+
+
+def test_q_k_and_v_of_different_dtypes_or_devices_are_refused():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match=r"q torch.float16, k torch.float32, v torch.float32.*\.to\(q.dtype\)"):
+        kernels.modified_attention(q.half(), k, v)
+    with pytest.raises(TypeError, match=r"v torch.float16"):
+        kernels.modified_attention(q, k, v.half(), backend="flex")
+    with pytest.raises(ValueError, match=r"q on meta, k on cpu, v on cpu: move them with \.to\(q.device\)"):
+        kernels.modified_attention(q.to("meta"), k, v, backend="triton")
+
+
+def bad_edits():
+    """(edit, error, part of its message) for edit tensors that no backend takes, beside q [2, 4, 9, 8]."""
+    keys = torch.ones(2, 9, dtype=torch.bool)
+    source = keys[:, None]  # [B, 1, Nk]
+
+    def moving(**fields):
+        return AttentionEdit(
+            redistribute=Redistribute(**{"source": source, "target": ~source, "p_move": 0.5, **fields})
+        )
+
+    shape = "must be [B|1, Hq|1, Nq|1, Nk] with B=2, Hq=4, Nq=9, Nk=9"
+    return [
+        (AttentionEdit(key_bias=torch.zeros(2, 4, 9)), ValueError, f"key_bias {shape}; got shape (2, 4, 9)"),
+        (AttentionEdit(key_bias=torch.zeros(1, 1, 1, 8)), ValueError, f"key_bias {shape}; got shape (1, 1, 1, 8)"),
+        (AttentionEdit(key_bias=torch.zeros(1, 1, 1, 9).long()), TypeError, "floating dtype, got torch.int64"),
+        (AttentionEdit(head_scale=torch.ones(1, 3)), ValueError, "head_scale must be [B|1, Hq] with B=2, Hq=4; got"),
+        (AttentionEdit(key_gain=KeyGain(keys[:1], 0.5)), ValueError, "key_gain.keys must be [B, Nk] with B=2, Nk=9"),
+        (moving(source=source.float()), TypeError, "source must be bool, got torch.float32: pass `source.bool()`"),
+        (moving(target=~keys), ValueError, "target must be [B, Hq|1, Nk] with B=2, Hq=4, Nk=9; got shape (2, 9)"),
+        (moving(row_gate=source[:, :, :5]), ValueError, "row_gate must be [B, Hq|1, Nq] with B=2, Hq=4, Nq=9; got"),
+        (moving(mass_gate=MassGate(keys[:, :3], 0.1, 0.5)), ValueError, "mass_gate.keys must be [B, Nk]"),
+        (moving(p_move=torch.full((3,), 0.5)), ValueError, "p_move must be a scalar or [Hq] with Hq = 4, got"),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["reference", "flex", "triton"])
+def test_edit_tensors_no_backend_takes_are_refused_with_one_message(backend):
+    q, k, v = qkv()
+    for edit, error, message in bad_edits():
+        with pytest.raises(error) as raised:
+            kernels.modified_attention(q, k, v, edit, scale=0.3, backend=backend)
+        assert message in str(raised.value)
+    with pytest.raises(ValueError, match=r"key_bias must be \[B\|1, Hq\|1, Nq\|1, Nk\]"):
+        kernels.attention_probabilities(q, k, AttentionEdit(key_bias=torch.zeros(2, 4, 9)))
+    with pytest.raises(ValueError, match=r"key_bias must be .* got shape \(2, 4, 9\)"):
+        kernels.column_stats(q, k, key_bias=torch.zeros(2, 4, 9), backend=backend)
+    with pytest.raises(ValueError, match=r"query_mask must be \[B, Nq\] with B=2, Nq=9; got shape \(2, 8\)"):
+        kernels.column_stats(q, k, query_mask=torch.ones(2, 8, dtype=torch.bool), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "flex"])
+def test_a_head_scale_of_one_dimension_scales_every_batch_row(backend):
+    q, k, v = qkv()
+    scale = torch.tensor([0.0, 1.0, 2.0, -0.5])
+    out = kernels.modified_attention(q, k, v, AttentionEdit(head_scale=scale), scale=0.3, backend=backend)
+    torch.testing.assert_close(out, explicit(q, k, v, 0.3) * scale[:, None], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("p_move", "named"),
+    [(1.5, "1.5"), (-0.5, "-0.5"), (float("nan"), "nan"), (torch.tensor([0.25, 1.5]), "tensor([0.2500, 1.5000])")],
+)
+def test_a_fraction_to_move_outside_zero_one_is_refused(p_move, named):
+    source = torch.zeros(2, 1, 9, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"p_move must be in \[0, 1\], got ") as raised:
+        Redistribute(source, ~source, p_move)
+    assert str(raised.value).endswith(named)
+
+
+def test_a_fraction_to_move_off_the_cpu_is_not_read_back():
+    source = torch.zeros(2, 1, 9, dtype=torch.bool)
+    Redistribute(source, ~source, torch.full((4,), 2.0, device="meta"))  # reading a meta tensor would raise
+
+
+def test_the_reference_moves_every_edit_tensor_to_qs_device():
+    """q, k and v on the meta device, every edit tensor on the CPU: a tensor left behind would raise (as one on
+    the CPU does beside CUDA tensors), and so would reading a value back to the host."""
+    q, k, v = (t.to("meta") for t in qkv())
+    g = torch.Generator().manual_seed(3)
+    source = torch.rand(2, 4, 9, generator=g) < 0.3
+    keys = torch.rand(2, 9, generator=g) < 0.5
+    edit = AttentionEdit(
+        key_bias=torch.randn(2, 4, 1, 9, generator=g),
+        key_gain=KeyGain(keys, 0.7, rows=torch.rand(2, 9, generator=g) < 0.5),
+        redistribute=Redistribute(source, ~source, torch.tensor([0.2, 0.5, 0.9, 1.0]), row_gate=source[:, :1],
+                                  mass_gate=MassGate(keys, 0.1, 0.9)),
+        head_scale=torch.ones(4),
+    )  # fmt: skip
+    out, lse = kernels.modified_attention(q, k, v, edit, scale=0.3, return_lse=True, backend="reference")
+    assert out.device.type == "meta" and out.shape == (2, 9, 4, 8) and lse.shape == (2, 4, 9)
+    assert kernels.attention_probabilities(q, k, edit, scale=0.3).shape == (2, 4, 9, 9)
+    sums, counts = kernels.column_stats(q, k, scale=0.3, key_bias=edit.key_bias, query_mask=keys)
+    assert sums.device.type == counts.device.type == "meta"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_reference_runs_cuda_tensors_with_an_edit_made_on_the_cpu():
+    q, k, v = qkv()
+    source = torch.zeros(2, 4, 9, dtype=torch.bool)
+    source[..., 0] = True
+    edit = AttentionEdit(key_bias=torch.randn(2, 4, 1, 9), redistribute=Redistribute(source, ~source, 0.5),
+                         head_scale=torch.full((1, 4), 2.0))  # fmt: skip
+    expected = kernels.modified_attention(q, k, v, edit, scale=0.3, backend="reference")
+    out = kernels.modified_attention(q.cuda(), k.cuda(), v.cuda(), edit, scale=0.3, backend="reference")
+    torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=1e-5)
