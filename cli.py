@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +27,103 @@ def _root() -> None:
 def _fail(message: str) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(2)
+
+
+def _check_device(device: str | None) -> None:
+    """A device that torch cannot parse or that this machine lacks fails here, before anything loads."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        wanted = torch.device(device)
+    except RuntimeError:
+        raise _fail(f"--device {device!r} is not a device; give cpu, cuda, cuda:1, ...") from None
+    if wanted.type == "cpu":
+        return
+    here = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    count = torch.accelerator.device_count() if here is not None else 0
+    if here is None or here.type != wanted.type or (wanted.index or 0) >= count:
+        found = f"{count} {here.type} device(s)" if here is not None else "no accelerator"
+        raise _fail(f"--device {device}: torch {torch.__version__} finds {found} here; give --device cpu, or "
+                    "leave --device out to use the accelerator if there is one")  # fmt: skip
+
+
+def _make_folder(path: Path) -> None:
+    """Create the output folder now, so that a path that cannot be one fails before the model loads."""
+    if path.exists() and not path.is_dir():
+        raise _fail(f"--output-path {path} is a file, not a folder; give a folder path (it is created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _fail(f"--output-path {path}: cannot create this folder ({error.strerror}); give another path") from None
+
+
+def _new_run_dir(output_path: Path, stamp: str) -> Path:
+    """A new folder `output_path/<stamp>`; runs started in the same second get `<stamp>-2`, `<stamp>-3`, ..."""
+    for number in itertools.count(1):
+        run_dir = output_path / (stamp if number == 1 else f"{stamp}-{number}")
+        try:
+            run_dir.mkdir()  # atomic: of two runs racing for a name, one gets it and the other takes the next
+            return run_dir
+        except FileExistsError:
+            continue
+
+
+def _read_config(path: Path) -> dict:
+    """The JSON document of a saved config; an unreadable or malformed file is an error naming it."""
+    try:
+        return json.loads(path.read_text())
+    except OSError as error:
+        raise _fail(f"--config {path}: cannot be read ({error.strerror}); give the path of a saved config") from None
+    except json.JSONDecodeError as error:
+        raise _fail(
+            f"--config {path}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); give a "
+            "config written by `intervene calibrate` or `handle.save`"
+        ) from None
+
+
+def _check_not_calibrated_on(path: Path, document: dict, tasks: list, split: str) -> None:
+    """A calibrated config is never scored on what it was tuned on: neither its split nor its data files."""
+    calibration = document.get("calibration")
+    if not isinstance(calibration, dict):
+        return
+    if calibration.get("split") == split:
+        raise ValueError(f"{path} was calibrated on the {split!r} split; evaluate it on another (--split test)")
+    entries = calibration.get("tasks") or {}  # {task: {"files": path, ...}}, or {task: path} for prune
+    tuned = {Path(e["files"] if isinstance(e, dict) else e).resolve() for e in entries.values()}
+    for task in tasks:
+        data = Path(task.data_files[task.split(split)]).resolve()
+        if data in tuned:
+            raise ValueError(
+                f"{path} was calibrated on {data}, which is the {split!r} data of task {task.name!r}; evaluate it "
+                "on items it was not tuned on (a YAML with data_files: {calib: ..., test: ...} keeps them apart)"
+            )
+
+
+def _resolve_tasks(tasks: str | None, fields: dict, default: list[str]) -> list:
+    """The tasks of `--tasks` (or the `default` built-in ones); two that share a name (which keys the results
+    and the log files) are an error, and so are data-file flags that no task given would read."""
+    from intervene.evals.tasks import TaskError, builtin_tasks, resolve_task
+
+    specs = [spec.strip() for spec in tasks.split(",") if spec.strip()] if tasks else default
+    given = [f"--{name.replace('_', '-')}" for name, value in fields.items() if value is not None]
+    if given and all(spec in builtin_tasks() for spec in specs):
+        raise TaskError(
+            f"{', '.join(given)} say how to read a data file, and {', '.join(specs)} are built-in tasks with "
+            "settings of their own; give a data file with --tasks (e.g. --tasks my.jsonl)"
+        )
+    chosen, sources = [], {}
+    for spec in specs:
+        task = resolve_task(spec, **fields)
+        if task.name in sources:
+            raise TaskError(
+                f"--tasks {sources[task.name]} and {spec} are both task {task.name!r}, and a run keeps one result "
+                "per task name; rename one of the files, or give it a YAML with its own `task:` name"
+            )
+        sources[task.name] = spec
+        chosen.append(task)
+    return chosen
 
 
 def _params(pairs: list[str]) -> dict:
@@ -126,23 +224,30 @@ def evaluate(
     from intervene.evals import report, runner
     from intervene.evals.inspect import require_matplotlib
     from intervene.evals.model import is_vision_language, smoke_test_warning
-    from intervene.evals.tasks import TaskError, builtin_tasks, check_modality, resolve_task
+    from intervene.evals.tasks import TaskError, builtin_tasks, check_modality
     from intervene.interventions import method_class
 
+    _check_device(device)
+    if resume is not None:  # read before the model loads: a folder that is no run fails at once
+        try:
+            earlier = json.loads((resume / "run.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            earlier = None
+        if not isinstance(earlier, dict):
+            raise _fail(f"--resume {resume}: no run.json of an intervene eval there; give the folder of that run")
+    saved = _read_config(config) if config else None
     fields = {"output_type": output_type, "doc_to_text": doc_to_text, "doc_to_choice": doc_to_choice}
     fields |= {"doc_to_target": doc_to_target, "doc_to_image": doc_to_image, "image_root": image_root}
     try:
         vision = is_vision_language(model)
-        if tasks:
-            chosen = [resolve_task(name.strip(), **fields) for name in tasks.split(",") if name.strip()]
-        else:
-            chosen = [task for task in builtin_tasks().values() if task.needs_images == vision]
+        default = [name for name, task in builtin_tasks().items() if task.needs_images == vision]
+        chosen = _resolve_tasks(tasks, fields, default)
         check_modality(chosen, model, vision)
         for task in chosen:  # fail on a broken task or a missing image before loading anything heavy
             task.items(split, limit)
         spec = intervene.load_config(config) if config else method
-        if config and json.loads(config.read_text()).get("calibration", {}).get("split") == split:
-            raise ValueError(f"{config} was calibrated on the {split!r} split; evaluate it on another (--split test)")
+        if config:
+            _check_not_calibrated_on(config, saved, chosen, split)
         if method:
             method_class(method).from_dict(params)  # an unknown method or a bad value fails before the model loads
         if plot:
@@ -153,35 +258,36 @@ def evaluate(
             raise ValueError("--device-map spreads one model over the devices; use it in a single process")
         if ranks.num_processes > 1 and device is None:
             device = str(ranks.device)  # each process its own GPU (or the CPU)
+        if resume is None:
+            _make_folder(output_path)
         torch.manual_seed(seed)
         loaded, tokenizer = intervene.load_model(model, dtype=dtype, device=device, device_map=device_map)
         handle = intervene.apply(loaded, spec, **params)
-    except (TaskError, ValueError, OSError, json.JSONDecodeError) as error:
+    except (TaskError, ValueError, OSError) as error:
         raise _fail(str(error)) from None
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted before any item was scored; nothing was written", err=True)
+        raise typer.Exit(130) from None
 
-    # rank 0's clock names the run folder that every process writes to
-    (stamp,) = broadcast_object_list([datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%S")])
     settings = {
         "model": model, "intervention": {k: handle.to_dict()[k] for k in ("method", "params")},
-        "tasks": [t.name for t in chosen], "split": split, "limit": limit, "batch_size": batch_size, "seed": seed,
+        "tasks": [t.name for t in chosen], "task_settings": {t.name: _settings(t) for t in chosen}, "split": split,
+        "limit": limit, "batch_size": batch_size, "seed": seed, "dtype": str(loaded.dtype).removeprefix("torch."),
     }  # fmt: skip
     settings = json.loads(json.dumps(settings))  # as it reads back from the file
     if resume is not None:
         run_dir = resume
-        try:
-            earlier = json.loads((run_dir / "run.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            handle.remove()
-            message = f"--resume {run_dir}: no run.json of an intervene eval there; give the folder of that run"
-            raise _fail(message) from None
-        changed = sorted(key for key in settings if earlier.get(key) != settings[key])
+        changed = [key for key in settings if earlier.get(key) != settings[key]]
         if changed:
             handle.remove()
-            raise _fail(f"--resume {run_dir}: that run had other {', '.join(changed)}; repeat its exact arguments")
-    else:
-        run_dir = output_path / stamp
+            differences = "; ".join(
+                f"{key} {json.dumps(earlier.get(key))} there, {json.dumps(settings[key])} now" for key in changed
+            )
+            raise _fail(f"--resume {run_dir}: that run had other settings ({differences}); repeat its exact arguments")
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%S")
+    if resume is None:  # rank 0 makes the run folder, named by its clock, for every process to write to
+        (run_dir,) = broadcast_object_list([_new_run_dir(output_path, stamp) if ranks.is_main_process else None])
         if ranks.is_main_process:  # the others write only once the runner has waited for this one
-            run_dir.mkdir(parents=True, exist_ok=True)
             report.write_atomic(run_dir / "run.json", json.dumps(settings, indent=2) + "\n")
     try:
         results, timing = runner.evaluate(
@@ -244,6 +350,8 @@ def evaluate(
 def _settings(task) -> dict:
     """What decides a task's numbers besides its data: the prompt, the scorer and the decoding."""
     settings = {"output_type": task.output_type, "doc_to_text": task.doc_to_text}
+    if task.output_type in ("multiple_choice", "classification"):
+        settings["target_delimiter"] = task.target_delimiter  # joins the prompt and each choice
     if task.output_type in ("generate_until", "pope", "chair"):
         settings["generation_kwargs"] = {"do_sample": False, **task.generation_kwargs}
     return settings
@@ -304,19 +412,18 @@ def calibrate(
     from intervene.evals import calibrate as engine
     from intervene.evals import runner
     from intervene.evals.model import is_vision_language, smoke_test_warning
-    from intervene.evals.tasks import TaskError, builtin_tasks, check_modality, resolve_task
+    from intervene.evals.tasks import TaskError, builtin_tasks, check_modality
     from intervene.interventions import method_class
 
+    _check_device(device)
     try:
         if rule not in engine.RULES or granularity not in engine.GRANULARITIES:
             raise ValueError(
                 f"--select takes {', '.join(engine.RULES)} and --granularity {', '.join(engine.GRANULARITIES)}"
             )
         vision = is_vision_language(model)
-        if tasks:
-            chosen = [resolve_task(name.strip()) for name in tasks.split(",")]
-        else:
-            chosen = [t for t in builtin_tasks().values() if t.needs_images == vision and split in t.data_files]
+        default = [name for name, t in builtin_tasks().items() if t.needs_images == vision and split in t.data_files]
+        chosen = _resolve_tasks(tasks, {}, default)
         check_modality(chosen, model, vision)
         for task in chosen:
             task.items(split, 1)
@@ -325,6 +432,7 @@ def calibrate(
         method_class(method).from_dict(params)
         if runner.processes(device).num_processes > 1:
             raise ValueError("calibrate runs in one process (each would profile every candidate): run it unlaunched")
+        _make_folder(output_path)
         loaded, tokenizer = intervene.load_model(model, dtype=dtype, device=device, device_map=device_map)
         say = lambda text: typer.echo(text, err=True)
         if method == "prune":  # no heads to profile: fit the positional trend its debiasing divides out
@@ -353,6 +461,9 @@ def calibrate(
     else:
         typer.echo(f"baseline objective {found['baseline']['objective']:.4f}; selected {len(found['selected'])} of "
                    f"{len(found['profile'])} candidates: {', '.join(found['selected']) or 'none helped'}")  # fmt: skip
+        if not found["selected"]:
+            typer.echo("warning: no candidate raised the objective, so this config edits no head and changes "
+                       "nothing; try more items (--limit), another --select or other --param", err=True)  # fmt: skip
         typer.echo(f"with the selection: {found['result']['objective']:.4f}; params {json.dumps(artifact['params'])}")
     typer.echo(
         f"config: {output_path / 'config.json'}  (replay: intervene eval --config {output_path / 'config.json'})"
@@ -401,6 +512,9 @@ def inspect_attention(
     from intervene.evals.model import shipped_config, smoke_test_warning
     from intervene.interventions import method_class
 
+    _check_device(device)
+    if config:
+        _read_config(config)
     handle = None
     try:
         require_matplotlib()
@@ -412,6 +526,7 @@ def inspect_attention(
             method_class(method).from_dict(params)  # an unknown method or a bad value fails before the model loads
         if image is not None and not image.is_file():
             raise ValueError(f"--image {image}: no such file")
+        _make_folder(output_path)
         loaded, processor = intervene.load_model(model, dtype=dtype, device=device)
         if method or config:
             handle = intervene.apply(loaded, intervene.load_config(config) if config else method, **params)
@@ -419,8 +534,11 @@ def inspect_attention(
             loaded, processor, prompt, handle=handle, image=image, layers=chosen_layers, heads=chosen_heads,
             threshold=threshold, output=output_path,
         )  # fmt: skip
-    except (ValueError, OSError, json.JSONDecodeError) as error:
+    except (ValueError, OSError) as error:
         raise _fail(str(error)) from None
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted before inspect finished", err=True)
+        raise typer.Exit(130) from None
     finally:
         if handle is not None:
             handle.remove()

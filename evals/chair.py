@@ -1,10 +1,11 @@
 """CHAIR (Rohrbach et al., 2018): which COCO objects a caption mentions, and which of them are not in the image.
 
 A caption is lower-cased and cut into words (runs of letters); plurals become singular by a small set of
-rules; then, left to right, the longest run of words that is a synonym of one of the 80 COCO categories is
-a mention of that category ("hot dog" is a hot dog, not a dog). As in the reference evaluator, an animal
-word after "baby"/"adult" and a vehicle after "passenger" is not also a person, and "seat" is not a chair
-when the caption mentions a toilet. No NLTK, no downloads: the rules below are the whole tokenizer.
+rules, and a plural of a synonym's word that the rules miss (taxis, tvs) becomes that word; then, left to
+right, the longest run of words that is a synonym of one of the 80 COCO categories is a mention of that
+category ("hot dog" is a hot dog, not a dog). As in the reference evaluator, an animal word after
+"baby"/"adult" and a vehicle after "passenger" is not also a person, and "seat" is not a chair when the
+caption mentions a toilet. No NLTK, no downloads: the rules below are the whole tokenizer.
 
 The ground-truth objects of an image are its COCO instance categories plus every object its reference
 captions mention, read from the public `instances_*.json` and `captions_*.json` files.
@@ -56,10 +57,20 @@ class Vocabulary:
 
     phrases: dict[tuple[str, ...], str]  # synonym words -> category
     longest: int
+    known: frozenset[str]  # every word of the synonyms
+
+    def singular(self, word: str) -> str:
+        """`singular(word)`, or the synonym word that `word` is a plural of where the rules, made to leave
+        words such as "tennis", "bus" and "has" alone, miss it: taxis, tvs, neckties, minibuses."""
+        rule = singular(word)
+        stems = [word[:-1]] if word.endswith("s") else []
+        if word.endswith("es") and word[:-2].endswith(("s", "x", "z", "ch", "sh")):
+            stems.append(word[:-2])  # minibuses (but "cares" is not cars)
+        return next((stem for stem in (rule, *stems) if stem in self.known), rule)
 
     def mentions(self, caption: str) -> list[tuple[str, str]]:
-        """(the words as written, the category) for each object mention, in order."""
-        tokens = [singular(w) for w in words(caption)]
+        """(the synonym's words, the category) for each object mention, in order."""
+        tokens = [self.singular(w) for w in words(caption)]
         found: list[tuple[str, str]] = []
         i = 0
         while i < len(tokens):
@@ -82,7 +93,7 @@ class Vocabulary:
         return kept
 
     def category(self, name: str) -> str | None:
-        return self.phrases.get(tuple(singular(w) for w in words(name)))
+        return self.phrases.get(tuple(self.singular(w) for w in words(name)))
 
 
 @functools.cache
@@ -99,7 +110,8 @@ def vocabulary(path: str | Path = SYNONYMS) -> Vocabulary:
             if not key:
                 raise ValueError(f"{path}:{number}: synonym {name!r} has no letters")
             phrases.setdefault(key, names[0])  # a synonym listed twice keeps its first category
-    return Vocabulary(phrases=phrases, longest=max(map(len, phrases)))
+    known = frozenset(word for phrase in phrases for word in phrase)
+    return Vocabulary(phrases=phrases, longest=max(map(len, phrases)), known=known)
 
 
 def score(caption: str, objects: set[str], vocab: Vocabulary) -> dict:

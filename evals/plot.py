@@ -41,8 +41,10 @@ def results_figure(plt, results: dict, title: str = ""):
             m = metrics[name]
             low, high = m["ci95"]
             supported = low > 0 or high < 0
+            # a bootstrap percentile CI of a ratio metric need not contain the delta: no whisker on that side
+            whiskers = [[max(0.0, m["delta"] - low)], [max(0.0, high - m["delta"])]]
             changes.errorbar(
-                m["delta"], place, xerr=[[m["delta"] - low], [high - m["delta"]]], fmt="o", capsize=4,
+                m["delta"], place, xerr=whiskers, fmt="o", capsize=4,
                 color="tab:red" if supported else "black",
             )  # fmt: skip
         changes.axvline(0.0, color="gray", linewidth=1)

@@ -2,8 +2,9 @@
 
 Each batch runs twice on the one loaded model, with the intervention toggled off then on, so the two
 scores differ by the intervention alone. Per-sample results are appended to a JSONL log as batches
-finish, so an interrupted run keeps what it computed, and `resume=True` continues from the logs: the
-batches whose items are all logged are read back, and the rest run as they would have (same batches).
+finish (and each batch's seconds to `timing_<task>.jsonl`), so an interrupted run keeps what it computed, and
+`resume=True` continues from the logs: the batches whose items are all logged are read back, and the rest run
+as they would have (same batches).
 
 Started as W processes by `accelerate launch` (or torchrun), the runner shares out the batches. They
 are formed as in one process (same order, same size), so each batch computes the same whatever W; rank
@@ -41,49 +42,55 @@ def evaluate(
     model, tokenizer, handle, tasks, *, samples_dir, split="test", limit=None, batch_size=16, seed=0, resume=False
 ):
     """`(results, timing)`: `results[task][metric]` with both scores, the paired delta, its bootstrap 95% CI,
-    McNemar's p and n; `timing[task]` in seconds per item scored in this run, summed over the processes
-    (process-seconds per item: W processes take about 1/W of it in wall time). Per-sample logs go to
-    `samples_dir`; with `resume`, items already logged there are not scored again. In a run of several
-    processes each one calls this; rank 0 gets the results, the others `({}, {})`."""
+    McNemar's p and n; `timing[task]` in seconds per item, summed over the processes (process-seconds per
+    item: W processes take about 1/W of it in wall time) and over the runs that a resumed run continues.
+    Per-sample logs go to `samples_dir`; with `resume`, items already logged there are not scored again.
+    In a run of several processes each one calls this; rank 0 gets the results, the others `({}, {})`."""
     main = PartialState().is_main_process  # as `processes` set it up; one process if nothing did
     results, timing = {}, {}
     with progress_bar(disable=not main) as progress:
         for task in tasks:
             items = task.items(split, limit)
             log = Path(samples_dir) / f"samples_{task.name}.jsonl"
-            scored, seconds, fresh = _run_task(task, items, model, tokenizer, handle, batch_size, log, progress, resume)
+            scored, seconds, timed = _run_task(task, items, model, tokenizer, handle, batch_size, log, progress, resume)
             if main:
                 results[task.name] = _metrics(task, scored, seed)
                 timing[task.name] = {
                     "items": len(items),
-                    "baseline_s_per_item": seconds["baseline"] / max(1, fresh),
-                    "intervened_s_per_item": seconds["intervened"] / max(1, fresh),
+                    "baseline_s_per_item": seconds["baseline"] / max(1, timed),
+                    "intervened_s_per_item": seconds["intervened"] / max(1, timed),
                 }
     return results, timing
 
 
 def _run_task(task, items, model, tokenizer, handle, batch_size, log, progress, resume):
-    """`(scored, seconds, fresh)` on rank 0: both results of every item, the seconds each variant took on all
-    ranks together, and how many items this run scored; `(None, None, None)` on the other ranks."""
+    """`(scored, seconds, timed)` on rank 0: both results of every item, the seconds each variant took on all
+    ranks together, and the number of items those seconds are for (every item, counting the runs a resumed one
+    continues); `(None, None, None)` on the other ranks."""
     ranks = PartialState()
     order = sorted(range(len(items)), key=lambda i: -len(items[i].query))  # similar lengths share a batch
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     done = _logged_batches(log, task, items, batches) if resume else {}  # {batch number: its records}
+    # each batch's seconds go to timing_<task>.jsonl, apart from the samples (whose bytes must not vary)
+    clock = log.with_name(f"timing_{task.name}.jsonl")
+    timed = {n: entry for n, entry in _logged_seconds(clock).items() if n in done} if resume else {}
     ranks.wait_for_everyone()  # every rank has read the logs before rank 0 rewrites them
     if ranks.is_main_process:
         _rewrite_log(log, done)  # complete batches only: a line cut short by a kill is dropped
+        _rewrite_log(clock, timed)
     ranks.wait_for_everyone()
 
     todo = [number for number in range(len(batches)) if number not in done]
     mine = todo[ranks.process_index :: ranks.num_processes]
-    live = log if ranks.num_processes == 1 else log.with_name(f"{log.stem}.rank{ranks.process_index}.jsonl")
-    scored_here, seconds = {}, {"baseline": 0.0, "intervened": 0.0}
+    rank = "" if ranks.num_processes == 1 else f".rank{ranks.process_index}"  # each rank logs to its own files
+    live, live_clock = (path.with_name(f"{path.stem}{rank}.jsonl") for path in (log, clock))
+    scored_here, timed_here = {}, {}
     already = sum(map(len, done.values()))
     bar = progress.add_task(task.name, total=already + sum(len(batches[number]) for number in mine))  # rank 0's share
     progress.advance(bar, already)
-    with open(live, "a") as sink:
+    with open(live, "a") as sink, open(live_clock, "a") as clock_sink:
         for number in mine:
-            batch, both = batches[number], {}
+            batch, both, spent = batches[number], {}, {"batch": number}
             for variant, enabled in (("baseline", False), ("intervened", True)):
                 handle.enabled = enabled
                 began = time.perf_counter()
@@ -91,27 +98,32 @@ def _run_task(task, items, model, tokenizer, handle, batch_size, log, progress, 
                     both[variant] = scorers.score(task, [items[i] for i in batch], model, tokenizer)
                 except TaskError as error:
                     raise TaskError(f"task {task.name!r}, items {sorted(batch)}: {error}") from None
-                seconds[variant] += time.perf_counter() - began
+                spent[variant] = time.perf_counter() - began
             scored_here[number] = [
                 {"task": task.name, "index": i, **_reference(items[i]), **{v: both[v][slot] for v in both}}
                 for slot, i in enumerate(batch)
             ]
+            timed_here[number] = [spent]
             sink.write(_lines(scored_here[number]))
             sink.flush()
+            clock_sink.write(_lines(timed_here[number]))  # after the samples: a batch timed is a batch logged
+            clock_sink.flush()
             progress.advance(bar, len(batch))
     handle.enabled = True
 
-    shares = gather_object([(scored_here, seconds)])  # each rank's (records, seconds), on every rank
+    shares = gather_object([(scored_here, timed_here)])  # each rank's (records, seconds), on every rank
     if not ranks.is_main_process:
         return None, None, None
-    for records, _ in shares:
+    for records, spent in shares:
         done |= records
+        timed |= spent
     _rewrite_log(log, done)  # every batch, in batch order: the file one process writes
+    _rewrite_log(clock, timed)
     scored = [None] * len(items)
     for record in (record for records in done.values() for record in records):
         scored[record["index"]] = {variant: record[variant] for variant in ("baseline", "intervened")}
-    seconds = {variant: sum(spent[variant] for _, spent in shares) for variant in seconds}
-    return scored, seconds, len(items) - already
+    seconds = {variant: sum(entry[variant] for (entry,) in timed.values()) for variant in ("baseline", "intervened")}
+    return scored, seconds, sum(len(batches[number]) for number in timed)
 
 
 def _lines(records: list[dict]) -> str:
@@ -129,6 +141,20 @@ def _rewrite_log(log: Path, done: dict[int, list[dict]]) -> None:
     write_atomic(log, "".join(_lines(done[number]) for number in sorted(done)))
     for path in _rank_logs(log):  # after the write: a kill in between leaves the records twice, never none
         path.unlink()
+
+
+def _logged_seconds(clock: Path) -> dict[int, list[dict]]:
+    """`{batch number: [its seconds]}` from a timing log and its ranks' logs (a batch of a run that a kill
+    stopped before its seconds were written has none: it is left out of the time per item)."""
+    found = {}
+    for path in [path for path in (clock, *_rank_logs(clock)) if path.exists()]:
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                break  # the run was stopped while writing this line
+            found[entry["batch"]] = [entry]
+    return found
 
 
 def _logged_batches(log: Path, task, items, batches) -> dict[int, list[dict]]:

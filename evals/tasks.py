@@ -4,8 +4,8 @@ Arrow) file, or a small lm-eval-style YAML next to one.
 Every task becomes a list of `Item`s. A record of `query` / `choices` / `gold` is a multiple-choice
 task as it stands; other layouts say how to read a record with `doc_to_text`, `doc_to_choice` and
 `doc_to_target` (a field name, or a Jinja template: any text with "{{ }}" or a space, such as
-"{{question}} Answer with one word."; or a YAML list of those). Files load through `datasets`, offline;
-a malformed record is reported with its file and line.
+"{{question}} Answer with one word."; or a YAML list of those). JSONL files are read line by line, other
+formats through `datasets`, offline; a malformed record is reported with its file and line.
 
 Image tasks (`pope`, `chair`, or any task given `doc_to_image`) read an image path from each record
 (field `image` by default), relative to `image_root` or else to the data file's folder; every image is
@@ -66,6 +66,11 @@ class Task:
     coco_synonyms: str | None = None  # chair: category synonyms (default: the bundled list)
 
     def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name or any(sep in self.name for sep in ("/", "\\")):
+            raise TaskError(
+                f"task name {self.name!r} is not a plain name: it names the run's samples_<task>.jsonl; give "
+                "`task:` a name without / or \\ (e.g. mine-v2)"
+            )
         if self.output_type not in OUTPUT_TYPES:
             raise TaskError(
                 f"task {self.name!r}: output_type {self.output_type!r} is not one of {', '.join(OUTPUT_TYPES)}"
@@ -91,12 +96,16 @@ class Task:
     def needs_images(self) -> bool:
         return bool(self.doc_to_image)
 
-    def split(self, preferred: str = "test") -> str:
-        if preferred in self.data_files:
-            return preferred
-        if len(self.data_files) == 1:
-            return next(iter(self.data_files))
-        raise TaskError(f"task {self.name!r} has no split {preferred!r}; it has: {', '.join(self.data_files)}")
+    def split(self, name: str = "test") -> str:
+        """`name`, checked to be one of the task's splits: never another split in its place, which could be the
+        one a config was calibrated on."""
+        if name in self.data_files:
+            return name
+        has = ", ".join(f"{split} ({Path(path).name})" for split, path in self.data_files.items())
+        fix = "give it a YAML with a file for each split, data_files: {calib: my.calib.jsonl, test: my.test.jsonl}"
+        if name != "calib":  # calibration needs items of its own; scoring can use a split the task has
+            fix += f", or choose one of its splits with --split {next(iter(self.data_files))}"
+        raise TaskError(f"task {self.name!r} has no {name!r} split, only {has}; {fix}")
 
     def items(self, split: str = "test", limit: int | None = None) -> list[Item]:
         path = Path(self.data_files[self.split(split)])
@@ -222,14 +231,16 @@ def _exists(path: Path, builtin: dict) -> None:
 
 
 def _read(path: Path) -> tuple[list[dict], list[int]]:
-    """Records and their line numbers (record numbers for non-line formats), loaded through `datasets`."""
+    """Records and their line numbers (record numbers for non-line formats). JSONL is read as written, line by
+    line; other formats load through `datasets` (which gives a column one type: a gold of 1.5 on any line makes
+    every gold a float)."""
     if not path.is_file():
         raise TaskError(f"task data file {path} does not exist")
-    lines = None
     if path.suffix == ".jsonl":
-        lines = _check_jsonl(path)
-        if not lines:
+        records, lines = _read_jsonl(path)
+        if not records:
             raise TaskError(f"{path} has no records")
+        return records, lines
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import datasets
 
@@ -240,12 +251,12 @@ def _read(path: Path) -> tuple[list[dict], list[int]]:
     except Exception as error:  # datasets wraps parser errors in many types
         raise TaskError(f"{path}: cannot be read as {path.suffix[1:]} ({error})") from None
     records = table.to_list()
-    return records, lines or list(range(1, len(records) + 1))
+    return records, list(range(1, len(records) + 1))
 
 
-def _check_jsonl(path: Path) -> list[int]:
-    """Line numbers of the records; a line that is not a JSON object is an error naming it."""
-    numbers = []
+def _read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
+    """The records and their line numbers; a line that is not a JSON object is an error naming it."""
+    records, numbers = [], []
     for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
         try:
             line = raw.decode("utf-8")
@@ -259,8 +270,9 @@ def _check_jsonl(path: Path) -> list[int]:
             raise TaskError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
         if not isinstance(record, dict):
             raise TaskError(f"{path}:{number}: a record must be a JSON object, got {type(record).__name__}")
+        records.append(record)
         numbers.append(number)
-    return numbers
+    return records, numbers
 
 
 def _resolve(spec, doc: dict, where: str):

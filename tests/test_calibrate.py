@@ -135,6 +135,44 @@ def test_the_test_split_is_never_tuned_on(tiny_checkpoint, small_task, tmp_path)
     assert replayed.exit_code == 0, replayed.output
 
 
+def test_a_task_without_a_calib_split_is_never_calibrated_on_its_test_items(tiny_checkpoint, small_task, tmp_path):
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"query": "Q", "choices": ["x", "y"], "gold": 0}) + "\n")
+    result = CliRunner().invoke(
+        app, ["calibrate", "--method", "act", "--model", str(tiny_checkpoint), "--tasks", str(plain),
+              "--output-path", str(tmp_path / "cal")],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "task 'plain' has no 'calib' split, only test (plain.jsonl)" in result.output
+    assert "give it a YAML with a file for each split, data_files: {calib:" in result.output
+    assert not (tmp_path / "cal" / "config.json").exists()
+
+    # a config whose calibration read the test file (as one-file tasks once did) is refused on that file
+    run_calibration(tiny_checkpoint, small_task, tmp_path / "cal")
+    config = json.loads((tmp_path / "cal" / "config.json").read_text())
+    test_file = small_task.data_files["test"]
+    config["calibration"]["tasks"]["mini"]["files"] = test_file
+    (tmp_path / "leaky.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(
+        app, ["eval", "--model", str(tiny_checkpoint), "--config", str(tmp_path / "leaky.json"),
+              "--tasks", str(tmp_path / "mini.yaml"), "--output-path", str(tmp_path / "e")],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert f"was calibrated on {test_file}, which is the 'test' data of task 'mini'" in result.output
+
+
+def test_a_calibration_that_selects_nothing_says_so(tiny_checkpoint, small_task, tmp_path):
+    result = CliRunner().invoke(
+        app, ["calibrate", "--method", "act", "--model", str(tiny_checkpoint), "--tasks", str(tmp_path / "mini.yaml"),
+              "--select", "min_delta=2", "--limit", "4", "--output-path", str(tmp_path / "cal")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "selected 0 of" in result.output
+    assert "warning: no candidate raised the objective, so this config edits no head and changes nothing" in (
+        result.output
+    )
+
+
 PUBLISHED = Path(__file__).parent.parent / "configs" / "published"
 
 

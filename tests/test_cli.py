@@ -1,10 +1,13 @@
 """The command line, through typer's runner: the real default model end to end, a local checkpoint
 directory, user tasks, and clear failures."""
 
+import itertools
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from intervene.cli import app
@@ -130,12 +133,15 @@ def test_eval_uses_the_config_shipped_for_the_default_model(tmp_path):
 
 @pytest.mark.parametrize("stop_at", [3, 6])  # the scorer call that is killed: batch 2 baseline, batch 3 intervened
 def test_an_interrupted_eval_resumes_to_the_same_results(tmp_path, tiny_checkpoint, monkeypatch, stop_at):
-    from intervene.evals import scorers
+    from intervene.evals import runner, scorers
 
+    ticks = itertools.count()  # a clock on which every variant of every batch takes one second
+    monkeypatch.setattr(runner, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
     args = ["eval", "--model", tiny_checkpoint, "--method", "act", "--tasks", "cldr_currency,unanswerable_qa",
             "--limit", 10, "--batch-size", 3]  # fmt: skip
     assert invoke(*args, "--output-path", tmp_path / "whole").exit_code == 0
     whole, _ = results_of(tmp_path / "whole")
+    assert whole["timing"]["cldr_currency"]["baseline_s_per_item"] == 4 / 10  # 4 batches of 10 items
 
     score, calls = scorers.score, []
 
@@ -156,6 +162,7 @@ def test_an_interrupted_eval_resumes_to_the_same_results(tmp_path, tiny_checkpoi
     assert invoke(*args, "--resume", run).exit_code == 0
     resumed = json.loads((run / "results.json").read_text())
     assert resumed["results"] == whole["results"]
+    assert resumed["timing"] == whole["timing"]  # s/item counts the batches of the interrupted run too
     samples = (run / "samples_cldr_currency.jsonl").read_text().splitlines()
     assert len(samples) == 10 and all(json.loads(line) for line in samples)
 
@@ -165,6 +172,100 @@ def test_resume_refuses_other_arguments_or_a_foreign_folder(tmp_path, tiny_check
     assert invoke(*args, "--output-path", tmp_path).exit_code == 0
     _, run = results_of(tmp_path)
     result = invoke(*args[:-1], 3, "--resume", run)
-    assert result.exit_code == 2 and "that run had other limit; repeat its exact arguments" in result.output
+    assert result.exit_code == 2 and "that run had other settings (limit 2 there, 3 now); repeat its" in result.output
+    result = invoke(*args, "--dtype", "bfloat16", "--resume", run)  # would mix float32 and bfloat16 scores
+    assert result.exit_code == 2 and '(dtype "float32" there, "bfloat16" now)' in result.output
+    assert json.loads((run / "run.json").read_text())["dtype"] == "float32"
     result = invoke(*args, "--resume", tmp_path / "nowhere")
     assert result.exit_code == 2 and "no run.json of an intervene eval there" in result.output
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, tiny_checkpoint, monkeypatch):
+    import datetime
+
+    import intervene.cli
+
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.datetime(2030, 1, 1, tzinfo=tz)
+
+    monkeypatch.setattr(intervene.cli, "datetime", Frozen)
+    args = ["eval", "--model", tiny_checkpoint, "--tasks", "cldr_currency", "--limit", 2, "--output-path", tmp_path]
+    assert invoke(*args, "--method", "act", "--param", "beta=0.2").exit_code == 0
+    first = (tmp_path / "2030-01-01T00-00-00" / "results.json").read_text()
+    assert invoke(*args, "--method", "act", "--param", "beta=0.9").exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2030-01-01T00-00-00", "2030-01-01T00-00-00-2"]
+    assert (tmp_path / "2030-01-01T00-00-00" / "results.json").read_text() == first  # not overwritten
+    second = json.loads((tmp_path / "2030-01-01T00-00-00-2" / "results.json").read_text())
+    assert second["intervention"]["params"]["beta"] == 0.9
+
+
+def test_two_task_files_of_one_name_are_refused(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "data.jsonl").write_text(json.dumps({"query": "Q", "choices": ["x", "y"], "gold": 0}))
+    first, second = tmp_path / "a" / "data.jsonl", tmp_path / "b" / "data.jsonl"
+    result = invoke("eval", "--method", "act", "--tasks", f"{first},{second}", "--output-path", tmp_path / "out")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"--tasks {first} and {second} are both task 'data'" in result.output
+    assert "give it a YAML with its own `task:` name" in result.output and not (tmp_path / "out").exists()
+
+
+def test_data_file_flags_with_only_builtin_tasks_are_refused(tmp_path):
+    result = invoke(
+        "eval", "--method", "act", "--tasks", "cldr_currency", "--doc-to-text", "q", "--output-path", tmp_path
+    )
+    assert result.exit_code == 2
+    assert "--doc-to-text say how to read a data file, and cldr_currency are built-in tasks" in result.output
+
+
+def refuse_to_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the bad input was found")
+
+
+@pytest.mark.parametrize("command", ["eval", "calibrate", "inspect"])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--device", "nonsense"], "--device 'nonsense' is not a device; give cpu, cuda, cuda:1"),
+        (["--output-path", "A_FILE"], "is a file, not a folder; give a folder path"),
+    ]
+    + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "finds no accelerator here; give --device cpu")]),
+)
+def test_a_bad_device_or_output_path_fails_before_the_model_loads(tmp_path, monkeypatch, command, extra, message):
+    import intervene
+
+    monkeypatch.setattr(intervene, "load_model", refuse_to_load)
+    (tmp_path / "a_file").write_text("")
+    extra = [str(tmp_path / "a_file") if arg == "A_FILE" else arg for arg in extra]
+    args = {"eval": ["--method", "act", "--tasks", "cldr_currency"], "calibrate": ["--method", "act"]}
+    args = [command, *args.get(command, ["--prompt", "Hello"]), *extra]
+    result = invoke(*args, *([] if "--output-path" in extra else ["--output-path", tmp_path / "out"]))
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert (tmp_path / "a_file").read_text() == ""
+
+
+@pytest.mark.parametrize("command", ["eval", "inspect"])
+def test_ctrl_c_while_the_model_loads_stops_cleanly(tmp_path, monkeypatch, command):
+    import intervene
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(intervene, "load_model", interrupted)
+    args = ["--method", "act", "--tasks", "cldr_currency"] if command == "eval" else ["--prompt", "Hello"]
+    result = invoke(command, *args, "--output-path", tmp_path)
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].startswith("interrupted before")
+
+
+@pytest.mark.parametrize("command", ["eval", "inspect"])
+def test_a_config_that_is_not_json_names_its_file(tmp_path, command):
+    config = tmp_path / "mine.json"
+    config.write_text("{bad")
+    args = ["--tasks", "cldr_currency"] if command == "eval" else ["--prompt", "Hello"]
+    result = invoke(command, "--config", config, *args, "--output-path", tmp_path / "out")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"--config {config}: not valid JSON (Expecting property name" in result.output
+    assert "give a config written by `intervene calibrate` or `handle.save`" in result.output

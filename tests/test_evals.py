@@ -80,6 +80,9 @@ GOOD = '{"query": "a", "choices": ["x", "y"], "gold": 0}'
         (['{"question": "a", "choices": ["x", "y"], "gold": 0}'], r"bad\.jsonl:1: the record has no field 'query'"),
         (['{"query": "a", "choices": "x", "gold": 0}'], r"bad\.jsonl:1: 'x' is neither a choice nor a Python literal"),
         ([], r"bad\.jsonl has no records"),
+        # one float gold must not turn every gold into a float (as a column type would) and blame line 1
+        ([GOOD] * 5 + ['{"query": "b", "choices": ["x", "y"], "gold": 1.5}'], r"bad\.jsonl:6: .* got 1\.5$"),
+        ([GOOD, '{"query": "b", "choices": ["x", "y"], "gold": 1.0}'], r"bad\.jsonl:2: .* got 1\.0$"),
     ],
 )
 def test_malformed_task_files_name_the_file_line_and_problem(tmp_path, lines, message):
@@ -87,6 +90,28 @@ def test_malformed_task_files_name_the_file_line_and_problem(tmp_path, lines, me
     path.write_text("\n".join(lines) + ("\n" if lines else ""))
     with pytest.raises(TaskError, match=message):
         resolve_task(str(path)).items()
+
+
+def test_a_split_the_task_lacks_is_an_error_never_another_split(tmp_path):
+    path = write_jsonl(tmp_path / "mine.jsonl", [{"query": "2+2=", "choices": ["3", "4"], "gold": 1}])
+    task = resolve_task(str(path))
+    assert len(task.items("test")) == 1  # a plain file is the test split
+    with pytest.raises(TaskError) as refused:
+        task.items("calib")  # once read the test items in its place, and calibration then tuned on them
+    message = str(refused.value)
+    assert "task 'mine' has no 'calib' split, only test (mine.jsonl)" in message
+    assert "data_files: {calib: my.calib.jsonl, test: my.test.jsonl}" in message and "--split" not in message
+    (tmp_path / "dev.yaml").write_text("task: dev\ndata_files: {validation: mine.jsonl}\n")
+    with pytest.raises(TaskError, match=r"no 'test' split, only validation \(mine\.jsonl\);.* --split validation$"):
+        resolve_task(str(tmp_path / "dev.yaml")).items()
+
+
+@pytest.mark.parametrize("name", ["mine/v2", "a\\b", ""])
+def test_a_task_name_must_be_a_plain_name(tmp_path, name):
+    write_jsonl(tmp_path / "mine.jsonl", [{"query": "2+2=", "choices": ["3", "4"], "gold": 1}])
+    (tmp_path / "t.yaml").write_text(f"task: {json.dumps(name)}\ndata_files: {{test: mine.jsonl}}\n")
+    with pytest.raises(TaskError, match=r"t\.yaml: task name .* is not a plain name.*without / or"):
+        resolve_task(str(tmp_path / "t.yaml"))
 
 
 def test_unknown_and_missing_tasks_are_refused(tmp_path):
@@ -156,3 +181,40 @@ def test_paired_bootstrap_and_mcnemar():
     assert stats.mcnemar_p([0] * 5, [1] * 5) == pytest.approx(2 / 32)
     assert stats.mcnemar_p([1, 0, 1], [1, 0, 1]) == 1.0
     assert stats.mcnemar_p([1, 1, 0, 0], [0, 0, 1, 1]) == 1.0
+
+
+def chair_plural(word: str) -> str:
+    """English plural, written out independently of the CHAIR rules."""
+    irregular = {"man": "men", "woman": "women", "child": "children", "person": "people", "mouse": "mice",
+                 "goose": "geese", "ox": "oxen", "knife": "knives", "calf": "calves", "policeman": "policemen",
+                 "gentleman": "gentlemen"}  # fmt: skip
+    uncountable = {"sheep", "cattle", "people", "children", "skis", "scissors", "luggage", "baggage", "broccoli"}
+    if word in irregular or word in uncountable:
+        return irregular.get(word, word)
+    if word.endswith(("s", "x", "z", "ch", "sh")):
+        return word + "es"
+    if word.endswith("y") and word[-2] not in "aeiou":
+        return word[:-1] + "ies"
+    return word + "s"
+
+
+def test_chair_finds_the_plural_of_every_synonym():
+    from intervene.evals import chair
+
+    vocab = chair.vocabulary()
+    synonyms = [name.strip() for line in chair.SYNONYMS.read_text().splitlines() for name in line.split(",")]
+    missed = []
+    for synonym in filter(None, synonyms):
+        *head, last = synonym.split()
+        (one,) = vocab.mentions(f"I saw a {synonym} there.")
+        many = vocab.mentions(f"I saw two {' '.join([*head, chair_plural(last)])} there.")
+        if [category for _, category in many] != [one[1]]:
+            missed.append((synonym, many))
+    assert not missed
+    assert vocab.mentions("Two TVs, taxis, neckties and minibuses") == [
+        ("tv", "tv"), ("taxi", "car"), ("necktie", "tie"), ("minibus", "bus"),
+    ]  # fmt: skip
+    # words that end like plurals but are not, or are plurals of no synonym, mention nothing
+    assert (
+        vocab.mentions("This is his tennis class: us, plus a cactus, an iris, an axis and the campus. It cares.") == []
+    )

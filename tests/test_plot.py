@@ -42,6 +42,20 @@ def test_the_figure_draws_the_scores_and_the_ci_whiskers():
     plt.close(figure)
 
 
+def test_a_delta_outside_its_ci_is_drawn_with_the_whisker_to_the_far_end(tmp_path):
+    # a percentile CI of a ratio (precision, CHAIR_I) need not contain the delta; a negative whisker once crashed
+    results = {"pope": {"precision": metric(0.5, 0.4, -0.05, 0.02), "recall": metric(0.5, 0.6, 0.12, 0.3)}}
+    plt = require_matplotlib()
+    figure = results_figure(plt, results)
+    changes = figure.axes[1]
+    segments = [line.get_segments()[0] for line in changes.collections if line.get_segments()]
+    ends = [end for segment in segments for end in sorted(segment[:, 0])]
+    assert ends == pytest.approx([-0.1, 0.02, 0.1, 0.3])  # from the delta to the CI's far end
+    plt.close(figure)
+    plot_results(results, tmp_path / "results.png")
+    assert (tmp_path / "results.png").stat().st_size > 0
+
+
 def test_plot_results_writes_a_png(tmp_path):
     plot_results(RESULTS, tmp_path / "results.png", title="model · method")
     with Image.open(tmp_path / "results.png") as picture:
