@@ -48,6 +48,7 @@ def column_stats(q, k, *, attention_mask, scale, causal, query_mask, key_bias):
     sums = q.new_zeros(B, Hq, Nk, dtype=torch.float32)
     counts = torch.zeros_like(sums)
     for r0, r1, p, seen, _ in _probability_rows(q, k, AttentionEdit(key_bias=key_bias), attention_mask, scale, causal):
+        seen = seen.expand(*seen.shape[:2], r1 - r0, Nk)  # a mask shared by all rows still counts each row
         if query_mask is not None:
             rows = query_mask[:, None, r0:r1, None]  # [B, 1, rows, 1]
             p, seen = p * rows, seen & rows
@@ -57,7 +58,7 @@ def column_stats(q, k, *, attention_mask, scale, causal, query_mask, key_bias):
 
 
 def _probability_rows(q, k, edit, attention_mask, scale, causal, lse=False) -> Iterator:
-    """Yield `(r0, r1, probabilities [B, Hq, rows, Nk], seen [B, Hq, rows, Nk], lse [B, Hq, rows] | None)`,
+    """Yield `(r0, r1, probabilities [B, Hq, rows, Nk], seen [B|1, 1|Hq, rows, Nk], lse [B, Hq, rows] | None)`,
     `seen` True where a key's final logit is finite."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -80,9 +81,10 @@ def _probability_rows(q, k, edit, attention_mask, scale, causal, lse=False) -> I
         if edit.key_bias is not None:
             s += _rows_of(edit.key_bias, r0, r1).float()
         s.masked_fill_(~keep, float("-inf"))
-        seen = s > float("-inf")  # a -inf bias hides a key as the mask does
+        # a -inf bias hides a key as the mask does; without a bias the (broadcast, cheaper) mask says it all
+        seen = keep if edit.key_bias is None else s > float("-inf")  # [B|1, 1|Hq, rows, Nk]
         row_lse = torch.logsumexp(s, dim=-1) if lse else None  # -inf on a row that sees nothing
-        blind = ~seen.any(dim=-1, keepdim=True)  # [B, Hq, rows, 1]
+        blind = ~seen.any(dim=-1, keepdim=True)  # [B|1, 1|Hq, rows, 1]
         p = torch.softmax(s, dim=-1).masked_fill_(blind, 0.0)  # 0 rather than softmax's NaN on such rows
         yield r0, r1, p, seen, row_lse
 
