@@ -24,6 +24,12 @@ def _root() -> None:
     """Training-free attention interventions for Hugging Face models."""
 
 
+BOS_HELP = (
+    "Start every prompt with the tokenizer's BOS token, as lm-eval's add_bos_token (SmolLM2, GPT-2 and Qwen add "
+    "none, so their initial token is otherwise a word). Recorded in the results."
+)
+
+
 def _fail(message: str) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(2)
@@ -171,6 +177,7 @@ def evaluate(
         typer.Option(help="auto, balanced, balanced_low_0 or sequential: spread a model too large for one device."),
     ] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the checkpoint's).")] = None,
+    add_bos_token: Annotated[bool, typer.Option("--add-bos-token", help=BOS_HELP)] = False,
     output_path: Annotated[Path, typer.Option(help="Folder for the results JSON and per-sample logs.")] = Path(
         "intervene_results"
     ),
@@ -223,7 +230,7 @@ def evaluate(
     import intervene
     from intervene.evals import report, runner
     from intervene.evals.inspect import require_matplotlib
-    from intervene.evals.model import is_vision_language, smoke_test_warning
+    from intervene.evals.model import is_vision_language, smoke_test_warning, starts_with_bos
     from intervene.evals.tasks import TaskError, builtin_tasks, check_modality
     from intervene.interventions import method_class
 
@@ -261,7 +268,9 @@ def evaluate(
         if resume is None:
             _make_folder(output_path)
         torch.manual_seed(seed)
-        loaded, tokenizer = intervene.load_model(model, dtype=dtype, device=device, device_map=device_map)
+        loaded, tokenizer = intervene.load_model(
+            model, dtype=dtype, device=device, device_map=device_map, add_bos_token=add_bos_token
+        )
         handle = intervene.apply(loaded, spec, **params)
     except (TaskError, ValueError, OSError) as error:
         raise _fail(str(error)) from None
@@ -273,6 +282,7 @@ def evaluate(
         "model": model, "intervention": {k: handle.to_dict()[k] for k in ("method", "params")},
         "tasks": [t.name for t in chosen], "task_settings": {t.name: _settings(t) for t in chosen}, "split": split,
         "limit": limit, "batch_size": batch_size, "seed": seed, "dtype": str(loaded.dtype).removeprefix("torch."),
+        "add_bos_token": starts_with_bos(tokenizer),
     }  # fmt: skip
     settings = json.loads(json.dumps(settings))  # as it reads back from the file
     if resume is not None:
@@ -328,6 +338,7 @@ def evaluate(
             "device_map": device_map,
             "processes": ranks.num_processes,
             "dtype": str(loaded.dtype).removeprefix("torch."),
+            "add_bos_token": starts_with_bos(tokenizer),
         },
         "intervention": handle.to_dict(),
         "versions": report.versions(),
@@ -390,6 +401,7 @@ def calibrate(
         typer.Option(help="auto, balanced, balanced_low_0 or sequential: spread a model too large for one device."),
     ] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
+    add_bos_token: Annotated[bool, typer.Option("--add-bos-token", help=BOS_HELP)] = False,
     output_path: Annotated[Path, typer.Option(help="Folder for config.json and the resumable profile log.")] = Path(
         "intervene_calibration"
     ),
@@ -433,7 +445,9 @@ def calibrate(
         if runner.processes(device).num_processes > 1:
             raise ValueError("calibrate runs in one process (each would profile every candidate): run it unlaunched")
         _make_folder(output_path)
-        loaded, tokenizer = intervene.load_model(model, dtype=dtype, device=device, device_map=device_map)
+        loaded, tokenizer = intervene.load_model(
+            model, dtype=dtype, device=device, device_map=device_map, add_bos_token=add_bos_token
+        )
         say = lambda text: typer.echo(text, err=True)
         if method == "prune":  # no heads to profile: fit the positional trend its debiasing divides out
             artifact = engine.fit_prune_trend(
@@ -491,6 +505,7 @@ def inspect_attention(
     ] = 0.1,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available).")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the checkpoint's).")] = None,
+    add_bos_token: Annotated[bool, typer.Option("--add-bos-token", help=BOS_HELP)] = False,
     output_path: Annotated[Path, typer.Option(help="Folder for the PNGs, summary.txt and sinks.json.")] = Path(
         "intervene_inspect"
     ),
@@ -527,7 +542,7 @@ def inspect_attention(
         if image is not None and not image.is_file():
             raise ValueError(f"--image {image}: no such file")
         _make_folder(output_path)
-        loaded, processor = intervene.load_model(model, dtype=dtype, device=device)
+        loaded, processor = intervene.load_model(model, dtype=dtype, device=device, add_bos_token=add_bos_token)
         if method or config:
             handle = intervene.apply(loaded, intervene.load_config(config) if config else method, **params)
         summary, written = inspect(

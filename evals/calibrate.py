@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import scorers
+from .model import starts_with_bos
 from .report import write_atomic
 from .runner import progress_bar
 
@@ -190,6 +191,7 @@ def calibrate(
         {
             "split": split,
             "tasks": {name: {"items": len(i), "files": t.data_files[t.split(split)]} for name, (t, i) in items.items()},
+            "add_bos_token": starts_with_bos(tokenizer),
             "limit": limit,
             "seed": seed,
             "granularity": granularity,
@@ -258,6 +260,7 @@ def fit_prune_trend(model, processor, params: dict, tasks: list, *, split="calib
         {
             "split": split,
             "tasks": {t.name: t.data_files[t.split(split)] for t in tasks},
+            "add_bos_token": starts_with_bos(processor),
             "prompts": count,
             "mean_attention": mean.tolist(),
             "trend": trend,

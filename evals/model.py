@@ -143,11 +143,14 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: str | None = None,
     device_map: str | None = None,
+    add_bos_token: bool = False,
 ):
     """`(model, tokenizer)`, or `(model, processor)` for a vision-language model, in eval mode with SDPA
     attention, for a built-in name, a local directory or a hub id. A vision-language processor pads on the
     left, for batched generation. `device_map` (one of `DEVICE_MAPS`) spreads a model too large for one
-    device over the GPUs (then the CPU), as accelerate places it; it replaces `device`."""
+    device over the GPUs (then the CPU), as accelerate places it; it replaces `device`. `add_bos_token`
+    makes the tokenizer start every prompt with its BOS token, as lm-eval's option of that name: SmolLM2,
+    GPT-2 and Qwen add none, so their initial token (ZeroTuning's, the usual sink) is otherwise a word."""
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForImageTextToText,
@@ -176,11 +179,32 @@ def load_model(
         raise _unloadable(name_or_path, error) from None
     if vision:
         processor.tokenizer.padding_side = "left"
+    if add_bos_token:
+        _start_with_bos(getattr(processor, "tokenizer", processor))
     if name_or_path in BUILTIN:
         model.name_or_path = name_or_path  # configs record the built-in name, not this machine's cache path
     if device_map is None:
         model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model.eval(), processor
+
+
+def starts_with_bos(processor) -> bool:
+    """Whether the tokenizer (of a processor) puts its BOS token before every prompt."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return tokenizer.bos_token_id is not None and tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
+
+
+def _start_with_bos(tokenizer) -> None:
+    if tokenizer.bos_token_id is None:
+        raise ValueError(
+            f"add_bos_token: this model's tokenizer ({type(tokenizer).__name__}) has no BOS token; leave it off"
+        )
+    tokenizer.add_bos_token = True
+    if not starts_with_bos(tokenizer):
+        raise ValueError(
+            f"add_bos_token: this model's tokenizer ({type(tokenizer).__name__}) does not take add_bos_token; "
+            "leave it off and start your prompts with tokenizer.bos_token"
+        )
 
 
 def is_vision_language(name_or_path: str) -> bool:

@@ -75,6 +75,7 @@ def test_the_artifact_replays_exactly(tiny_checkpoint, small_task, tmp_path):
     artifact = run_calibration(tiny_checkpoint, small_task, tmp_path / "cal", gammas=[0.25, 4.0])
     found = artifact["calibration"]
     assert len(found["profile"]) == 4 and found["split"] == "calib"
+    assert found["add_bos_token"] is False  # the tokenizer's choice, recorded (SmolLM2's adds no BOS)
     assert [g["gamma"] for g in found["gammas"]] == [0.25, 4.0]
     config = intervene.load_config(tmp_path / "cal" / "config.json")
     assert config.to_dict() == artifact["params"]

@@ -176,6 +176,8 @@ def test_resume_refuses_other_arguments_or_a_foreign_folder(tmp_path, tiny_check
     result = invoke(*args, "--dtype", "bfloat16", "--resume", run)  # would mix float32 and bfloat16 scores
     assert result.exit_code == 2 and '(dtype "float32" there, "bfloat16" now)' in result.output
     assert json.loads((run / "run.json").read_text())["dtype"] == "float32"
+    result = invoke(*args, "--add-bos-token", "--resume", run)  # would mix prompts with and without a BOS
+    assert result.exit_code == 2 and "(add_bos_token false there, true now)" in result.output
     result = invoke(*args, "--resume", tmp_path / "nowhere")
     assert result.exit_code == 2 and "no run.json of an intervene eval there" in result.output
 

@@ -218,3 +218,38 @@ def test_chair_finds_the_plural_of_every_synonym():
     assert (
         vocab.mentions("This is his tennis class: us, plus a cactus, an iris, an axis and the campus. It cares.") == []
     )
+
+
+def test_add_bos_token_starts_every_prompt_and_no_continuation_with_it(tiny_checkpoint):
+    import intervene
+    from intervene.evals.model import starts_with_bos
+
+    _, plain = intervene.load_model(str(tiny_checkpoint))
+    model, tokenizer = intervene.load_model(str(tiny_checkpoint), add_bos_token=True)
+    bos = tokenizer.bos_token_id
+    assert not starts_with_bos(plain) and starts_with_bos(tokenizer)  # SmolLM2's tokenizer adds none by default
+    query, choices = "The capital of France is", ["Paris", "Rome"]
+    assert tokenizer(query).input_ids == [bos, *plain(query).input_ids]
+    (result,) = scorers.score(Task(name="t"), [Item(query, choices, 0)], model, tokenizer)
+    for choice, loglik in zip(choices, result["loglikelihoods"], strict=True):
+        context = [bos, *plain(query).input_ids]
+        continuation = plain(" " + choice, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            logprobs = model(torch.tensor([context + continuation])).logits[0].log_softmax(-1)
+        assert loglik == pytest.approx(
+            sum(logprobs[len(context) - 1 + i, t].item() for i, t in enumerate(continuation)), abs=1e-4
+        )
+
+
+def test_add_bos_token_on_a_tokenizer_without_one_is_refused(tiny_checkpoint, tmp_path):
+    import shutil
+
+    import intervene
+
+    copy = shutil.copytree(tiny_checkpoint, tmp_path / "no-bos")
+    settings = json.loads((copy / "tokenizer_config.json").read_text())
+    (copy / "tokenizer_config.json").write_text(json.dumps({**settings, "bos_token": None}))
+    with pytest.raises(
+        ValueError, match=r"add_bos_token: this model's tokenizer \(\w+\) has no BOS token; leave it off"
+    ):
+        intervene.load_model(str(copy), add_bos_token=True)
