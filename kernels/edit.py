@@ -121,15 +121,16 @@ class AttentionEdit:
 
 
 def _to(edit, device):
-    """A copy of the dataclass `edit` with its tensors, and those of the dataclasses it holds, on `device`."""
+    """The dataclass `edit` with its tensors, and those of the dataclasses it holds, on `device`: itself when
+    they all are already (the usual case, once per attention call), else a copy."""
     changes = {}
     for field in fields(edit):
         value = getattr(edit, field.name)
-        if isinstance(value, torch.Tensor):
-            changes[field.name] = value.to(device)
-        elif is_dataclass(value):
-            changes[field.name] = _to(value, device)
-    return replace(edit, **changes)
+        if isinstance(value, torch.Tensor) or is_dataclass(value):
+            moved = value.to(device) if isinstance(value, torch.Tensor) else _to(value, device)
+            if moved is not value:
+                changes[field.name] = moved
+    return replace(edit, **changes) if changes else edit
 
 
 def _combine(a, b, op):

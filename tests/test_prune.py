@@ -173,23 +173,25 @@ def test_qwen_layouts_and_combinations_are_refused():
         intervene.apply(model, "prune")
 
 
+def pruned_logits(vlm: TinyVLM, params: dict, inputs: dict) -> torch.Tensor:
+    """The logits `[B, steps, V]` of 3 greedy steps generated with `prune(**params)` applied."""
+    with torch.no_grad(), intervene.apply(vlm.model, "prune", **params):
+        out = vlm.model.generate(
+            **inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+            output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+    return torch.stack(out.logits, dim=1)
+
+
 @pytest.mark.parametrize("debias", ["none", "position", "padding", "both"])  # padding: pixels reach generate
 def test_a_sample_alone_equals_it_in_a_padded_batch_through_generation(debias):
     vlm = TinyVLM("llava")
     prompts = [vlm.sample(prompt(3, 1), prompt(5, 2)), vlm.sample(prompt(1, 3), prompt(2, 4))]
     params = {"layer": 2, "keep": 0.25, "debias": debias, "trend": {"mu": 1.0, "sigma": 1.5}}
 
-    def run(inputs):
-        with torch.no_grad(), intervene.apply(vlm.model, "prune", **params):
-            out = vlm.model.generate(
-                **inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
-                output_logits=True, return_dict_in_generate=True,
-            )  # fmt: skip
-        return torch.stack(out.logits, dim=1)  # [B, steps, V]
-
-    together = run(vlm.inputs(prompts))
+    together = pruned_logits(vlm, params, vlm.inputs(prompts))
     for row, sample in enumerate(prompts):
-        alone = run(vlm.inputs([sample], image_seeds=[row]))
+        alone = pruned_logits(vlm, params, vlm.inputs([sample], image_seeds=[row]))
         torch.testing.assert_close(together[row], alone[0], atol=2e-5, rtol=1e-5)
 
 
@@ -204,19 +206,11 @@ def test_samples_with_different_padding_keep_their_own_counts_in_a_batch(text_pa
             inputs["pixel_values"][0, :, : inputs["pixel_values"].shape[-2] // 2] = 0.0
         return inputs
 
-    def run(inputs):
-        with torch.no_grad(), intervene.apply(vlm.model, "prune", **params):
-            out = vlm.model.generate(
-                **inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
-                output_logits=True, return_dict_in_generate=True,
-            )  # fmt: skip
-        return torch.stack(out.logits, dim=1)  # [B, steps, V]
-
     batch = vlm.inputs(prompts)
-    together = run(padded_image(batch, 0))
+    together = pruned_logits(vlm, params, padded_image(batch, 0))
     assert (batch["attention_mask"] == 0).any() == text_padding
     for row, sample in enumerate(prompts):
-        alone = run(padded_image(vlm.inputs([sample], image_seeds=[row]), row))
+        alone = pruned_logits(vlm, params, padded_image(vlm.inputs([sample], image_seeds=[row]), row))
         torch.testing.assert_close(together[row], alone[0], atol=2e-5, rtol=1e-5)
 
 
