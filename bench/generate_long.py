@@ -18,6 +18,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import intervene
+from intervene.hooks.compat import cache_argument, output_cache
 
 
 def main() -> None:
@@ -48,10 +49,10 @@ def main() -> None:
             out = model(input_ids=ids, use_cache=True)
             sync()
             prefill = time.perf_counter() - start
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
             start = time.perf_counter()
             for _ in range(args.new_tokens):
-                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                out = model(input_ids=token, **{cache_argument(model.forward): cache}, use_cache=True)
                 token = out.logits[:, -1:].argmax(-1)
             sync()
             return prefill, (time.perf_counter() - start) / args.new_tokens

@@ -24,6 +24,7 @@ import torch
 from overhead import image_batch, prompts, smollm2_llava, timed
 
 import intervene
+from intervene.hooks.compat import cache_argument, output_cache
 
 RATIOS = (1.0, 0.5, 0.25, 0.125)
 
@@ -60,11 +61,12 @@ def main() -> None:
 
     def decode(prefilled):
         """Greedy steps over the prompt's cache, as `generate` takes them (mask grown by one each step)."""
-        cache, token, mask = prefilled.past_key_values, prefilled.logits[:, -1:].argmax(-1), batch["attention_mask"]
+        token, mask = prefilled.logits[:, -1:].argmax(-1), batch["attention_mask"]
+        cache = {cache_argument(model.forward): output_cache(prefilled)}
         with torch.no_grad():
             for _ in range(args.new_tokens):
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-                token = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+                token = model(input_ids=token, attention_mask=mask, **cache, use_cache=True).logits
                 token = token[:, -1:].argmax(-1)
 
     names = ["unpruned"] + [f"keep {ratio:g}" for ratio in RATIOS]
@@ -78,7 +80,7 @@ def main() -> None:
             box = {}
             seconds = timed(lambda box=box: box.update(out=prefill()), device)
             times[name]["prefill"].append(seconds)
-            memory[name] = (cache_bytes(box["out"].past_key_values), 0)
+            memory[name] = (cache_bytes(output_cache(box["out"])), 0)
             times[name]["decode"].append(timed(lambda box=box: decode(box["out"]), device) / args.new_tokens)
             if device.startswith("cuda"):
                 memory[name] = (memory[name][0], torch.cuda.max_memory_allocated())

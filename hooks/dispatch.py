@@ -4,7 +4,7 @@
 `AttentionMaskInterface` (without the latter transformers hands custom functions no mask at all).
 The mask function builds exactly the mask the model's previous implementation would have had, and
 layers that no active intervention edits fall through to that implementation, so neutral parameters
-give the unwrapped model's logits bit for bit.
+give the unwrapped model's logits bit for bit. Every name of transformers we touch is in `compat`.
 
 A forward pre-hook on the decoder records what a layer cannot see: how long the cache was before the
 call and which tokens are padding. On a vision-language model only the language model's attention is
@@ -17,19 +17,17 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import sys
 import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
-from transformers.masking_utils import eager_mask, sdpa_mask
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .. import kernels
-from ..interventions import LayerCall
-from .adapters import WRAPPABLE, UnsupportedModelError, attention_layers, image_token_id, text_config, text_config_key
+from ..interventions import LayerCall, ModelSpec
+from . import compat
+from .adapters import image_token_id, text_config, text_config_key
+from .compat import UnsupportedModelError
 
 NAME = "intervene"  # no "flash", "sdpa", "flex_attention" or "/": transformers reads those substrings
 
@@ -51,28 +49,40 @@ class CallContext:
 class NoImageBranch:
     """The prompt without its image tokens, run through the decoder with its own cache (VHR)."""
 
-    cache: DynamicCache
+    cache: compat.DynamicCache
     padding_mask: torch.Tensor  # [B, tokens so far] of the branch
     outputs: dict  # layer -> [B, Hq, D] head outputs of the latest token
 
 
+def model_spec(model: nn.Module) -> ModelSpec:
+    """The geometry of `model`'s editable attention layers (probed once when nothing is attached yet)."""
+    return Dispatcher.of(model).spec
+
+
 class Dispatcher:
-    """The attachment of intervene to one model, shared by all interventions active on it."""
+    """The attachment of intervene to one model, shared by all interventions active on it.
+
+    Built, the model is only probed (`compat.probe`: which layers, heads and keywords its attention has, and
+    whether it can be left exact), so a refusal leaves no trace; `attach` switches its attention and hooks it."""
 
     def __init__(self, model: nn.Module):
         config = text_config(model)
-        self.previous = config._attn_implementation
-        if self.previous not in WRAPPABLE:
-            raise UnsupportedModelError(
-                f"this model runs {self.previous!r} attention; intervene wraps models running "
-                f"{' or '.join(map(repr, WRAPPABLE))}. Call model.set_attn_implementation('sdpa') first "
-                "(or load it with attn_implementation='sdpa')."
-            )
+        self._text_key = text_config_key(model)
+        self.image_token = image_token_id(model)
+        self.probe = compat.probe(model, NAME, self._text_key)
+        self.previous = compat.implementation(config)
+        self.spec = ModelSpec(
+            num_layers=len(self.probe.layers),
+            num_heads=self.probe.num_heads,
+            num_kv_heads=self.probe.num_kv_heads,
+            name_or_path=getattr(model, "name_or_path", "") or getattr(config, "_name_or_path", ""),
+            image_token_id=self.image_token,
+            model_type=getattr(model.config, "model_type", ""),
+        )
         # id(attention module) -> its layer. By module, not by config: models may share one config object.
-        self.layers = {id(module): layer for layer, module in attention_layers(model).items()}
+        self.layers = {id(module): layer for layer, module in self.probe.layers.items()}
         self.handles: list = []  # active Intervention handles, in order of application
         self.context: CallContext | None = None
-        self.image_token = image_token_id(model)
         self._image_mask: torch.Tensor | None = None  # [B, tokens so far] of the current sequence (VLMs)
         self._input_ids: torch.Tensor | None = None  # handed from the model's pre-hook to the decoder's
         self.branch: NoImageBranch | None = None
@@ -85,9 +95,25 @@ class Dispatcher:
         self.recorded: dict[int, torch.Tensor] | None = None  # layer -> probabilities, while recording
         self._model = weakref.ref(model)
         self._config_id = id(config)
-        self._text_key = text_config_key(model)
         self._decoder = weakref.ref(decoder := model.get_decoder())
         self._signature = inspect.signature(decoder.forward)
+        self._hooks: list = []
+
+    @staticmethod
+    def of(model: nn.Module) -> Dispatcher:
+        return _ATTACHED.get(id(text_config(model))) or Dispatcher(model)
+
+    def __deepcopy__(self, memo):
+        raise TypeError(
+            "cannot deep-copy a model while an intervention is attached to it (the copy would run without it): "
+            "remove the intervention first (handle.remove()), copy the model, then apply it to each copy"
+        )
+
+    def attach(self) -> None:
+        """Switch the language model to our attention function and hook its forwards. Idempotent."""
+        if self._hooks:
+            return
+        model, decoder = self._model(), self._decoder()
         self._hooks = [
             decoder.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             decoder.register_forward_hook(self._after_forward, always_call=True),
@@ -98,15 +124,8 @@ class Dispatcher:
                 self._hooks.append(tower.register_forward_pre_hook(self._before_vision, with_kwargs=True))
             for index, layer in enumerate(decoder.layers):
                 self._hooks.append(layer.register_forward_pre_hook(self._layer_input(index), with_kwargs=True))
-        model.set_attn_implementation(self._implementation(NAME))
-        if config._attn_implementation != NAME:
-            self._detach(model)
-            raise UnsupportedModelError(f"{type(model).__name__} refused the attention implementation {NAME!r}")
+        compat.set_implementation(model, NAME, self._text_key)
         _ATTACHED[self._config_id] = self
-
-    @staticmethod
-    def of(model: nn.Module) -> Dispatcher:
-        return _ATTACHED.get(id(text_config(model))) or Dispatcher(model)
 
     def add(self, handle) -> None:
         if self.handles and (handle.config.prunes or any(other.config.prunes for other in self.handles)):
@@ -120,24 +139,21 @@ class Dispatcher:
                     f"{', '.join(sorted(clash))} on layers {sorted(shared)}, and those edits do not compose. "
                     "Remove the other intervention first, or give the two disjoint `layers`."
                 )
+        self.attach()
         self.handles.append(handle)
 
     def discard(self, handle) -> None:
         self.handles.remove(handle)
-        if not self.handles:
-            model = self._model()
-            if model is not None:
-                self._detach(model)
+        if not self.handles and self.recorded is None:
+            self.detach()
 
-    def _detach(self, model: nn.Module) -> None:
+    def detach(self) -> None:
         for hook in self._hooks:
             hook.remove()
-        model.set_attn_implementation(self._implementation(self.previous))
+        self._hooks = []
+        if (model := self._model()) is not None:
+            compat.set_implementation(model, self.previous, self._text_key)
         _ATTACHED.pop(self._config_id, None)
-
-    def _implementation(self, name: str):
-        """The argument of `set_attn_implementation` switching only the language model."""
-        return name if self._text_key is None else {self._text_key: name}
 
     # -- per forward ------------------------------------------------------------------------------
 
@@ -196,7 +212,7 @@ class Dispatcher:
         elif self.kept is not None:
             if self.context.pruned_mask is None:  # one mask serves every later layer of this call
                 hidden = args[0] if args else kwargs["hidden_states"]
-                held = kwargs["past_key_values"].get_seq_length(index)  # kept prompt + tokens since
+                held = compat.past_length(compat.find_cache(kwargs), index)  # kept prompt + tokens since
                 self.context.pruned_mask = self._pruned_mask(held, hidden.shape[1], hidden.dtype)
             kwargs["attention_mask"] = self.context.pruned_mask
         return args, kwargs
@@ -236,14 +252,16 @@ class Dispatcher:
     def _before_forward(self, module, args, kwargs):
         if self.in_branch:
             return
-        given = self._signature.bind_partial(*args, **kwargs).arguments
-        cache = given.get("past_key_values")
-        past = int(cache.get_seq_length()) if cache is not None else 0
+        # Keywords as given (a deprecated spelling of the cache is renamed only inside the forward), positional
+        # arguments by name.
+        given = {**kwargs, **self._signature.bind_partial(*args).arguments}
+        cache = compat.find_cache(given)
+        past = compat.past_length(cache)
         if past == 0:  # a new sequence: state kept from the previous one (e.g. ACT's sinks) is stale
             for handle in self.handles:
                 handle.state.clear()
             self._image_mask, self._real, self.branch, self.kept = None, None, None, None
-        padding = self._real = self._real_tokens(given.get("attention_mask"), past)
+        padding = self._real = compat.real_tokens(given.get("attention_mask"), past, self._real)
         ids, self._input_ids = self._input_ids, None
         if self.image_token is not None:
             self._track_images(ids, past, padding)
@@ -252,29 +270,6 @@ class Dispatcher:
             self._run_no_image_branch(ids, past, padding)
             if past == 0 and cache is not None:
                 self._follow_reorders(cache)
-
-    def _real_tokens(self, mask, past: int) -> torch.Tensor | None:
-        """[B, past + Nq] bool, True at real tokens, from the mask the decoder was given; None: no padding.
-
-        `generate` with a static cache hands the decoder 4-D masks (per layer type, for sliding-window
-        models), which say which of this call's tokens are real through their diagonal: a real token
-        sees itself and a pad sees nothing. Earlier tokens' flags are the previous calls'."""
-        if isinstance(mask, dict):
-            mask = mask.get("full_attention", next(iter(mask.values()), None))
-        if not isinstance(mask, torch.Tensor):
-            return None
-        if mask.dim() == 2:
-            return mask.bool()
-        new = mask.shape[-2]
-        if mask.dim() != 4 or mask.shape[-1] < past + new:
-            return None  # keys not indexed by position (a sliding-window cache): nothing to read
-        rows = torch.arange(new, device=mask.device)
-        diagonal = mask[:, 0, rows, past + rows]  # [B, Nq]
-        real = diagonal if diagonal.dtype == torch.bool else diagonal > torch.finfo(diagonal.dtype).min
-        earlier = self._real
-        if earlier is None or earlier.shape[1] != past:  # no padding so far, or a cache we did not see fill
-            earlier = real.new_ones(real.shape[0], past)
-        return torch.cat([earlier, real], dim=1)
 
     def _after_forward(self, module, args, output):
         if not self.in_branch:
@@ -308,7 +303,7 @@ class Dispatcher:
                 tokens = ids[row, text[row]]
                 branch_ids[row, width - tokens.numel() :] = tokens
                 branch_mask[row, width - tokens.numel() :] = True
-            self.branch = NoImageBranch(DynamicCache(), branch_mask, {})
+            self.branch = NoImageBranch(compat.DynamicCache(), branch_mask, {})
         elif self.branch is None:
             return  # the prompt ran before this intervention was enabled
         elif (ids == self.image_token).any():
@@ -324,7 +319,7 @@ class Dispatcher:
                 input_ids=branch_ids,
                 attention_mask=branch_mask.long(),
                 position_ids=positions,
-                past_key_values=self.branch.cache,
+                **{self.probe.cache_argument: self.branch.cache},
                 use_cache=True,
             )
         finally:
@@ -381,9 +376,7 @@ class Dispatcher:
             self.branch.outputs[layer] = out[:, -1]
 
     def fall_through(self, module):
-        if self.previous == "sdpa":
-            return ALL_ATTENTION_FUNCTIONS["sdpa"]
-        return sys.modules[type(module).__module__].eager_attention_forward
+        return compat.fall_through(self.previous, module)
 
 
 @contextlib.contextmanager
@@ -394,13 +387,14 @@ def record_attention(model: nn.Module):
     dispatcher = Dispatcher.of(model)
     if dispatcher.kept is not None or any(h.config.prunes for h in dispatcher.handles):
         raise ValueError("attention maps of a pruned sequence are not recorded; remove the prune intervention")
+    dispatcher.attach()
     dispatcher.recorded = {}
     try:
         yield dispatcher.recorded
     finally:
         dispatcher.recorded = None
         if not dispatcher.handles:  # attached only to record
-            dispatcher._detach(model)
+            dispatcher.detach()
 
 
 def _take(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
@@ -415,8 +409,13 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     """The function transformers calls for every attention layer of an intervened model."""
     dispatcher = _ATTACHED.get(id(getattr(module, "config", None)))
     layer = dispatcher.layers.get(id(module)) if dispatcher is not None else None
-    if layer is None:  # a deep copy of an intervened model, or another model built from the same config
-        fall_through = dispatcher.fall_through(module) if dispatcher is not None else ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if dispatcher is None:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} runs attn_implementation={NAME!r} with no intervention attached: load the model "
+            "with 'sdpa' or 'eager' and attach one with intervene.apply(model, ...)"
+        )
+    if layer is None:  # another model built from the same config object
+        fall_through = dispatcher.fall_through(module)
         return fall_through(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     handles = [] if dispatcher.in_branch else dispatcher.active_handles(layer)
     # With no mask, a static cache's empty slots are hidden by SDPA's top-left causal alignment, not by
@@ -428,6 +427,12 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
+    computed_here = (handles or dispatcher.recorded is not None) and not dispatcher.in_branch
+    if computed_here and (unimplemented := compat.unimplemented_keywords(kwargs, dispatcher.probe.pass_through)):
+        raise NotImplementedError(
+            f"layer {layer} of {type(module).__name__} was called with {', '.join(map(repr, unimplemented))}, which "
+            "intervene's attention does not implement; it refuses rather than drop them"
+        )
     call = dispatcher.layer_call(layer, query, written_key, attention_mask, scale, causal) if handles else None
     edit = dispatcher.edit_for(handles, call) if handles else None
     if dispatcher.recorded is not None and not dispatcher.in_branch:
@@ -442,26 +447,19 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         if dispatcher.in_branch:
             dispatcher.record_no_image(layer, out)
         return dispatcher.scale_heads(handles, call, out), weights
-    for unsupported in ("softcap", "s_aux"):
-        if kwargs.get(unsupported) is not None:
-            raise NotImplementedError(
-                f"layer {layer} of {type(module).__name__} uses `{unsupported}`, which intervene's attention "
-                "does not implement yet; leave this layer out of `layers`"
-            )
     if dropout and module.training:
         raise RuntimeError("intervene edits attention at inference only; call model.eval() first")
     out = kernels.modified_attention(
         query, written_key, written_value, edit, attention_mask=attention_mask, scale=scale, causal=causal
-    )
-    return dispatcher.scale_heads(handles, call, out), None
+    )  # [B, Nq, Hq, D] in query's dtype
+    return dispatcher.scale_heads(handles, call, out).contiguous(), None  # models `.view()` it
 
 
 def _mask(*args, config=None, **kwargs):
     """The mask the model's previous implementation would have built (bool for sdpa, float for eager)."""
     dispatcher = _ATTACHED.get(id(config))
-    build = eager_mask if dispatcher is not None and dispatcher.previous == "eager" else sdpa_mask
+    build = compat.mask_function(dispatcher.previous if dispatcher is not None else "sdpa")
     return build(*args, config=config, **kwargs)
 
 
-AttentionInterface.register(NAME, _attention)
-AttentionMaskInterface.register(NAME, _mask)
+compat.register(NAME, _attention, _mask)

@@ -10,7 +10,6 @@ from typing import Any
 from torch import nn
 
 from ..interventions import Method, ModelSpec, method_class
-from .adapters import model_spec
 from .dispatch import Dispatcher
 
 SCHEMA = 1
@@ -23,14 +22,14 @@ class Intervention:
     `config` is the resolved config, which `save()` writes and `intervene.load_config` reads back.
     """
 
-    def __init__(self, model: nn.Module, config: Method, spec: ModelSpec):
+    def __init__(self, dispatcher: Dispatcher, config: Method):
         self.config = config
-        self.model_spec = spec
+        self.model_spec: ModelSpec = dispatcher.spec
         self.active_layers = config.active_layers()
         self.enabled = True
         self.state: dict[int, dict] = {}  # per-layer state of the current sequence
-        self._dispatcher = Dispatcher.of(model)
-        self._dispatcher.add(self)  # a fresh dispatcher has nothing to clash with, so a refusal leaves no trace
+        self._dispatcher = dispatcher
+        dispatcher.add(self)  # refused before anything is attached
 
     @property
     def method(self) -> str:
@@ -84,7 +83,8 @@ def apply(model: nn.Module, method: str | Method, /, *, config=None, **params) -
 
     `config` is a mapping of parameters or a path to a saved config; keyword `params` override it.
     """
-    spec = model_spec(model)
+    dispatcher = Dispatcher.of(model)  # probes a model nothing is attached to yet, and refuses what it cannot edit
+    spec = dispatcher.spec
     if isinstance(method, Method):
         _check_model(method, spec)
         if config is not None or params:
@@ -93,7 +93,7 @@ def apply(model: nn.Module, method: str | Method, /, *, config=None, **params) -
         method = method_class(method).from_dict({**_params(config, method, spec), **params})
     else:
         raise TypeError(f"method must be a registered name or a config object, got {type(method).__name__}")
-    return Intervention(model, method.resolve(spec), spec)
+    return Intervention(dispatcher, method.resolve(spec))
 
 
 def load_config(path: str | os.PathLike) -> Method:

@@ -20,6 +20,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from intervene.hooks.compat import cache_argument, output_cache
+
 VOCAB = 96
 
 
@@ -102,6 +104,12 @@ def prompt(length: int, seed: int) -> list[int]:
 def positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids that skip left padding, as `generate` builds them (GPT-2 has absolute positions)."""
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def cache_kwarg(model, outputs) -> dict:
+    """The keyword argument that hands `outputs`' KV cache to `model`'s next call, under the name its
+    transformers release uses (`cache` since 5.24, `past_key_values` before)."""
+    return {cache_argument(model.forward): output_cache(outputs)}
 
 
 @pytest.fixture(scope="session")

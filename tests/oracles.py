@@ -10,6 +10,8 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
+from intervene.hooks.compat import cache_argument
+
 
 def explicit_probabilities(q, k, scale, mask=None):
     """[H, N, Nk] softmax of one unpadded element (q [H, N, D], k [Hkv, Nk, D]), bottom-right causal."""
@@ -195,7 +197,8 @@ class OfficialVHR:
             ids = ids[:, ids[0] != self.image_token]
         self.capturing = True
         try:
-            self.model.get_decoder()(input_ids=ids, past_key_values=self.cache, use_cache=True)
+            decoder = self.model.get_decoder()
+            decoder(input_ids=ids, **{cache_argument(decoder.forward): self.cache}, use_cache=True)
         finally:
             self.capturing = False
 

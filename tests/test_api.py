@@ -90,13 +90,23 @@ def test_a_model_dropped_without_remove_is_freed():
     handle.remove()
 
 
-def test_a_deep_copy_of_an_intervened_model_runs_unedited(batch):
+def test_a_deep_copy_of_an_intervened_model_is_refused_rather_than_run_unedited(batch):
     model = build("llama")
     ids, mask = batch
-    expected = run(model, ids, mask)
-    with intervene.apply(model, "act"):
-        twin = copy.deepcopy(model)
-    assert torch.equal(run(twin, ids, mask), expected)
+    plain = run(model, ids, mask)
+    with intervene.apply(model, "zerotuning", gamma=5.0) as handle:
+        edited = run(model, ids, mask)
+        with pytest.raises(TypeError, match=r"cannot deep-copy a model while an intervention is attached.*remove"):
+            copy.deepcopy(model)
+        handle.enabled = False  # still attached: a copy would still lose it
+        with pytest.raises(TypeError, match="cannot deep-copy"):
+            copy.deepcopy(model)
+        handle.enabled = True
+        assert torch.equal(run(model, ids, mask), edited)  # the refusal left the original as it was
+    twin = copy.deepcopy(model)
+    assert torch.equal(run(twin, ids, mask), plain)
+    with intervene.apply(twin, "zerotuning", gamma=5.0):
+        assert torch.equal(run(twin, ids, mask), edited)
 
 
 def test_another_model_built_from_the_same_config_runs_unedited(batch):

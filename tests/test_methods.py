@@ -7,7 +7,7 @@ import torch
 import intervene
 
 import oracles
-from conftest import build, left_padded, positions, prompt
+from conftest import build, cache_kwarg, left_padded, positions, prompt
 
 PROMPTS = [prompt(6, 1), prompt(3, 2), prompt(5, 3)]  # within Gemma3's window: the official ACT has none
 
@@ -143,7 +143,7 @@ def test_static_edits_give_the_same_logits_with_a_kv_cache(arch, method):
                     input_ids=full_ids[:, t : t + 1],
                     attention_mask=full_mask[:, : t + 1],
                     position_ids=position_ids[:, t : t + 1],
-                    past_key_values=out.past_key_values,
+                    **cache_kwarg(model, out),
                     use_cache=True,
                 )
                 steps.append(out.logits)
@@ -163,7 +163,7 @@ def test_act_column_means_accumulate_over_prompt_chunks():
         with torch.no_grad():
             first = model(input_ids=ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
             after_first = handle.state[3]["counts"]
-            second = model(input_ids=ids[:, 6:], attention_mask=mask, past_key_values=first.past_key_values)
+            second = model(input_ids=ids[:, 6:], attention_mask=mask, **cache_kwarg(model, first))
         state = handle.state[3]
     assert after_first.shape[-1] == 6 and state["counts"].shape[-1] == 12
     torch.testing.assert_close(state["counts"], expected["counts"])
@@ -177,7 +177,7 @@ def _decode_step(model, ids, mask, method_kwargs):
     with intervene.apply(model, "act", layers="all", **method_kwargs) as handle:
         with torch.no_grad():
             out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
-            step = model(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=out.past_key_values)
+            step = model(input_ids=ids[:, -1:], attention_mask=mask, **cache_kwarg(model, out))
         return step.logits[:, -1], {layer: dict(s) for layer, s in handle.state.items()}
 
 
@@ -193,7 +193,7 @@ def test_act_decode_modes():
     with intervene.apply(model, "act", layers="all") as handle, torch.no_grad():
         out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
         handle.enabled = False
-        plain = model(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=out.past_key_values)
+        plain = model(input_ids=ids[:, -1:], attention_mask=mask, **cache_kwarg(model, out))
     torch.testing.assert_close(off, plain.logits[:, -1], atol=1e-6, rtol=1e-6)
     assert not torch.allclose(frozen, off, atol=1e-4) and not torch.allclose(online, off, atol=1e-4)
     assert not torch.allclose(frozen, online, atol=1e-4)

@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 
 import intervene
+from intervene.hooks.compat import DynamicCache, cache_argument, output_cache
 from intervene.interventions.prune import fit_trend, padding_from_pixels, padding_patches, trend_weights
 
-from conftest import IMAGE_TOKEN, TinyVLM, prompt
+from conftest import IMAGE_TOKEN, TinyVLM, cache_kwarg, prompt
 
 
 def batch(vlm):
@@ -48,11 +49,13 @@ def test_pruned_at_layer_0_equals_the_input_without_those_tokens_at_their_positi
 
     def reference(embeds_, mask_, positions_, cache):  # the unpruned language model on the shorter input
         out = vlm.model.get_decoder()(
-            inputs_embeds=embeds_, attention_mask=mask_, position_ids=positions_, past_key_values=cache, use_cache=True
+            inputs_embeds=embeds_,
+            attention_mask=mask_,
+            position_ids=positions_,
+            use_cache=True,
+            **{cache_argument(vlm.model.get_decoder().forward): cache},
         )
         return vlm.model.lm_head(out.last_hidden_state)
-
-    from transformers import DynamicCache
 
     with torch.no_grad():
         expected_cache = DynamicCache()
@@ -66,10 +69,10 @@ def test_pruned_at_layer_0_equals_the_input_without_those_tokens_at_their_positi
         )
         with intervene.apply(vlm.model, "prune", layer=0, select=select):
             pruned = vlm.model(**inputs, position_ids=positions, use_cache=True)
-            assert pruned.past_key_values.get_seq_length(layer_idx=1) == kept.shape[1]  # only kept tokens cached
+            assert output_cache(pruned).get_seq_length(layer_idx=1) == kept.shape[1]  # only kept tokens cached
             step = vlm.model(  # one decoding step over the pruned cache, with the full-length mask
                 input_ids=token, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1),
-                past_key_values=pruned.past_key_values, position_ids=positions[:, -1:] + 1, use_cache=True,
+                **cache_kwarg(vlm.model, pruned), position_ids=positions[:, -1:] + 1, use_cache=True,
             )  # fmt: skip
     torch.testing.assert_close(pruned.logits, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(step.logits, expected_step, atol=1e-5, rtol=1e-5)
@@ -81,8 +84,8 @@ def test_pruning_by_score_shortens_prefill_and_decode():
     with torch.no_grad(), intervene.apply(vlm.model, "prune", layer=2, keep=4) as handle:
         out = vlm.model(**inputs, use_cache=True)
         assert out.logits.shape[1] == inputs["input_ids"].shape[1] - 16 + 4
-        assert out.past_key_values.get_seq_length(layer_idx=1) == inputs["input_ids"].shape[1]  # before layer 2
-        assert out.past_key_values.get_seq_length(layer_idx=2) == inputs["input_ids"].shape[1] - 12
+        assert output_cache(out).get_seq_length(layer_idx=1) == inputs["input_ids"].shape[1]  # before layer 2
+        assert output_cache(out).get_seq_length(layer_idx=2) == inputs["input_ids"].shape[1] - 12
         scores = handle.state[1]["scores"]  # layer 1's attention from the last prompt token
         image = inputs["input_ids"] == IMAGE_TOKEN
         top = scores[image].view(2, 16).topk(4).indices.sort().values

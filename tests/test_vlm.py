@@ -13,7 +13,7 @@ import intervene
 from intervene.interventions.var import discover_sink_dims
 
 import oracles
-from conftest import IMAGE_TOKEN, TinyVLM, build, prompt
+from conftest import IMAGE_TOKEN, TinyVLM, build, cache_kwarg, prompt
 
 STEPS = 3  # greedy tokens generated per comparison
 TAU = 0.8  # random weights have no massive activations; this makes a few tokens of each prompt sinks
@@ -194,10 +194,10 @@ def test_var_sinks_of_a_prompt_chunk_after_decoding_land_at_its_positions():
     first, generated, follow_up = prompts(vlm)[0], [5, 6], prompt(4, 9)
     with intervene.apply(vlm.model, "var", tau=TAU, sink_dims=sink_dims(vlm), layers="all") as handle:
         with torch.no_grad():
-            cache = vlm.model(**vlm.inputs([first]), use_cache=True).past_key_values
+            cache = cache_kwarg(vlm.model, vlm.model(**vlm.inputs([first]), use_cache=True))
             for token in generated:
-                vlm.model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
-            vlm.model(input_ids=torch.tensor([follow_up]), past_key_values=cache, use_cache=True)
+                vlm.model(input_ids=torch.tensor([[token]]), **cache, use_cache=True)
+            vlm.model(input_ids=torch.tensor([follow_up]), **cache, use_cache=True)
             cached = {layer: state["sinks"] for layer, state in handle.state.items()}
             forward_logits(vlm.model, vlm.inputs([first + generated + follow_up]))
         whole = {layer: state["sinks"] for layer, state in handle.state.items()}

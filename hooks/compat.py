@@ -1,0 +1,347 @@
+"""The seam: every contact with transformers goes through this module.
+
+transformers renames what we touch (5.24 renamed the decoder's `past_key_values` argument to `cache`), so
+each fact we rely on is read here, under every spelling a supported release uses, and a release that breaks
+one fails here with a clear error instead of giving wrong results elsewhere. Facts come from what a model
+declares or does, not from its source: which layers run softmax attention, with how many heads and which
+keywords, is observed by running a short prompt through the language model once, at `apply` (`probe`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import inspect
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, AttentionMaskInterface, Cache, DynamicCache
+from transformers.masking_utils import eager_mask, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+from transformers.utils.generic import TransformersKwargs
+
+__all__ = [
+    "CACHE_ARGUMENTS",
+    "WRAPPABLE",
+    "Cache",
+    "DynamicCache",
+    "Probe",
+    "UnsupportedModelError",
+    "cache_argument",
+    "fall_through",
+    "find_cache",
+    "implementation",
+    "is_image_text_to_text",
+    "mask_function",
+    "output_cache",
+    "past_length",
+    "probe",
+    "real_tokens",
+    "register",
+    "set_implementation",
+    "unimplemented_keywords",
+]
+
+# The implementations whose masks and fall-through we reproduce exactly.
+WRAPPABLE = ("eager", "sdpa")
+
+# The decoder's cache argument, newest spelling first (`cache` since 5.24, `past_key_values` before).
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+# Attention keywords the edited path implements as eager and sdpa do (the mask carries the window for all three).
+IMPLEMENTED = frozenset({"dropout", "scaling", "is_causal", "sliding_window"})
+# Keywords that reach attention functions without being about attention: transformers' own pass-through
+# (output flags, what flash kernels need for packed batches, which the mask carries for the others), to which
+# `probe` adds the parameters of the model's and the decoder's forward (`use_cache`, `logits_to_keep`, ...).
+PASS_THROUGH = frozenset(TransformersKwargs.__annotations__)
+# What the keywords some families add mean, for the refusal (none of them is implemented yet).
+MEANINGS = {
+    "s_aux": "a learned attention-sink logit per head (gpt-oss)",
+    "sinks": "learned attention-sink logits",
+    "softcap": "logit soft-capping (Gemma-2)",
+    "indices": "the keys a sparse indexer selected (DeepSeek-V3.2 sparse attention)",
+    "position_bias": "an additive position bias",
+}
+
+
+class UnsupportedModelError(ValueError):
+    """The model cannot be intervened on exactly through transformers' AttentionInterface."""
+
+
+# -- the attention implementation ---------------------------------------------------------------
+
+
+def implementation(config) -> str | None:
+    """The attention implementation a (text) config runs."""
+    return config._attn_implementation
+
+
+def set_implementation(model: nn.Module, name: str, text_key: str | None) -> None:
+    """Switch the language model (the sub-config `text_key` of a VLM, else the model) to `name`."""
+    model.set_attn_implementation(name if text_key is None else {text_key: name})
+
+
+def fall_through(previous: str, module: nn.Module) -> Callable:
+    """The attention function `module` runs under `previous`: sdpa from the registry, eager the module's own."""
+    if previous == "sdpa":
+        return ALL_ATTENTION_FUNCTIONS["sdpa"]
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} has no module-level `eager_attention_forward`, so intervene cannot run its "
+            "eager attention for the layers it leaves alone; load the model with attn_implementation='sdpa'"
+        )
+    return eager
+
+
+def mask_function(previous: str) -> Callable:
+    """The mask builder of `previous` (bool masks for sdpa, additive float masks for eager)."""
+    return eager_mask if previous == "eager" else sdpa_mask
+
+
+def register(name: str, attention: Callable, mask: Callable) -> None:
+    """Register `attention` under `name`, and `mask` under the same name: transformers hands an attention
+    function it has no mask function for no mask at all."""
+    AttentionInterface.register(name, _probed(attention))
+    AttentionMaskInterface.register(name, _probed_mask(mask))
+
+
+def unimplemented_keywords(kwargs: Mapping, pass_through: frozenset[str] = PASS_THROUGH) -> list[str]:
+    """The keywords of an attention call that the edited path would drop: set, and neither ours nor pass-through."""
+    return sorted(k for k, v in kwargs.items() if v is not None and k not in IMPLEMENTED | pass_through)
+
+
+def is_image_text_to_text(config) -> bool:
+    """Whether transformers loads this (model) config with `AutoModelForImageTextToText`."""
+    return getattr(config, "model_type", None) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+
+# -- the cache and the masks the decoder is given ---------------------------------------------------------
+
+
+def cache_argument(forward: Callable) -> str:
+    """The name under which `forward` (a decoder's, a decoder layer's, a model's) takes the KV cache."""
+    parameters = inspect.signature(forward).parameters
+    for name in CACHE_ARGUMENTS:
+        if name in parameters:
+            return name
+    raise UnsupportedModelError(
+        f"{getattr(forward, '__qualname__', forward)} takes the KV cache under none of the names intervene knows "
+        f"({', '.join(CACHE_ARGUMENTS)}); its parameters are {', '.join(parameters)}. This transformers release "
+        "renamed it: upgrade intervene, or install a transformers release it supports (see its README)"
+    )
+
+
+def find_cache(arguments: Mapping) -> Cache | None:
+    """The KV cache among a forward's bound arguments, under either name; an error if it came under another."""
+    for name in CACHE_ARGUMENTS:
+        if (cache := arguments.get(name)) is not None:
+            return cache
+    for name, value in arguments.items():
+        if isinstance(value, Cache):  # read as "no cache", every decoding step would look like a new prompt
+            raise UnsupportedModelError(
+                f"the KV cache came as `{name}`, a name intervene does not read ({', '.join(CACHE_ARGUMENTS)}): "
+                "this transformers release renamed it. Upgrade intervene, or install a release it supports"
+            )
+    return None
+
+
+def output_cache(outputs) -> Cache | None:
+    """The cache a model's forward returned, under either name."""
+    for name in CACHE_ARGUMENTS:
+        if (cache := getattr(outputs, name, None)) is not None:
+            return cache
+    return None
+
+
+def past_length(cache: Cache | None, layer: int | None = None) -> int:
+    """Tokens held by `cache` before this call (of one layer's cache, if `layer`; a pruned one may be shorter)."""
+    if cache is None:
+        return 0
+    return int(cache.get_seq_length() if layer is None else cache.get_seq_length(layer))
+
+
+def real_tokens(mask, past: int, earlier: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, past + Nq] bool, True at real tokens, from the mask the decoder was given; None: no padding.
+
+    `generate` with a static cache hands the decoder 4-D masks (a dict of them per layer type, for
+    sliding-window models), which say which of this call's tokens are real through their diagonal: a real
+    token sees itself and a pad sees nothing. Earlier tokens' flags are `earlier`, the previous calls'."""
+    if isinstance(mask, Mapping):
+        mask = mask.get("full_attention", next(iter(mask.values()), None))
+    if not isinstance(mask, torch.Tensor):
+        return None
+    if mask.dim() == 2:
+        return mask.bool()
+    new = mask.shape[-2]
+    if mask.dim() != 4 or mask.shape[-1] < past + new:
+        return None  # keys not indexed by position (a sliding-window cache): nothing to read
+    rows = torch.arange(new, device=mask.device)
+    diagonal = mask[:, 0, rows, past + rows]  # [B, Nq]
+    real = diagonal if diagonal.dtype == torch.bool else diagonal > torch.finfo(diagonal.dtype).min
+    if earlier is None or earlier.shape[1] != past:  # no padding so far, or a cache we did not see fill
+        earlier = real.new_ones(real.shape[0], past)
+    return torch.cat([earlier, real], dim=1)
+
+
+# -- what a model's attention layers are: observed once, at `apply` -------------------------------------------
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The language model's softmax-attention layers as one forward showed them."""
+
+    layers: dict[int, nn.Module]  # layer index -> its attention module, one per decoder layer
+    num_heads: int  # query heads
+    num_kv_heads: int
+    cache_argument: str  # the decoder's name for its KV cache
+    pass_through: frozenset[str]  # keywords that reach attention but are the callers' (see `PASS_THROUGH`)
+
+
+# Set while a probe runs: the calls seen so far, (module, query heads, key heads, keywords set).
+_SEEN: contextvars.ContextVar[list | None] = contextvars.ContextVar("intervene_probe", default=None)
+
+
+def _probed(attention: Callable) -> Callable:
+    """`attention`, except while a probe runs: then record the call and run the model's own implementation."""
+
+    def attention_or_probe(module, query, key, value, attention_mask, **kwargs):
+        seen = _SEEN.get()
+        if seen is None:
+            return attention(module, query, key, value, attention_mask, **kwargs)
+        previous, calls = seen
+        calls.append((module, query.shape[1], key.shape[1], {k for k, v in kwargs.items() if v is not None}))
+        return fall_through(previous, module)(module, query, key, value, attention_mask, **kwargs)
+
+    return attention_or_probe
+
+
+def _probed_mask(mask: Callable) -> Callable:
+    """`mask`, except while a probe runs: then the mask of the model's own implementation."""
+
+    def mask_or_probe(*args, **kwargs):
+        seen = _SEEN.get()
+        return mask(*args, **kwargs) if seen is None else mask_function(seen[0])(*args, **kwargs)
+
+    return mask_or_probe
+
+
+def probe(model: nn.Module, name: str, text_key: str | None) -> Probe:
+    """Run a short prompt through `model`'s language model under its own implementation and under `name`
+    (whose function falls through to that implementation while probing), and read off its attention layers.
+
+    Refuses, with the reason, a model whose layers are not all softmax attention through AttentionInterface
+    (falcon, xLSTM, the linear / state-space layers of hybrids), whose attention takes a keyword the edited
+    path does not implement (learned sinks, soft-capping, a sparse indexer's keys), or whose output changes
+    with the implementation's name alone, so that the layers intervene leaves alone would not be exact."""
+    label = type(model).__name__
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{label} is an encoder-decoder model; intervene edits the causal self-attention of decoder-only language "
+            "models (and of vision-language models' language models), not encoder or cross-attention"
+        )
+    text = config.get_text_config()
+    previous = implementation(text)
+    if previous not in WRAPPABLE:
+        raise UnsupportedModelError(
+            f"this model runs {previous!r} attention; intervene wraps models running "
+            f"{' or '.join(map(repr, WRAPPABLE))}. Call model.set_attn_implementation('sdpa') first "
+            "(or load it with attn_implementation='sdpa')."
+        )
+    decoder = model.get_decoder()
+    embeddings = decoder.get_input_embeddings()
+    avoid = {getattr(config, "image_token_id", None), getattr(config, "image_token_index", None)}
+    ids = [t for t in range(1, 8) if t not in avoid][:5]
+    ids = torch.tensor([ids], device=embeddings.weight.device) % embeddings.num_embeddings
+    calls: list = []
+    with _eval_mode(model), torch.no_grad():
+        expected = decoder(input_ids=ids, use_cache=False)[0]
+        set_implementation(model, name, text_key)
+        try:
+            if implementation(text) != name:
+                raise UnsupportedModelError(
+                    f"{label} does not compute attention through transformers' AttentionInterface (it refused the "
+                    f"implementation {name!r}), so intervene cannot reach it. Supported: models whose attention "
+                    "layers call it (Llama, Mistral, Qwen2/3, Gemma, GPT-2, Phi-3, SmolLM2, ...)"
+                )
+            token = _SEEN.set((previous, calls))
+            try:
+                got = decoder(input_ids=ids, use_cache=False)[0]
+            finally:
+                _SEEN.reset(token)
+        finally:
+            set_implementation(model, previous, text_key)
+    pass_through = PASS_THROUGH.union(*(inspect.signature(f).parameters for f in (model.forward, decoder.forward)))
+    layers = _layers(label, text, calls, pass_through)
+    if not torch.equal(expected, got):
+        raise UnsupportedModelError(
+            f"{label} computes differently when its attention implementation is named {name!r} instead of "
+            f"{previous!r}, even where intervene runs {previous!r} itself (largest difference "
+            f"{(expected.float() - got.float()).abs().max().item():.3g}), so intervene cannot leave it exact"
+        )
+    heads = {(q, k) for _, q, k, _ in calls}
+    if len(heads) != 1:
+        raise UnsupportedModelError(f"{label}: attention layers with different head counts {sorted(heads)}")
+    (num_heads, num_kv_heads) = heads.pop()
+    return Probe(layers, num_heads, num_kv_heads, cache_argument(decoder.forward), pass_through)
+
+
+def _layers(label: str, text, calls: list, pass_through: frozenset[str]) -> dict[int, nn.Module]:
+    """The attention module of each decoder layer, or the reason some layer has none intervene can edit."""
+    if not calls:
+        raise UnsupportedModelError(
+            f"{label} ran no attention through transformers' AttentionInterface (a model without attention heads, "
+            "or one whose attention does not dispatch through it), so intervene has nothing to edit"
+        )
+    unimplemented = {}
+    layers: dict[int, nn.Module] = {}
+    for module, _, _, keywords in calls:
+        index = getattr(module, "layer_idx", None)
+        if not isinstance(index, int) or layers.get(index, module) is not module:
+            raise UnsupportedModelError(
+                f"{label}: {type(module).__name__} is called for more than one layer (or has no `layer_idx`), "
+                "so its layers cannot be told apart"
+            )
+        layers[index] = module
+        for keyword in unimplemented_keywords(dict.fromkeys(keywords, True), pass_through):
+            unimplemented.setdefault(keyword, []).append(index)
+    if unimplemented:
+        reasons = "; ".join(
+            f"`{k}` ({MEANINGS.get(k, 'not implemented by intervene')}) on layers {sorted(set(v))}"
+            for k, v in sorted(unimplemented.items())
+        )
+        raise UnsupportedModelError(
+            f"{label} passes its attention keywords that intervene's edited attention does not implement: {reasons}. "
+            "Editing those layers would drop them, and leaving them alone is not possible under one implementation"
+        )
+    missing = sorted(set(range(text.num_hidden_layers)) - set(layers))
+    if missing:
+        kinds = getattr(text, "layer_types", None)
+        kinds = sorted({kinds[i] for i in missing}) if isinstance(kinds, list) and len(kinds) > max(missing) else []
+        if kinds:  # a hybrid: its other layers are linear attention, state-space or convolution layers
+            raise UnsupportedModelError(
+                f"{label} is a hybrid: layers {missing} are {', '.join(kinds)} layers (config.layer_types), not "
+                "softmax attention. intervene edits softmax attention and does not support hybrid models yet"
+            )
+        raise UnsupportedModelError(
+            f"{label}: of the {text.num_hidden_layers} layers its config declares, {missing} ran no attention "
+            "through AttentionInterface, so intervene cannot tell what they are"
+        )
+    return layers
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """`model` in eval mode for the probe (dropout would make its two passes differ), restored after."""
+    training = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in training.items():
+            module.training = mode

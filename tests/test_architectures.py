@@ -1,0 +1,188 @@
+"""Every popular decoder family, as a tiny random model: it either works on every check or is refused at
+`apply` with the reason, before anything is attached.
+
+The checks: neutral parameters and `remove()` give the unwrapped logits bit for bit; ACT and ZeroTuning
+change them; ZeroTuning's cached `generate` (dynamic and static cache, a left-padded batch, a sliding window
+shorter than the sequence where the family has one) equals one forward over the whole sequence; ACT
+generates on a left-padded batch, each row as it would alone.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from packaging.version import Version
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+import intervene
+
+from conftest import left_padded, positions, prompt
+
+COMMON = dict(
+    vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)  # fmt: skip
+WINDOW = dict(sliding_window=6)  # shorter than every sequence below (12 prompt tokens, then 6 generated)
+MOE = dict(num_local_experts=4, num_experts_per_tok=2)
+MLA = dict(
+    num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+    n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
+    moe_intermediate_size=32,
+)  # fmt: skip
+
+# model_type -> what its tiny config needs beyond COMMON
+SUPPORTED = {
+    "llama": {},
+    "mistral": WINDOW,
+    "mixtral": {**WINDOW, **MOE},
+    "qwen2": {**WINDOW, "use_sliding_window": True, "max_window_layers": 2},  # layers 2, 3 slide
+    "qwen3": {"head_dim": 16},
+    "qwen3_moe": {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+    "gemma": {"head_dim": 16},
+    "gemma3_text": {**WINDOW, "head_dim": 16},
+    "phi": {},
+    "phi3": WINDOW,
+    "gpt2": {},
+    "gpt_neox": {},
+    "olmo2": {},
+    "granite": {},
+    "cohere": {},
+    "cohere2": WINDOW,
+    "stablelm": {},
+    "starcoder2": WINDOW,
+    "deepseek_v3": MLA,  # value heads of another size than the query/key heads
+    "smollm3": {},
+    "llama4_text": {"head_dim": 16, **MOE, "intermediate_size_mlp": 96, "attention_chunk_size": 6},
+    "jetmoe": {**MOE, "kv_channels": 16},  # these two `.view()` the attention output: it must be contiguous
+    "afmoe": {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+}
+
+HYBRID_NEXT = dict(
+    head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, linear_num_key_heads=2,
+    linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+)  # fmt: skip
+JAMBA = dict(
+    num_experts=4, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+    mamba_d_state=8, use_mamba_kernels=False,
+)  # fmt: skip
+SPARSE = dict(MLA, index_topk=4, index_n_heads=2, index_head_dim=16)
+
+# model_type -> (tiny config, attention implementation, what the refusal must say)
+REFUSED = {
+    "falcon": ({}, "sdpa", r"FalconForCausalLM does not compute attention through transformers' AttentionInterface"),
+    "bloom": ({}, "eager", r"BloomForCausalLM does not compute attention through"),
+    "gemma2": ({**WINDOW, "head_dim": 16}, "eager", r"`softcap` \(logit soft-capping.*\) on layers \[0, 1, 2, 3\]"),
+    "gpt_oss": ({**WINDOW, "head_dim": 16, "num_local_experts": 4}, "eager", r"`s_aux` \(a learned attention-sink"),
+    "deepseek_v32": (SPARSE, "sdpa", r"`indices` \(the keys a sparse indexer selected"),
+    "qwen3_next": (HYBRID_NEXT, "sdpa", r"Qwen3NextForCausalLM is a hybrid: layers \[0, 1, 2\] are linear_attention"),
+    "jamba": (JAMBA, "sdpa", r"JambaForCausalLM is a hybrid: layers \[0, 2\]"),
+    "lfm2": (
+        {"layer_types": ["conv", "full_attention", "conv", "full_attention"]},
+        "sdpa",
+        r"Lfm2ForCausalLM is a hybrid: layers \[0, 2\] are conv layers",
+    ),
+    "xlstm": (
+        {"num_heads": 4, "qk_dim_factor": 1.0, "v_dim_factor": 1.0},
+        "eager",
+        r"xLSTMForCausalLM ran no attention through transformers' AttentionInterface",
+    ),
+}
+# transformers before 5.20 cannot generate with a static cache on chunked attention at all (a TypeError in its
+# masking_utils, with or without intervene): there the test checks that this is still transformers' own failure.
+STATIC_CACHE_SINCE = {"llama4_text": Version("5.20")}
+
+SEQ2SEQ = {
+    "t5": {"d_model": 64, "d_ff": 96, "num_layers": 2, "num_heads": 4, "d_kv": 16},
+    "bart": {"d_model": 64, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4,
+             "decoder_attention_heads": 4},
+}  # fmt: skip
+
+
+def tiny(model_type: str, extra: dict, implementation: str = "sdpa", auto=AutoModelForCausalLM):
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **{**COMMON, **extra})
+    return auto.from_config(config, attn_implementation=implementation).eval()
+
+
+def logits(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return left_padded([prompt(12, 1), prompt(8, 2)])
+
+
+@pytest.mark.parametrize("family", list(SUPPORTED))
+def test_neutral_parameters_and_remove_are_exact_and_edits_change_the_logits(family, batch):
+    model = tiny(family, SUPPORTED[family])
+    ids, mask = batch
+    plain = logits(model, ids, mask)
+    settings = (("act", {"beta": 1.0}, {"beta": 0.2}), ("zerotuning", {"gamma": 1.0}, {"gamma": 4.0}))
+    for method, neutral, edit in settings:
+        with intervene.apply(model, method, **neutral):
+            assert torch.equal(logits(model, ids, mask), plain)
+        with intervene.apply(model, method, **edit):
+            edited = logits(model, ids, mask)
+        assert (edited - plain).abs().max() > 1e-3, f"{method} left {family} unchanged"
+        assert torch.equal(logits(model, ids, mask), plain)  # after remove()
+
+
+@pytest.mark.parametrize("family", list(SUPPORTED))
+def test_zerotuning_cached_generation_equals_one_full_forward(family, batch):
+    model = tiny(family, SUPPORTED[family])
+    ids, mask = batch
+    new = 6
+    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, output_logits=True,
+                  return_dict_in_generate=True)  # fmt: skip
+    caches = ["dynamic", "static"]
+    if Version(transformers.__version__) < STATIC_CACHE_SINCE.get(family, Version("0")):
+        caches.remove("static")
+        with pytest.raises(TypeError, match="create_chunked_causal_mask"), torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **kwargs)
+    with intervene.apply(model, "zerotuning", gamma=4.0):
+        for cache in caches:
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=mask, cache_implementation=cache, **kwargs)
+            cached = torch.stack(out.logits, dim=1)  # [B, new, V]
+            whole = torch.cat([mask, mask.new_ones(mask.shape[0], new)], dim=1)
+            full = logits(model, out.sequences, whole)[:, ids.shape[1] - 1 : -1]
+            torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5, msg=lambda m, c=cache: f"{c} cache: {m}")
+
+
+@pytest.mark.parametrize("family", list(SUPPORTED))
+def test_act_generates_on_a_left_padded_batch_as_each_row_alone(family, batch):
+    model = tiny(family, SUPPORTED[family])
+    ids, mask = batch
+    kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
+                  return_dict_in_generate=True)  # fmt: skip
+    with intervene.apply(model, "act", beta=0.4), torch.no_grad():
+        together = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        for row in range(ids.shape[0]):
+            real = mask[row].bool()
+            alone = model.generate(input_ids=ids[row : row + 1, real], **kwargs)
+            assert torch.equal(alone.sequences[0, -4:], together.sequences[row, -4:])
+            torch.testing.assert_close(
+                torch.stack(alone.logits)[:, 0], torch.stack(together.logits)[:, row], atol=1e-4, rtol=1e-4
+            )
+
+
+@pytest.mark.parametrize("family", list(REFUSED))
+def test_unsupported_families_are_refused_at_apply_with_the_reason(family, batch):
+    extra, implementation, reason = REFUSED[family]
+    model = tiny(family, extra, implementation)
+    ids, mask = batch
+    plain = model(input_ids=ids, attention_mask=mask).logits
+    with pytest.raises(intervene.UnsupportedModelError, match=reason):
+        intervene.apply(model, "act")
+    assert model.config._attn_implementation == implementation  # nothing attached, nothing switched
+    assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, plain)
+
+
+@pytest.mark.parametrize("family", list(SEQ2SEQ))
+def test_encoder_decoders_are_refused_for_what_they_are(family):
+    model = tiny(family, SEQ2SEQ[family], auto=AutoModelForSeq2SeqLM)
+    with pytest.raises(intervene.UnsupportedModelError, match=r"is an encoder-decoder model; intervene edits the"):
+        intervene.apply(model, "zerotuning", gamma=2.0)
