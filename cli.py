@@ -29,6 +29,8 @@ BOS_HELP = (
     "none, so their initial token is otherwise a word). Recorded in the results."
 )
 
+DTYPE_HELP = "float32 (fp32, float), bfloat16 (bf16), float16 (fp16, half) or auto (default: the checkpoint's)."
+
 
 def _fail(message: str) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
@@ -53,6 +55,16 @@ def _check_device(device: str | None) -> None:
         found = f"{count} {here.type} device(s)" if here is not None else "no accelerator"
         raise _fail(f"--device {device}: torch {torch.__version__} finds {found} here; give --device cpu, or "
                     "leave --device out to use the accelerator if there is one")  # fmt: skip
+
+
+def _check_dtype(dtype: str | None) -> None:
+    """A --dtype that `load_model` would refuse fails here, before anything loads (one parser for both)."""
+    from intervene.evals.model import parse_dtype
+
+    try:
+        parse_dtype(dtype)
+    except ValueError as error:
+        raise _fail(f"--{error}") from None
 
 
 def _make_folder(path: Path) -> None:
@@ -176,7 +188,7 @@ def evaluate(
         str | None,
         typer.Option(help="auto, balanced, balanced_low_0 or sequential: spread a model too large for one device."),
     ] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the checkpoint's).")] = None,
+    dtype: Annotated[str | None, typer.Option(help=DTYPE_HELP)] = None,
     add_bos_token: Annotated[bool, typer.Option("--add-bos-token", help=BOS_HELP)] = False,
     output_path: Annotated[Path, typer.Option(help="Folder for the results JSON and per-sample logs.")] = Path(
         "intervene_results"
@@ -219,8 +231,7 @@ def evaluate(
         typer.echo(f"using the {method} config calibrated for {model} that ships with intervene: {shipped}", err=True)
         typer.echo("(give --param to set parameters yourself, or --config for another config)", err=True)
         method, config = None, shipped
-    if dtype not in (None, "float32", "bfloat16", "float16"):
-        raise _fail(f"--dtype {dtype!r} is not one of float32, bfloat16, float16")
+    _check_dtype(dtype)
     if device is not None and device_map is not None:
         raise _fail("give --device or --device-map, not both (a device map places the model itself)")
 
@@ -400,7 +411,7 @@ def calibrate(
         str | None,
         typer.Option(help="auto, balanced, balanced_low_0 or sequential: spread a model too large for one device."),
     ] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
+    dtype: Annotated[str | None, typer.Option(help=DTYPE_HELP)] = None,
     add_bos_token: Annotated[bool, typer.Option("--add-bos-token", help=BOS_HELP)] = False,
     output_path: Annotated[Path, typer.Option(help="Folder for config.json and the resumable profile log.")] = Path(
         "intervene_calibration"
@@ -428,6 +439,7 @@ def calibrate(
     from intervene.interventions import method_class
 
     _check_device(device)
+    _check_dtype(dtype)
     try:
         if rule not in engine.RULES or granularity not in engine.GRANULARITIES:
             raise ValueError(
@@ -504,7 +516,7 @@ def inspect_attention(
         float, typer.Option(min=0.0, max=1.0, help="Mean attention above which a later key is a hidden sink (ACT).")
     ] = 0.1,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available).")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the checkpoint's).")] = None,
+    dtype: Annotated[str | None, typer.Option(help=DTYPE_HELP)] = None,
     add_bos_token: Annotated[bool, typer.Option("--add-bos-token", help=BOS_HELP)] = False,
     output_path: Annotated[Path, typer.Option(help="Folder for the PNGs, summary.txt and sinks.json.")] = Path(
         "intervene_inspect"
@@ -519,8 +531,7 @@ def inspect_attention(
         chosen_heads = [int(head) for head in heads.split(",")] if heads else None
     except ValueError:
         raise _fail(f"--layers {layers!r} / --heads {heads!r}: give comma-separated numbers, e.g. 0,5,10") from None
-    if dtype not in (None, "float32", "bfloat16", "float16"):
-        raise _fail(f"--dtype {dtype!r} is not one of float32, bfloat16, float16")
+    _check_dtype(dtype)
 
     import intervene
     from intervene.evals.inspect import inspect, require_matplotlib

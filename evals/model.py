@@ -136,6 +136,35 @@ def cache_root() -> Path:
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
+# The dtype spellings of transformers' `dtype=` / `torch_dtype=` and lm-eval's `dtype=`; "auto" keeps the
+# checkpoint's own dtype, as None does.
+DTYPES = {
+    "auto": None,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """The torch dtype meant by `dtype` (a floating-point torch dtype, or a name in `DTYPES`, any case, with
+    or without `torch.`), None for the checkpoint's own (None or "auto"); anything else is a ValueError
+    listing the spellings. `load_model` and the command line's `--dtype` both read dtypes with it."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return dtype
+    name = dtype.strip().lower().removeprefix("torch.") if isinstance(dtype, str) else None
+    if name in DTYPES:
+        return DTYPES[name]
+    raise ValueError(
+        f"dtype {dtype!r} is not one of the accepted spellings: {', '.join(DTYPES)} "
+        "(or a floating-point torch dtype such as torch.bfloat16)"
+    )
+
 
 def load_model(
     name_or_path: str,
@@ -144,13 +173,16 @@ def load_model(
     device: str | None = None,
     device_map: str | None = None,
     add_bos_token: bool = False,
+    torch_dtype: torch.dtype | str | None = None,
 ):
     """`(model, tokenizer)`, or `(model, processor)` for a vision-language model, in eval mode with SDPA
     attention, for a built-in name, a local directory or a hub id. A vision-language processor pads on the
     left, for batched generation. `device_map` (one of `DEVICE_MAPS`) spreads a model too large for one
     device over the GPUs (then the CPU), as accelerate places it; it replaces `device`. `add_bos_token`
     makes the tokenizer start every prompt with its BOS token, as lm-eval's option of that name: SmolLM2,
-    GPT-2 and Qwen add none, so their initial token (ZeroTuning's, the usual sink) is otherwise a word."""
+    GPT-2 and Qwen add none, so their initial token (ZeroTuning's, the usual sink) is otherwise a word.
+    `dtype` is a torch dtype or a name (see `parse_dtype`: "bf16", "float16", "auto", ...), default the
+    checkpoint's; `torch_dtype`, transformers' older name for it, is accepted as an alias."""
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForImageTextToText,
@@ -162,9 +194,15 @@ def load_model(
         raise ValueError("give a device or a device map, not both: a device map places the model itself")
     if device_map not in (None, *DEVICE_MAPS):
         raise ValueError(f"device map {device_map!r} is not one of {', '.join(DEVICE_MAPS)}")
+    if torch_dtype is not None:
+        if dtype is not None and parse_dtype(dtype) != parse_dtype(torch_dtype):
+            raise ValueError(
+                f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give one of them "
+                "(torch_dtype is transformers' old name for dtype)"
+            )
+        dtype = torch_dtype
+    dtype = parse_dtype(dtype)
     source = _builtin_directory(name_or_path) if name_or_path in BUILTIN else name_or_path
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
     local = Path(source).is_dir()
     vision = is_vision_language(source)
     try:
@@ -212,13 +250,14 @@ def is_vision_language(name_or_path: str) -> bool:
     if name_or_path in BUILTIN:
         return BUILTIN[name_or_path].vision
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    from ..hooks.compat import is_image_text_to_text
 
     try:
         config = AutoConfig.from_pretrained(name_or_path, local_files_only=Path(name_or_path).is_dir())
     except OSError as error:
         raise _unloadable(name_or_path, error) from None
-    return config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    return is_image_text_to_text(config)
 
 
 def _unloadable(name_or_path: str, error: OSError) -> ValueError:

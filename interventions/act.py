@@ -33,7 +33,7 @@ class ACT(Method):
     beta: float = 0.4
     threshold: float = 0.1
     layers: Any = "auto"  # "auto" = 2..L-2, "all", or a list
-    heads: Any = "all"  # "all" or {layer: [query heads]}
+    heads: Any = "all"  # "all", [query heads] in every layer of `layers`, or {layer: [query heads]}
     decode: str = "frozen"
 
     primitives = frozenset({"redistribute"})

@@ -217,7 +217,8 @@ def resolve_layers(layers, model: ModelSpec, *, method: str, auto: range) -> tup
 
 def resolve_scope(layers, heads, model: ModelSpec, *, method: str, default: str, auto: range):
     """Checked `(layers, heads)`; when `layers` is left at its `default` and `heads` maps layers to
-    head lists, those layers are the scope."""
+    head lists, those layers are the scope. `heads` is `"all"`, `{layer: [query heads]}`, or a list of
+    query heads (`[0, 1]`) taken in every layer of `layers`, whatever their number on the model."""
     if layers == default and isinstance(heads, Mapping):
         layers = sorted(_heads_layer(method, layer, hs) for layer, hs in heads.items())
     layers = resolve_layers(layers, model, method=method, auto=auto)
@@ -232,11 +233,18 @@ def scoped_layers(layers: tuple[int, ...], heads) -> frozenset[int]:
 
 
 def resolve_heads(heads, layers: tuple[int, ...], model: ModelSpec, *, method: str):
-    """`"all"`, or `{layer: [query heads]}` checked against the model and against `layers`."""
+    """`"all"`, or `{layer: [query heads]}` checked against the model and against `layers`; a list of
+    query heads (or one head) means those heads in every layer of `layers`."""
     if heads == "all":
         return "all"
+    if isinstance(heads, int) or (isinstance(heads, Iterable) and not isinstance(heads, (str, bytes, Mapping))):
+        every = [heads] if isinstance(heads, int) else list(heads)
+        heads = {layer: every for layer in layers}
     if not isinstance(heads, Mapping):
-        raise ValueError(f"{method}: heads must be 'all' or a mapping {{layer: [heads]}}, got {heads!r}")
+        raise ValueError(
+            f"{method}: heads must be 'all', a list of query heads taken in every layer such as [0, 5], "
+            f"or a mapping {{layer: [heads]}}, got {heads!r}"
+        )
     resolved = {}
     for layer, hs in heads.items():
         layer = _heads_layer(method, layer, hs)

@@ -25,7 +25,7 @@ class ZeroTuning(Method):
 
     gamma: float
     layers: Any = "all"
-    heads: Any = "all"  # "all" or {layer: [query heads]}
+    heads: Any = "all"  # "all", [query heads] in every layer of `layers`, or {layer: [query heads]}
 
     primitives = frozenset({"key_bias"})
 
@@ -35,8 +35,13 @@ class ZeroTuning(Method):
     @classmethod
     def from_official(cls, setting: tuple) -> ZeroTuning:
         """The official code's `(rate, target_layers, target_heads)`: one gamma, the same head
-        indices in every target layer."""
+        indices in every target layer. As in the official code, `None` layers means every layer and
+        `None` heads every head; `(rate, None, [0, 1])` is heads 0 and 1 of every layer of any model."""
         rate, layers, heads = setting
+        if layers is None:
+            return cls(gamma=rate, heads="all" if heads is None else list(heads))
+        if heads is None:
+            return cls(gamma=rate, layers=list(layers))
         return cls(gamma=rate, heads={layer: list(heads) for layer in layers})
 
     def resolve(self, model: ModelSpec) -> ZeroTuning:

@@ -6,6 +6,13 @@ The lists are GATECH-EIC/ACT `models/augment_index.py` at commit a267af7: entry 
 the query heads that the authors' offline calibration kept in layer 2 + i. They were calibrated for
 those exact models, with beta 0.4 and threshold 0.1, on classification (9 datasets) or multiple-choice
 (7 datasets) prompts; replay one with `intervene eval --model <hub id> --config <file>`.
+
+A config keeps only the layers that the official code calibrates for its model, `OFFICIAL_LAYERS`: the
+Llama path (`models/llama_modelling_aug.py`) edits `signal in range(2, 31)`, layers 2..L-2 of the
+32-layer Llama-2-7B, and its calibration sweep (`scripts/calibration.sh`) covers the same 2..30; the
+Mistral path (`models/mistral_modelling_aug.py`) edits `signal in range(2, 32)`, layers 2..L-1. An entry
+for a layer outside that range is dropped, since the official code never applies it: `indices_comb_MC`
+lists heads [4, 31] for layer 31 of Llama-2-7b-chat, which its range leaves out.
 """
 
 from __future__ import annotations
@@ -18,6 +25,12 @@ from intervene.interventions.act import ACT
 
 LLAMA_2_7B_CHAT = {"name_or_path": "meta-llama/Llama-2-7b-chat-hf", "num_layers": 32, "num_heads": 32}
 MISTRAL_7B_INSTRUCT = {"name_or_path": "mistralai/Mistral-7B-Instruct-v0.2", "num_layers": 32, "num_heads": 32}
+
+# The layers the official code calibrates, for a model of L layers (see the module docstring).
+OFFICIAL_LAYERS = {
+    LLAMA_2_7B_CHAT["name_or_path"]: lambda num_layers: range(2, num_layers - 1),  # range(2, 31) for L = 32
+    MISTRAL_7B_INSTRUCT["name_or_path"]: lambda num_layers: range(2, num_layers),  # range(2, 32) for L = 32
+}
 
 LISTS = {
     ("llama-2-7b-chat", "act-classification", "aug_indices_comb_classification"): (LLAMA_2_7B_CHAT, [
@@ -52,19 +65,24 @@ LISTS = {
 
 def main() -> None:
     for (model, name, source), (identity, lists) in LISTS.items():
+        official = OFFICIAL_LAYERS[identity["name_or_path"]](identity["num_layers"])
+        dropped = [2 + i for i, hs in enumerate(lists) if hs and 2 + i not in official]
+        lists = [hs if 2 + i in official else [] for i, hs in enumerate(lists)]
         config = ACT.from_official(lists, beta=0.4, threshold=0.1)
+        note = f"; layers {dropped} dropped, outside the official range({official.start}, {official.stop})"
         document = {
             "schema": 1,
             "method": "act",
             "params": config.to_dict(),
             "model": identity,
             "intervene_version": intervene.__version__,
-            "source": f"GATECH-EIC/ACT@a267af7 models/augment_index.py {source}",
+            "source": f"GATECH-EIC/ACT@a267af7 models/augment_index.py {source}" + (note if dropped else ""),
         }
         path = Path(__file__).parent / model / name / "config.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(document, indent=2) + "\n")
-        print(f"{path}: {sum(map(len, lists))} heads in {sum(1 for hs in lists if hs)} layers")
+        kept = f"{sum(map(len, lists))} heads in {sum(1 for hs in lists if hs)} layers"
+        print(f"{path}: {kept}{note if dropped else ''}")
 
 
 if __name__ == "__main__":
