@@ -37,6 +37,7 @@ __all__ = [
     "implementation",
     "is_image_text_to_text",
     "mask_function",
+    "name_or_path",
     "output_cache",
     "past_length",
     "probe",
@@ -78,6 +79,11 @@ class UnsupportedModelError(ValueError):
 def implementation(config) -> str | None:
     """The attention implementation a (text) config runs."""
     return config._attn_implementation
+
+
+def name_or_path(model: nn.Module) -> str:
+    """The checkpoint a model was loaded from ("" for one built from a config)."""
+    return getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
 
 
 def set_implementation(model: nn.Module, name: str, text_key: str | None) -> None:
@@ -202,8 +208,9 @@ class Probe:
     pass_through: frozenset[str]  # keywords that reach attention but are the callers' (see `PASS_THROUGH`)
 
 
-# Set while a probe runs: the calls seen so far, (module, query heads, key heads, keywords set).
-_SEEN: contextvars.ContextVar[list | None] = contextvars.ContextVar("intervene_probe", default=None)
+# Set while a probe runs: (the model's own implementation, the calls seen so far as (module, query heads,
+# key heads, keywords set)).
+_SEEN: contextvars.ContextVar[tuple[str, list] | None] = contextvars.ContextVar("intervene_probe", default=None)
 
 
 def _probed(attention: Callable) -> Callable:
@@ -260,7 +267,13 @@ def probe(model: nn.Module, name: str, text_key: str | None) -> Probe:
     ids = torch.tensor([ids], device=embeddings.weight.device) % embeddings.num_embeddings
     calls: list = []
     with _eval_mode(model), torch.no_grad():
-        expected = decoder(input_ids=ids, use_cache=False)[0]
+        try:
+            expected = decoder(input_ids=ids, use_cache=False)[0]
+        except Exception as error:  # any model's own failure: say where it happened, keep the cause chained
+            raise UnsupportedModelError(
+                f"{label}: its language model failed on intervene's probe, a {ids.shape[1]}-token prompt run to find "
+                f"its attention layers: {type(error).__name__}: {error}"
+            ) from error
         set_implementation(model, name, text_key)
         try:
             if implementation(text) != name:
@@ -286,8 +299,11 @@ def probe(model: nn.Module, name: str, text_key: str | None) -> Probe:
         )
     heads = {(q, k) for _, q, k, _ in calls}
     if len(heads) != 1:
-        raise UnsupportedModelError(f"{label}: attention layers with different head counts {sorted(heads)}")
-    (num_heads, num_kv_heads) = heads.pop()
+        raise UnsupportedModelError(
+            f"{label}: its attention layers have different (query, key) head counts {sorted(heads)}; intervene's "
+            "per-head parameters assume one count for every layer"
+        )
+    num_heads, num_kv_heads = heads.pop()
     return Probe(layers, num_heads, num_kv_heads, cache_argument(decoder.forward), pass_through)
 
 

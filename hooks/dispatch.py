@@ -75,7 +75,7 @@ class Dispatcher:
             num_layers=len(self.probe.layers),
             num_heads=self.probe.num_heads,
             num_kv_heads=self.probe.num_kv_heads,
-            name_or_path=getattr(model, "name_or_path", "") or getattr(config, "_name_or_path", ""),
+            name_or_path=compat.name_or_path(model),
             image_token_id=self.image_token,
             model_type=getattr(model.config, "model_type", ""),
         )

@@ -10,7 +10,7 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
-from intervene.hooks.compat import cache_argument
+from intervene.hooks.compat import cache_argument, implementation
 
 
 def explicit_probabilities(q, k, scale, mask=None):
@@ -89,7 +89,7 @@ class OfficialVLM:
 
     @property
     def active(self) -> bool:
-        return self.model.config.get_text_config()._attn_implementation == self.name
+        return implementation(self.model.config.get_text_config()) == self.name
 
     def _read_prompt(self, module, args, kwargs):
         ids = kwargs["input_ids"]

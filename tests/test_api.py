@@ -11,6 +11,7 @@ import torch
 from transformers import BloomConfig, BloomForCausalLM
 
 import intervene
+from intervene.hooks.compat import implementation
 from intervene.kernels import AttentionEdit
 
 from conftest import build, left_padded, positions, prompt
@@ -44,7 +45,7 @@ def test_neutral_parameters_give_the_unwrapped_logits_bit_for_bit(arch, method, 
     ids, mask = batch
     expected = run(model, ids, mask)
     with intervene.apply(model, method, **NEUTRAL[method]) as handle:
-        assert model.config._attn_implementation == "intervene"
+        assert implementation(model.config) == "intervene"
         assert handle.active_layers == frozenset()
         assert torch.equal(run(model, ids, mask), expected)
         with torch.no_grad():
@@ -67,7 +68,7 @@ def test_remove_and_disable_restore_the_unwrapped_model_exactly(arch, method, ba
     assert torch.equal(run(model, ids, mask), edited)
     handle.remove()
     handle.remove()  # idempotent
-    assert model.config._attn_implementation == "sdpa"
+    assert implementation(model.config) == "sdpa"
     assert torch.equal(run(model, ids, mask), expected)
     assert "removed" in repr(handle)
 
@@ -146,8 +147,8 @@ def test_two_redistributions_on_a_common_layer_are_refused(batch):
             intervene.apply(model, "act", layers=[2, 3])
         with intervene.apply(model, "act", layers=[3]):  # disjoint layers compose
             pass
-        assert model.config._attn_implementation == "intervene"
-    assert model.config._attn_implementation == "sdpa"
+        assert implementation(model.config) == "intervene"
+    assert implementation(model.config) == "sdpa"
     assert torch.equal(run(model, ids, mask), expected)
     with pytest.raises(ValueError, match="do not commute"):
         AttentionEdit(redistribute=object()) + AttentionEdit(redistribute=object())
@@ -161,10 +162,10 @@ def test_removing_one_of_two_keeps_the_other(batch):
     first = intervene.apply(model, "zerotuning", **ACTIVE["zerotuning"])
     second = intervene.apply(model, "heads", **ACTIVE["heads"])
     second.remove()
-    assert model.config._attn_implementation == "intervene"
+    assert implementation(model.config) == "intervene"
     assert torch.equal(run(model, ids, mask), only_zt)
     first.remove()
-    assert model.config._attn_implementation == "sdpa"
+    assert implementation(model.config) == "sdpa"
 
 
 def test_saved_configs_replay_exactly(tmp_path, batch):
@@ -200,7 +201,7 @@ def test_a_config_saved_for_another_model_shape_is_refused(tmp_path):
         intervene.apply(bigger, intervene.load_config(tmp_path / "zt.json"))
     with pytest.raises(ValueError, match=expected):
         intervene.apply(bigger, "zerotuning", config=tmp_path / "zt.json")
-    assert bigger.config._attn_implementation == "sdpa"
+    assert implementation(bigger.config) == "sdpa"
 
 
 def test_methods_lists_the_builtins_and_register_adds_one(batch, monkeypatch):
@@ -265,7 +266,7 @@ def test_bad_input_names_the_value_and_the_fix(method, params, message):
     model = build("llama")
     with pytest.raises(ValueError, match=message):
         intervene.apply(model, method, **params)
-    assert model.config._attn_implementation == "sdpa"
+    assert implementation(model.config) == "sdpa"
 
 
 def test_models_outside_the_attention_interface_are_refused():
@@ -275,7 +276,7 @@ def test_models_outside_the_attention_interface_are_refused():
     with pytest.raises(intervene.UnsupportedModelError, match="not a transformers PreTrainedModel"):
         intervene.apply(torch.nn.Linear(2, 2), "act")
     model = build("llama")
-    model.config._attn_implementation = "flex_attention"
+    model.set_attn_implementation("flex_attention")
     expected = r"runs 'flex_attention' attention.*set_attn_implementation"
     with pytest.raises(intervene.UnsupportedModelError, match=expected):
         intervene.apply(model, "act")

@@ -16,6 +16,7 @@ from packaging.version import Version
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 import intervene
+from intervene.hooks.compat import implementation
 
 from conftest import left_padded, positions, prompt
 
@@ -66,6 +67,14 @@ JAMBA = dict(
     num_experts=4, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
     mamba_d_state=8, use_mamba_kernels=False,
 )  # fmt: skip
+GRANITE_4 = dict(
+    **MOE, layer_types=["mamba", "attention", "mamba", "attention"], mamba_n_heads=4, mamba_d_head=32,
+    mamba_n_groups=1, mamba_d_state=16,
+)  # fmt: skip
+KIMI_LINEAR = dict(
+    head_dim=16, num_key_value_heads=4,
+    layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+)  # fmt: skip
 SPARSE = dict(MLA, index_topk=4, index_n_heads=2, index_head_dim=16)
 
 # model_type -> (tiny config, attention implementation, what the refusal must say)
@@ -75,8 +84,11 @@ REFUSED = {
     "gemma2": ({**WINDOW, "head_dim": 16}, "eager", r"`softcap` \(logit soft-capping.*\) on layers \[0, 1, 2, 3\]"),
     "gpt_oss": ({**WINDOW, "head_dim": 16, "num_local_experts": 4}, "eager", r"`s_aux` \(a learned attention-sink"),
     "deepseek_v32": (SPARSE, "sdpa", r"`indices` \(the keys a sparse indexer selected"),
+    "glm_moe_dsa": (SPARSE, "sdpa", r"GlmMoeDsaForCausalLM passes .*`indices`"),
     "qwen3_next": (HYBRID_NEXT, "sdpa", r"Qwen3NextForCausalLM is a hybrid: layers \[0, 1, 2\] are linear_attention"),
     "jamba": (JAMBA, "sdpa", r"JambaForCausalLM is a hybrid: layers \[0, 2\]"),
+    "granitemoehybrid": (GRANITE_4, "sdpa", r"GraniteMoeHybridForCausalLM is a hybrid: layers \[0, 2\]"),
+    "kimi_linear": (KIMI_LINEAR, "sdpa", r"KimiLinearForCausalLM is a hybrid: layers \[0, 2\] are linear_attention"),
     "lfm2": (
         {"layer_types": ["conv", "full_attention", "conv", "full_attention"]},
         "sdpa",
@@ -171,13 +183,13 @@ def test_act_generates_on_a_left_padded_batch_as_each_row_alone(family, batch):
 
 @pytest.mark.parametrize("family", list(REFUSED))
 def test_unsupported_families_are_refused_at_apply_with_the_reason(family, batch):
-    extra, implementation, reason = REFUSED[family]
-    model = tiny(family, extra, implementation)
+    extra, backend, reason = REFUSED[family]
+    model = tiny(family, extra, backend)
     ids, mask = batch
     plain = model(input_ids=ids, attention_mask=mask).logits
     with pytest.raises(intervene.UnsupportedModelError, match=reason):
         intervene.apply(model, "act")
-    assert model.config._attn_implementation == implementation  # nothing attached, nothing switched
+    assert implementation(model.config) == backend  # nothing attached, nothing switched
     assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, plain)
 
 

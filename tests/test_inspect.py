@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 import intervene
 from intervene.cli import app
 from intervene.evals.inspect import inspect
+from intervene.hooks.compat import implementation
 
 from conftest import build, left_padded, prompt
 
@@ -32,7 +33,7 @@ def test_recorded_maps_are_the_eager_attention_weights_and_change_nothing():
         with intervene.record_attention(model) as recorded:
             logits = model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(logits, plain)  # recording only reads
-    assert model.config._attn_implementation == "sdpa"  # attached to record, detached after
+    assert implementation(model.config) == "sdpa"  # attached to record, detached after
     valid = mask.bool()[:, None, :, None]  # padded query rows see nothing; compare real rows
     for layer, expected in enumerate(weights):
         assert recorded[layer].shape == expected.shape == (2, 4, 9, 9)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import intervene
+from intervene.hooks.compat import implementation
 
 import oracles
 from conftest import build, cache_kwarg, left_padded, positions, prompt
@@ -19,7 +20,7 @@ def logits(model, ids, mask, **kwargs):
 
 
 def oracle_logits(model, name, ids, mask):
-    previous = model.config._attn_implementation
+    previous = implementation(model.config)
     model.set_attn_implementation(name)
     try:
         return logits(model, ids, mask)

@@ -10,6 +10,7 @@ import torch
 from transformers import LogitsProcessorList
 
 import intervene
+from intervene.hooks.compat import implementation
 from intervene.interventions.var import discover_sink_dims
 
 import oracles
@@ -72,11 +73,11 @@ def test_neutral_parameters_and_remove_leave_the_model_bit_for_bit(vlm_family, m
         assert torch.equal(forward_logits(vlm.model, inputs), baseline)
     handle = intervene.apply(vlm.model, method)
     config = vlm.model.config
-    assert config.get_text_config()._attn_implementation == "intervene"
-    assert config.vision_config._attn_implementation == "sdpa"  # the vision tower keeps its backend
+    assert implementation(config.get_text_config()) == "intervene"
+    assert implementation(config.vision_config) == "sdpa"  # the vision tower keeps its backend
     assert not torch.equal(forward_logits(vlm.model, inputs), baseline)
     handle.remove()
-    assert config.get_text_config()._attn_implementation == "sdpa"
+    assert implementation(config.get_text_config()) == "sdpa"
     assert torch.equal(forward_logits(vlm.model, inputs), baseline)
 
 
