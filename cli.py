@@ -593,6 +593,25 @@ def tasks() -> None:
         typer.echo(f"{name:<16} {task.output_type:<16} {sizes:<20} {task.description}")
 
 
+@app.command(
+    "lm-eval",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+)
+def lm_eval_command(context: typer.Context) -> None:
+    """lm-eval's own command line, flags as lm-eval spells them, with the `intervene` model registered:
+    intervene lm-eval --model intervene --model_args pretrained=smollm2-135m,method=act --tasks ..."""
+    import sys
+
+    try:
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError:
+        raise _fail("lm-eval is not installed: pip install 'intervene[lm-eval]'") from None
+    import intervene.evals.lm_eval_model  # noqa: F401  (registers the model class with lm-eval)
+
+    sys.argv = ["lm-eval", *context.args]  # lm-eval parses sys.argv itself
+    cli_evaluate()
+
+
 def main() -> None:
     app()
 
