@@ -166,8 +166,18 @@ def evaluate(
     model: Annotated[
         str, typer.Option(help="Built-in model name, local checkpoint directory or hub id.")
     ] = "smollm2-135m",
-    param: Annotated[list[str] | None, typer.Option(help="Method parameter as key=value; repeatable.")] = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(help="Method parameter as key=value, overriding the config's if one runs; repeatable."),
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="A saved intervention config (JSON) instead of --method.")] = None,
+    uncalibrated: Annotated[
+        bool,
+        typer.Option(
+            "--uncalibrated",
+            help="On a built-in model, run the method's own defaults instead of the config calibrated for it.",
+        ),
+    ] = False,
     tasks: Annotated[
         str | None,
         typer.Option(
@@ -224,12 +234,16 @@ def evaluate(
     """Score the baseline and the intervened model on the same items and compare them."""
     if (method is None) == (config is None):
         raise _fail("give exactly one of --method NAME or --config FILE (see `intervene methods`)")
+    if uncalibrated and config is not None:
+        raise _fail("--uncalibrated goes with --method: it runs the method's defaults instead of a config")
     params = _params(param or [])
     from intervene.evals.model import shipped_config
 
-    if method and not params and (shipped := shipped_config(model, method)):
-        typer.echo(f"using the {method} config calibrated for {model} that ships with intervene: {shipped}", err=True)
-        typer.echo("(give --param to set parameters yourself, or --config for another config)", err=True)
+    if method and not uncalibrated and (shipped := shipped_config(model, method)):
+        overrides = f", with --param {', '.join(param)} over its parameters" if params else ""
+        typer.echo(f"using the {method} config calibrated for {model} that ships with intervene{overrides}: {shipped}",
+                   err=True)  # fmt: skip
+        typer.echo("(--uncalibrated runs the method's own defaults, --config another config)", err=True)
         method, config = None, shipped
     _check_dtype(dtype)
     if device is not None and device_map is not None:
@@ -351,14 +365,15 @@ def evaluate(
             "dtype": str(loaded.dtype).removeprefix("torch."),
             "add_bos_token": starts_with_bos(tokenizer),
         },
-        "intervention": handle.to_dict(),
+        "intervention": {**handle.to_dict(), "config_file": str(config) if config else None},
         "versions": report.versions(),
         "seed": seed,
         "timing": timing,
         "date": stamp,
     }
     report.write_atomic(run_dir / "results.json", json.dumps(document, indent=2) + "\n")
-    typer.echo(f"\n{model} · {handle.method} {json.dumps(handle.config.to_dict())}\n")
+    source = f" (config {config}{', --param over it' if params else ''})" if config else ""
+    typer.echo(f"\n{model} · {handle.method}{source} {json.dumps(handle.config.to_dict())}\n")
     typer.echo(report.markdown(results, timing, warning))
     typer.echo(f"\nresults: {run_dir / 'results.json'}")
     if plot:

@@ -131,6 +131,30 @@ def test_eval_uses_the_config_shipped_for_the_default_model(tmp_path):
     assert document["intervention"]["params"] == shipped["params"]
 
 
+def test_param_overrides_the_shipped_config_and_uncalibrated_runs_the_methods_defaults(tmp_path):
+    shipped = json.loads(
+        (Path(__file__).parent.parent / "configs" / "smollm2-135m" / "act" / "config.json").read_text()
+    )
+    common = ("--tasks", "cldr_language", "--limit", 2)
+    result = invoke("eval", "--method", "act", "--param", "beta=0.6", *common, "--output-path", tmp_path / "over")
+    assert result.exit_code == 0, result.output
+    assert "calibrated for smollm2-135m that ships with intervene, with --param beta=0.6 over its" in result.output
+    assert "smollm2-135m · act (config " in result.output and ", --param over it)" in result.output
+    document, _ = results_of(tmp_path / "over")
+    assert document["intervention"]["params"] == {**shipped["params"], "beta": 0.6}  # the shipped heads, beta 0.6
+    assert document["intervention"]["config_file"].endswith("configs/smollm2-135m/act/config.json")
+
+    result = invoke("eval", "--method", "act", "--uncalibrated", *common, "--output-path", tmp_path / "defaults")
+    assert result.exit_code == 0, result.output
+    assert "ships with intervene" not in result.output
+    document, _ = results_of(tmp_path / "defaults")
+    assert document["intervention"]["params"]["heads"] == "all" and document["intervention"]["config_file"] is None
+
+    shipped_path = Path(__file__).parent.parent / "configs" / "smollm2-135m" / "act" / "config.json"
+    result = invoke("eval", "--config", shipped_path, "--uncalibrated", *common, "--output-path", tmp_path / "both")
+    assert result.exit_code == 2 and "--uncalibrated goes with --method" in result.output
+
+
 @pytest.mark.parametrize("stop_at", [3, 6])  # the scorer call that is killed: batch 2 baseline, batch 3 intervened
 def test_an_interrupted_eval_resumes_to_the_same_results(tmp_path, tiny_checkpoint, monkeypatch, stop_at):
     from intervene.evals import runner, scorers
