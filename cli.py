@@ -187,7 +187,9 @@ def evaluate(
     ] = None,
     split: Annotated[str, typer.Option(help="Which split of each task to score.")] = "test",
     limit: Annotated[int | None, typer.Option(min=1, help="Score only the first N items of each task.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Items per forward pass.")] = 16,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "--batch_size", min=1, help="Items per forward pass.")
+    ] = 16,
     device: Annotated[
         str | None,
         typer.Option(
@@ -196,13 +198,17 @@ def evaluate(
     ] = None,
     device_map: Annotated[
         str | None,
-        typer.Option(help="auto, balanced, balanced_low_0 or sequential: spread a model too large for one device."),
+        typer.Option(
+            "--device-map",
+            "--device_map",
+            help="auto, balanced, balanced_low_0 or sequential: spread a model too large for one device.",
+        ),
     ] = None,
     dtype: Annotated[str | None, typer.Option(help=DTYPE_HELP)] = None,
-    add_bos_token: Annotated[bool, typer.Option("--add-bos-token", help=BOS_HELP)] = False,
-    output_path: Annotated[Path, typer.Option(help="Folder for the results JSON and per-sample logs.")] = Path(
-        "intervene_results"
-    ),
+    add_bos_token: Annotated[bool, typer.Option("--add-bos-token", "--add_bos_token", help=BOS_HELP)] = False,
+    output_path: Annotated[
+        Path, typer.Option("--output-path", "--output_path", help="Folder for the results JSON and per-sample logs.")
+    ] = Path("intervene_results"),
     seed: Annotated[int, typer.Option(help="Seed for the bootstrap (decoding is greedy).")] = 1234,
     output_type: Annotated[
         str | None,
@@ -420,17 +426,24 @@ def calibrate(
         str, typer.Option(help="Pick the gamma by calib accuracy or by lowest entropy (no labels).")
     ] = ("accuracy"),
     limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N items of each task.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Items per forward pass.")] = 16,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "--batch_size", min=1, help="Items per forward pass.")
+    ] = 16,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cuda if available).")] = None,
     device_map: Annotated[
         str | None,
-        typer.Option(help="auto, balanced, balanced_low_0 or sequential: spread a model too large for one device."),
+        typer.Option(
+            "--device-map",
+            "--device_map",
+            help="auto, balanced, balanced_low_0 or sequential: spread a model too large for one device.",
+        ),
     ] = None,
     dtype: Annotated[str | None, typer.Option(help=DTYPE_HELP)] = None,
-    add_bos_token: Annotated[bool, typer.Option("--add-bos-token", help=BOS_HELP)] = False,
-    output_path: Annotated[Path, typer.Option(help="Folder for config.json and the resumable profile log.")] = Path(
-        "intervene_calibration"
-    ),
+    add_bos_token: Annotated[bool, typer.Option("--add-bos-token", "--add_bos_token", help=BOS_HELP)] = False,
+    output_path: Annotated[
+        Path,
+        typer.Option("--output-path", "--output_path", help="Folder for config.json and the resumable profile log."),
+    ] = Path("intervene_calibration"),
     seed: Annotated[int, typer.Option(help="Recorded with the artifact.")] = 1234,
 ) -> None:
     """Find the heads (and strength) where an intervention helps on a calibration split; save a config."""
@@ -532,10 +545,10 @@ def inspect_attention(
     ] = 0.1,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available).")] = None,
     dtype: Annotated[str | None, typer.Option(help=DTYPE_HELP)] = None,
-    add_bos_token: Annotated[bool, typer.Option("--add-bos-token", help=BOS_HELP)] = False,
-    output_path: Annotated[Path, typer.Option(help="Folder for the PNGs, summary.txt and sinks.json.")] = Path(
-        "intervene_inspect"
-    ),
+    add_bos_token: Annotated[bool, typer.Option("--add-bos-token", "--add_bos_token", help=BOS_HELP)] = False,
+    output_path: Annotated[
+        Path, typer.Option("--output-path", "--output_path", help="Folder for the PNGs, summary.txt and sinks.json.")
+    ] = Path("intervene_inspect"),
 ) -> None:
     """Sink statistics and attention maps of one prompt, before and after an intervention."""
     if method is not None and config is not None:

@@ -86,6 +86,23 @@ def test_eval_on_a_local_checkpoint_with_builtin_and_user_tasks(tmp_path, tiny_c
         assert document["results"]["unanswerable_qa"]["hallucination"]["n"] == 3
 
 
+def test_lm_evals_underscore_spellings_are_the_same_options(tmp_path, tiny_checkpoint):
+    runs = {}
+    for spelling in ("-", "_"):
+        batch, bos, output = (
+            f"--{name.replace('-', spelling)}" for name in ("batch-size", "add-bos-token", "output-path")
+        )
+        result = invoke(
+            "eval", "--model", tiny_checkpoint, "--method", "zerotuning", "--param", "gamma=2", "--tasks",
+            "cldr_language", "--limit", 3, batch, 2, bos, output, tmp_path / spelling,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        runs[spelling], _ = results_of(tmp_path / spelling)
+    for document in runs.values():
+        assert document["config"]["batch_size"] == 2 and document["config"]["add_bos_token"] is True
+    assert runs["_"]["results"] == runs["-"]["results"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
