@@ -185,6 +185,10 @@ def evaluate(
             "model's kind: text tasks for a language model, image tasks for a vision-language one)."
         ),
     ] = None,
+    include_path: Annotated[
+        Path | None,
+        typer.Option("--include-path", "--include_path", help="A folder of lm-eval task YAMLs, for lm-eval --tasks."),
+    ] = None,
     split: Annotated[str, typer.Option(help="Which split of each task to score.")] = "test",
     limit: Annotated[int | None, typer.Option(min=1, help="Score only the first N items of each task.")] = None,
     batch_size: Annotated[
@@ -254,6 +258,17 @@ def evaluate(
     _check_dtype(dtype)
     if device is not None and device_map is not None:
         raise _fail("give --device or --device-map, not both (a device map places the model itself)")
+    if lm_eval_tasks := _lm_eval_tasks(tasks, include_path):
+        refused = {"--resume": resume, "--plot": plot, "--device-map": device_map, "--split": split != "test"}
+        refused |= {"--output-type": output_type, "--doc-to-text": doc_to_text, "--doc-to-choice": doc_to_choice}
+        refused |= {"--doc-to-target": doc_to_target, "--doc-to-image": doc_to_image, "--image-root": image_root}
+        if given := [flag for flag, value in refused.items() if value]:
+            raise _fail(f"{', '.join(given)}: not for lm-eval tasks, whose splits and fields lm-eval reads from them")
+        return _evaluate_lm_eval(
+            lm_eval_tasks, model=model, method=method, config=config, params=params, limit=limit,
+            batch_size=batch_size, device=device, dtype=dtype, add_bos_token=add_bos_token, seed=seed,
+            output_path=output_path,
+        )  # fmt: skip
 
     import torch
     from accelerate.utils import broadcast_object_list
@@ -388,6 +403,70 @@ def evaluate(
         title = f"{model} · {handle.method}" + (" · SMOKE TEST: random weights, scores mean nothing" if warning else "")
         plot_results(results, run_dir / "results.png", title=title)
         typer.echo(f"plot: {run_dir / 'results.png'}")
+
+
+def _lm_eval_tasks(tasks: str | None, include_path: Path | None):
+    """`(names, task manager)` when --tasks are lm-eval's (under --include-path, or in its registry); None when
+    they are intervene's own (built-in names and files)."""
+    from intervene.evals.tasks import builtin_tasks
+
+    specs = [spec.strip() for spec in tasks.split(",") if spec.strip()] if tasks else []
+    if include_path is None and all(spec in builtin_tasks() or Path(spec).exists() for spec in specs):
+        return None
+    try:
+        from intervene.evals import lm_eval_tasks
+    except ImportError:
+        raise _fail(f"--tasks {tasks}: lm-eval tasks need lm-eval: pip install 'intervene[lm-eval]'") from None
+    if include_path is not None and not include_path.is_dir():
+        raise _fail(f"--include-path {include_path}: not a folder; give the folder of your lm-eval task YAMLs")
+    manager = lm_eval_tasks.task_manager(str(include_path) if include_path else None)
+    if not specs:
+        raise _fail("--include-path goes with --tasks naming the lm-eval tasks to run")
+    if unknown := [spec for spec in specs if not lm_eval_tasks.is_lm_eval_task(spec, manager)]:
+        where = f" (looked for under --include-path {include_path} and in lm-eval)" if include_path else " of lm-eval"
+        raise _fail(
+            f"--tasks {', '.join(unknown)}: not a built-in task, a file, or a task{where}; "
+            "`intervene tasks` lists the built-in ones"
+        )
+    return specs, manager
+
+
+def _evaluate_lm_eval(tasks, *, model, method, config, params, limit, batch_size, device, dtype, add_bos_token, seed,
+                      output_path) -> None:  # fmt: skip
+    """The paired run of lm-eval tasks: lm-eval scores them twice on one loaded model, intervention off and on."""
+    from intervene.evals import lm_eval_tasks, report
+    from intervene.evals.lm_eval_model import InterveneLM
+
+    names, manager = tasks
+    try:
+        _make_folder(output_path)
+        lm = InterveneLM(
+            pretrained=model, method=method, config=str(config) if config else None, dtype=dtype,
+            add_bos_token=add_bos_token, device=device, batch_size=batch_size, **params,
+        )  # fmt: skip
+        run_dir = _new_run_dir(output_path, datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%S"))
+        results, timing = lm_eval_tasks.paired(lm, names, manager, limit=limit, seed=seed, out=run_dir)
+    except (ValueError, OSError) as error:
+        raise _fail(str(error)) from None
+    handle = lm.intervention
+    document = {
+        "results": results,
+        "config": {
+            "model": model, "harness": "lm-eval", "tasks": names, "limit": limit, "batch_size": batch_size,
+            "device": str(lm.model.device), "dtype": str(lm.model.dtype).removeprefix("torch."),
+            "add_bos_token": add_bos_token,
+        },
+        "intervention": {**handle.to_dict(), "config_file": str(config) if config else None},
+        "versions": report.versions(),
+        "seed": seed,
+        "timing": timing,
+        "date": run_dir.name,
+    }  # fmt: skip
+    report.write_atomic(run_dir / "results.json", json.dumps(document, indent=2) + "\n")
+    source = f" (config {config}{', --param over it' if params else ''})" if config else ""
+    typer.echo(f"\n{model} · {handle.method}{source} {json.dumps(handle.config.to_dict())} · lm-eval\n")
+    typer.echo(report.markdown(results, timing))
+    typer.echo(f"\nresults: {run_dir / 'results.json'} (lm-eval's own: lm_eval_baseline.json, lm_eval_intervened.json)")
 
 
 def _settings(task) -> dict:

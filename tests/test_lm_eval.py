@@ -122,3 +122,43 @@ def test_the_lm_eval_command_line_runs_the_intervene_model(task_dir, tasks, tiny
     assert document["config"]["intervention"]["method"] == "act"
     expected, _, _ = evaluate("intervene", tasks, 4, model_args=args)
     assert document["results"][TASK]["acc,none"] == expected["results"][TASK]["acc,none"]
+
+
+def test_intervene_eval_pairs_an_lm_eval_task_whose_baseline_is_lm_evals_own(
+    task_dir, tasks, tiny_checkpoint, tmp_path
+):
+    from typer.testing import CliRunner
+
+    from intervene.cli import app
+
+    args = [
+        "eval",
+        "--model",
+        str(tiny_checkpoint),
+        "--method",
+        "act",
+        "--tasks",
+        TASK,
+        "--include-path",
+        str(task_dir),
+    ]
+    result = CliRunner().invoke(app, [*args, "--batch-size", "4", "--output-path", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    (run,) = tmp_path.iterdir()
+    document = json.loads((run / "results.json").read_text())
+    assert document["config"]["harness"] == "lm-eval" and document["intervention"]["method"] == "act"
+    assert (run / "lm_eval_baseline.json").is_file() and (run / "lm_eval_intervened.json").is_file()
+    samples = [json.loads(line) for line in (run / f"samples_{TASK}.jsonl").read_text().splitlines()]
+    model, tokenizer = intervene.load_model(str(tiny_checkpoint), device="cpu")
+    _, _, hf_acc = evaluate(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4), tasks, 4)
+    _, _, act_acc = evaluate("intervene", tasks, 4, model_args=f"pretrained={tiny_checkpoint},method=act")
+    assert [s["baseline"]["metrics"]["acc"] for s in samples] == hf_acc  # item for item
+    assert [s["intervened"]["metrics"]["acc"] for s in samples] == act_acc
+    metrics = document["results"][TASK]
+    assert metrics["acc"]["n"] == 12 and metrics["acc"]["baseline"] == sum(hf_acc) / 12
+    assert metrics["acc"]["delta"] == (sum(act_acc) - sum(hf_acc)) / 12
+
+    result = CliRunner().invoke(app, [*args, "--resume", str(run)])
+    assert result.exit_code == 2 and "--resume: not for lm-eval tasks" in result.output
+    result = CliRunner().invoke(app, [*args[:5], "--tasks", "no_such_task", "--include-path", str(task_dir)])
+    assert result.exit_code == 2 and "no_such_task: not a built-in task, a file, or a task" in result.output
