@@ -407,27 +407,33 @@ def evaluate(
 
 def _lm_eval_tasks(tasks: str | None, include_path: Path | None):
     """`(names, task manager)` when --tasks are lm-eval's (under --include-path, or in its registry); None when
-    they are intervene's own (built-in names and files)."""
-    from intervene.evals.tasks import builtin_tasks
+    they are intervene's own: built-in names and task files."""
+    from intervene.evals.tasks import FORMATS, builtin_tasks
 
     specs = [spec.strip() for spec in tasks.split(",") if spec.strip()] if tasks else []
-    if include_path is None and all(spec in builtin_tasks() or Path(spec).exists() for spec in specs):
+    ours = (*FORMATS, ".yaml", ".yml")  # task files
+    theirs = [spec for spec in specs if spec not in builtin_tasks() and Path(spec).suffix not in ours]
+    if include_path is None and not theirs:
         return None
     try:
         from intervene.evals import lm_eval_tasks
     except ImportError:
-        raise _fail(f"--tasks {tasks}: lm-eval tasks need lm-eval: pip install 'intervene[lm-eval]'") from None
+        if include_path is None:
+            return None  # intervene's own task resolution names the unknown task
+        raise _fail("--include-path: lm-eval tasks need lm-eval: pip install 'intervene[lm-eval]'") from None
+    if not theirs:
+        raise _fail("--include-path goes with --tasks naming the lm-eval tasks to run")
     if include_path is not None and not include_path.is_dir():
         raise _fail(f"--include-path {include_path}: not a folder; give the folder of your lm-eval task YAMLs")
     manager = lm_eval_tasks.task_manager(str(include_path) if include_path else None)
-    if not specs:
-        raise _fail("--include-path goes with --tasks naming the lm-eval tasks to run")
-    if unknown := [spec for spec in specs if not lm_eval_tasks.is_lm_eval_task(spec, manager)]:
-        where = f" (looked for under --include-path {include_path} and in lm-eval)" if include_path else " of lm-eval"
+    if unknown := [spec for spec in theirs if not lm_eval_tasks.is_lm_eval_task(spec, manager)]:
+        under = f" (nor under --include-path {include_path})" if include_path else ""
         raise _fail(
-            f"--tasks {', '.join(unknown)}: not a built-in task, a file, or a task{where}; "
-            "`intervene tasks` lists the built-in ones"
+            f"unknown task {', '.join(map(repr, unknown))}: not a built-in task ({', '.join(builtin_tasks())}), "
+            f"a task file ({', '.join(ours)}), or a task lm-eval knows{under}"
         )
+    if len(theirs) < len(specs):
+        raise _fail(f"--tasks {tasks}: run intervene's own tasks and lm-eval's ({', '.join(theirs)}) separately")
     return specs, manager
 
 
