@@ -25,7 +25,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from .. import apply, load_config
-from .model import load_model
+from .model import is_vision_language, load_model
 
 
 @register_model("intervene")
@@ -49,6 +49,11 @@ class InterveneLM(HFLM):
             raise ValueError(
                 f"model_args {', '.join(sorted(params))} are not options of the intervene model; its options are "
                 "pretrained, method, config, dtype, add_bos_token, max_length, and the parameters of a method or config"
+            )
+        if is_vision_language(pretrained):
+            raise ValueError(
+                f"{pretrained} is a vision-language model; the intervene lm-eval model runs language models "
+                "(lmms-eval is not supported yet): evaluate it with `intervene eval` and its image tasks"
             )
         if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
             device = None  # lm-eval's command line defaults to cuda:0; like its own HF model, use what there is

@@ -95,6 +95,8 @@ def test_options_that_are_neither_the_models_nor_a_methods_are_refused_by_name(t
         InterveneLM(pretrained=str(tiny_checkpoint), beta=0.4)
     with pytest.raises(ValueError, match=r"unknown parameter 'alpha' for method 'act'"):
         InterveneLM(pretrained=str(tiny_checkpoint), method="act", alpha=0.2)
+    with pytest.raises(ValueError, match=r"tiny-llava is a vision-language model; the intervene lm-eval model runs"):
+        InterveneLM(pretrained="tiny-llava", method="pai")
 
 
 def test_the_lm_eval_command_line_runs_the_intervene_model(task_dir, tasks, tiny_checkpoint, tmp_path):
