@@ -386,15 +386,14 @@ def evaluate(
             "dtype": str(loaded.dtype).removeprefix("torch."),
             "add_bos_token": starts_with_bos(tokenizer),
         },
-        "intervention": {**handle.to_dict(), "config_file": str(config) if config else None},
+        "intervention": _intervention_record(handle, config),
         "versions": report.versions(),
         "seed": seed,
         "timing": timing,
         "date": stamp,
     }
     report.write_atomic(run_dir / "results.json", json.dumps(document, indent=2) + "\n")
-    source = f" (config {config}{', --param over it' if params else ''})" if config else ""
-    typer.echo(f"\n{model} · {handle.method}{source} {json.dumps(handle.config.to_dict())}\n")
+    typer.echo(f"\n{_heading(model, handle, config, params)}\n")
     typer.echo(report.markdown(results, timing, warning))
     typer.echo(f"\nresults: {run_dir / 'results.json'}")
     if plot:
@@ -462,17 +461,27 @@ def _evaluate_lm_eval(tasks, *, model, method, config, params, limit, batch_size
             "device": str(lm.model.device), "dtype": str(lm.model.dtype).removeprefix("torch."),
             "add_bos_token": add_bos_token,
         },
-        "intervention": {**handle.to_dict(), "config_file": str(config) if config else None},
+        "intervention": _intervention_record(handle, config),
         "versions": report.versions(),
         "seed": seed,
         "timing": timing,
         "date": run_dir.name,
     }  # fmt: skip
     report.write_atomic(run_dir / "results.json", json.dumps(document, indent=2) + "\n")
-    source = f" (config {config}{', --param over it' if params else ''})" if config else ""
-    typer.echo(f"\n{model} · {handle.method}{source} {json.dumps(handle.config.to_dict())} · lm-eval\n")
+    typer.echo(f"\n{_heading(model, handle, config, params)} · lm-eval\n")
     typer.echo(report.markdown(results, timing))
     typer.echo(f"\nresults: {run_dir / 'results.json'} (lm-eval's own: lm_eval_baseline.json, lm_eval_intervened.json)")
+
+
+def _intervention_record(handle, config: Path | None) -> dict:
+    """The resolved intervention as results.json keeps it, with the config file it came from, if any."""
+    return {**handle.to_dict(), "config_file": str(config) if config else None}
+
+
+def _heading(model: str, handle, config: Path | None, params: dict) -> str:
+    """The line above the results table: the model, the method, the config file that ran and its parameters."""
+    source = f" (config {config}{', --param over it' if params else ''})" if config else ""
+    return f"{model} · {handle.method}{source} {json.dumps(handle.config.to_dict())}"
 
 
 def _settings(task) -> dict:

@@ -26,6 +26,7 @@ from lm_eval.models.huggingface import HFLM
 
 from .. import apply, load_config
 from .model import is_vision_language, load_model
+from .scorers import _left_pad
 
 
 @register_model("intervene")
@@ -89,13 +90,8 @@ class InterveneLM(HFLM):
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         for start in range(0, len(order), size):
             chunk = order[start : start + size]
-            rows = [(requests[i][1] + requests[i][2])[-(self.max_length + 1) :][:-1] for i in chunk]
-            width = max(map(len, rows))
-            ids = torch.zeros(len(rows), width, dtype=torch.long)
-            mask = torch.zeros(len(rows), width, dtype=torch.long)
-            for row, tokens in enumerate(rows):
-                ids[row, width - len(tokens) :] = torch.tensor(tokens)
-                mask[row, width - len(tokens) :] = 1
+            ids, mask = _left_pad([(requests[i][1] + requests[i][2])[-(self.max_length + 1) :][:-1] for i in chunk], 0)
+            width = ids.shape[1]
             positions = (mask.cumsum(-1) - 1).clamp_min(0)
             with torch.no_grad():
                 logits = self.model(

@@ -116,9 +116,9 @@ def register(name: str, attention: Callable, mask: Callable) -> None:
     AttentionMaskInterface.register(name, _probed_mask(mask))
 
 
-def unimplemented_keywords(kwargs: Mapping, pass_through: frozenset[str] = PASS_THROUGH) -> list[str]:
-    """The keywords of an attention call that the edited path would drop: set, and neither ours nor pass-through."""
-    return sorted(k for k, v in kwargs.items() if v is not None and k not in IMPLEMENTED | pass_through)
+def unimplemented_keywords(kwargs: Mapping, allowed: frozenset[str]) -> list[str]:
+    """The keywords of an attention call that the edited path would drop: set, and not `allowed` (`Probe.allowed`)."""
+    return sorted(k for k, v in kwargs.items() if v is not None and k not in allowed)
 
 
 def is_image_text_to_text(config) -> bool:
@@ -205,7 +205,7 @@ class Probe:
     num_heads: int  # query heads
     num_kv_heads: int
     cache_argument: str  # the decoder's name for its KV cache
-    pass_through: frozenset[str]  # keywords that reach attention but are the callers' (see `PASS_THROUGH`)
+    allowed: frozenset[str]  # keywords we implement, or the callers' own that reach attention (`PASS_THROUGH`)
 
 
 # Set while a probe runs: (the model's own implementation, the calls seen so far as (module, query heads,
@@ -289,8 +289,9 @@ def probe(model: nn.Module, name: str, text_key: str | None) -> Probe:
                 _SEEN.reset(token)
         finally:
             set_implementation(model, previous, text_key)
-    pass_through = PASS_THROUGH.union(*(inspect.signature(f).parameters for f in (model.forward, decoder.forward)))
-    layers = _layers(label, text, calls, pass_through)
+    callers = (inspect.signature(f).parameters for f in (model.forward, decoder.forward))
+    allowed = IMPLEMENTED | PASS_THROUGH.union(*callers)
+    layers = _layers(label, text, calls, allowed)
     if not torch.equal(expected, got):
         raise UnsupportedModelError(
             f"{label} computes differently when its attention implementation is named {name!r} instead of "
@@ -304,10 +305,10 @@ def probe(model: nn.Module, name: str, text_key: str | None) -> Probe:
             "per-head parameters assume one count for every layer"
         )
     num_heads, num_kv_heads = heads.pop()
-    return Probe(layers, num_heads, num_kv_heads, cache_argument(decoder.forward), pass_through)
+    return Probe(layers, num_heads, num_kv_heads, cache_argument(decoder.forward), allowed)
 
 
-def _layers(label: str, text, calls: list, pass_through: frozenset[str]) -> dict[int, nn.Module]:
+def _layers(label: str, text, calls: list, allowed: frozenset[str]) -> dict[int, nn.Module]:
     """The attention module of each decoder layer, or the reason some layer has none intervene can edit."""
     if not calls:
         raise UnsupportedModelError(
@@ -324,7 +325,7 @@ def _layers(label: str, text, calls: list, pass_through: frozenset[str]) -> dict
                 "so its layers cannot be told apart"
             )
         layers[index] = module
-        for keyword in unimplemented_keywords(dict.fromkeys(keywords, True), pass_through):
+        for keyword in keywords - allowed:
             unimplemented.setdefault(keyword, []).append(index)
     if unimplemented:
         reasons = "; ".join(

@@ -428,7 +428,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
     computed_here = (handles or dispatcher.recorded is not None) and not dispatcher.in_branch
-    if computed_here and (unimplemented := compat.unimplemented_keywords(kwargs, dispatcher.probe.pass_through)):
+    if computed_here and (unimplemented := compat.unimplemented_keywords(kwargs, dispatcher.probe.allowed)):
         raise NotImplementedError(
             f"layer {layer} of {type(module).__name__} was called with {', '.join(map(repr, unimplemented))}, which "
             "intervene's attention does not implement; it refuses rather than drop them"
