@@ -59,9 +59,10 @@ class InterveneLM(HFLM):
         if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
             device = None  # lm-eval's command line defaults to cuda:0; like its own HF model, use what there is
         model, tokenizer = load_model(pretrained, dtype=dtype, device=device, add_bos_token=add_bos_token)
+        # add_bos_token=None leaves BOS to the tokenizer's default, as lm-eval's hf model and intervene eval do
         super().__init__(
             pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=max_batch_size,
-            max_length=max_length, add_bos_token=add_bos_token,
+            max_length=max_length, add_bos_token=add_bos_token or None,
         )  # fmt: skip
         self.pretrained_name = pretrained
         self.intervention = None

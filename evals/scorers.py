@@ -93,15 +93,17 @@ def _ratio(numerator, denominator):
 
 
 def multiple_choice(task, items, model, tokenizer) -> list[dict]:
-    pairs = [(item.query, task.target_delimiter + choice) for item in items for choice in item.choices]
-    contexts = [_encode(tokenizer, context, special=True) for context, _ in pairs]
-    continuations = [_encode(tokenizer, continuation) for _, continuation in pairs]
-    keep = max(map(len, continuations)) + 1
-    logits = _last_logits(model, tokenizer, [c + t for c, t in zip(contexts, continuations, strict=True)], keep)
+    pairs = [
+        _encode_pair(tokenizer, item.query, task.target_delimiter + choice) for item in items for choice in item.choices
+    ]
+    keep = max(len(continuation) for _, continuation in pairs)
+    # lm-eval's input: the continuation's last token predicts nothing, so it is left out, and an intervention that
+    # reads the whole call (ACT's sink detection) sees what it sees under lm-eval
+    logits = _last_logits(model, tokenizer, [(context + continuation)[:-1] for context, continuation in pairs], keep)
     logprobs = logits.log_softmax(dim=-1)  # [pairs, keep, V]
     totals = []
-    for row, tokens in enumerate(continuations):
-        positions = torch.arange(keep - len(tokens) - 1, keep - 1)  # the logits that predict the continuation
+    for row, (_, tokens) in enumerate(pairs):
+        positions = torch.arange(keep - len(tokens), keep)  # the logits that predict the continuation
         totals.append(logprobs[row, positions, tokens].sum().item())
     results, start = [], 0
     for item in items:
@@ -250,6 +252,24 @@ def _prompt(processor, query: str) -> str:
 
 def _encode(tokenizer, text: str, special: bool = False) -> list[int]:
     return tokenizer(text, add_special_tokens=special).input_ids
+
+
+def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """The tokens of a context and of its continuation as lm-eval splits them: the context's trailing spaces
+    move to the continuation, the two are encoded as one text, and the continuation is what follows the
+    context's own tokens (an empty context is the BOS, or EOS, token alone)."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    if not context:
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        head, tokens = [prefix], _encode(tokenizer, continuation)
+    else:
+        head = _encode(tokenizer, context, special=True)
+        tokens = _encode(tokenizer, context + continuation, special=True)[len(head) :]
+    if not tokens:
+        raise TaskError(f"the choice {continuation!r} after {context[-40:]!r} is no token at all; give it some text")
+    return head, tokens
 
 
 def _pad_id(tokenizer) -> int:

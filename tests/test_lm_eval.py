@@ -166,3 +166,20 @@ def test_intervene_eval_pairs_an_lm_eval_task_whose_baseline_is_lm_evals_own(
     assert result.exit_code == 2 and "unknown task 'no_such_task': not a built-in task" in result.output
     result = CliRunner().invoke(app, [*args[:5], "--tasks", f"cldr_language,{TASK}", "--include-path", str(task_dir)])
     assert result.exit_code == 2 and f"run intervene's own tasks and lm-eval's ({TASK}) separately" in result.output
+
+
+def test_intervene_eval_and_lm_eval_score_every_item_alike_under_act(task_dir, tasks, tiny_checkpoint):
+    """Both harnesses give the model lm-eval's input (context and continuation without its last token), which
+    is all that ACT's sink detection sees, so an ACT run scores each item alike in either harness."""
+    from intervene.evals import scorers
+    from intervene.evals.tasks import Task
+
+    task = Task(name=TASK, data_files={"test": str(task_dir / "data.jsonl")})
+    items = task.items()
+    model, tokenizer = intervene.load_model(str(tiny_checkpoint), device="cpu")
+    with intervene.apply(model, "act"):
+        ours = [result["loglikelihoods"] for result in scorers.score(task, items, model, tokenizer)]
+    _, theirs, _ = evaluate("intervene", tasks, 4, model_args=f"pretrained={tiny_checkpoint},method=act")
+    torch.testing.assert_close(torch.tensor(ours), theirs, atol=1e-4, rtol=1e-5)
+    unedited = torch.tensor([r["loglikelihoods"] for r in scorers.score(task, items, model, tokenizer)])
+    assert (unedited - theirs).abs().max() > 1e-2, "ACT changed nothing"
