@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
 import json
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated
 
@@ -37,111 +35,12 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _check_device(device: str | None) -> None:
-    """A device that torch cannot parse or that this machine lacks fails here, before anything loads."""
-    if device is None:
-        return
-    import torch
-
+def _checked(check, *args):
+    """Run one of the evaluator's checks; its error becomes the command's error."""
     try:
-        wanted = torch.device(device)
-    except RuntimeError:
-        raise _fail(f"--device {device!r} is not a device; give cpu, cuda, cuda:1, ...") from None
-    if wanted.type == "cpu":
-        return
-    here = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
-    count = torch.accelerator.device_count() if here is not None else 0
-    if here is None or here.type != wanted.type or (wanted.index or 0) >= count:
-        found = f"{count} {here.type} device(s)" if here is not None else "no accelerator"
-        raise _fail(f"--device {device}: torch {torch.__version__} finds {found} here; give --device cpu, or "
-                    "leave --device out to use the accelerator if there is one")  # fmt: skip
-
-
-def _check_dtype(dtype: str | None) -> None:
-    """A --dtype that `load_model` would refuse fails here, before anything loads (one parser for both)."""
-    from intervene.evals.model import parse_dtype
-
-    try:
-        parse_dtype(dtype)
+        return check(*args)
     except ValueError as error:
-        raise _fail(f"--{error}") from None
-
-
-def _make_folder(path: Path) -> None:
-    """Create the output folder now, so that a path that cannot be one fails before the model loads."""
-    if path.exists() and not path.is_dir():
-        raise _fail(f"--output-path {path} is a file, not a folder; give a folder path (it is created if missing)")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise _fail(f"--output-path {path}: cannot create this folder ({error.strerror}); give another path") from None
-
-
-def _new_run_dir(output_path: Path, stamp: str) -> Path:
-    """A new folder `output_path/<stamp>`; runs started in the same second get `<stamp>-2`, `<stamp>-3`, ..."""
-    for number in itertools.count(1):
-        run_dir = output_path / (stamp if number == 1 else f"{stamp}-{number}")
-        try:
-            run_dir.mkdir()  # atomic: of two runs racing for a name, one gets it and the other takes the next
-            return run_dir
-        except FileExistsError:
-            continue
-
-
-def _read_config(path: Path) -> dict:
-    """The JSON document of a saved config; an unreadable or malformed file is an error naming it."""
-    try:
-        return json.loads(path.read_text())
-    except OSError as error:
-        raise _fail(f"--config {path}: cannot be read ({error.strerror}); give the path of a saved config") from None
-    except json.JSONDecodeError as error:
-        raise _fail(
-            f"--config {path}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); give a "
-            "config written by `intervene calibrate` or `handle.save`"
-        ) from None
-
-
-def _check_not_calibrated_on(path: Path, document: dict, tasks: list, split: str) -> None:
-    """A calibrated config is never scored on what it was tuned on: neither its split nor its data files."""
-    calibration = document.get("calibration")
-    if not isinstance(calibration, dict):
-        return
-    if calibration.get("split") == split:
-        raise ValueError(f"{path} was calibrated on the {split!r} split; evaluate it on another (--split test)")
-    entries = calibration.get("tasks") or {}  # {task: {"files": path, ...}}, or {task: path} for prune
-    tuned = {Path(e["files"] if isinstance(e, dict) else e).resolve() for e in entries.values()}
-    for task in tasks:
-        data = Path(task.data_files[task.split(split)]).resolve()
-        if data in tuned:
-            raise ValueError(
-                f"{path} was calibrated on {data}, which is the {split!r} data of task {task.name!r}; evaluate it "
-                "on items it was not tuned on (a YAML with data_files: {calib: ..., test: ...} keeps them apart)"
-            )
-
-
-def _resolve_tasks(tasks: str | None, fields: dict, default: list[str]) -> list:
-    """The tasks of `--tasks` (or the `default` built-in ones); two that share a name (which keys the results
-    and the log files) are an error, and so are data-file flags that no task given would read."""
-    from intervene.evals.tasks import TaskError, builtin_tasks, resolve_task
-
-    specs = [spec.strip() for spec in tasks.split(",") if spec.strip()] if tasks else default
-    given = [f"--{name.replace('_', '-')}" for name, value in fields.items() if value is not None]
-    if given and all(spec in builtin_tasks() for spec in specs):
-        raise TaskError(
-            f"{', '.join(given)} say how to read a data file, and {', '.join(specs)} are built-in tasks with "
-            "settings of their own; give a data file with --tasks (e.g. --tasks my.jsonl)"
-        )
-    chosen, sources = [], {}
-    for spec in specs:
-        task = resolve_task(spec, **fields)
-        if task.name in sources:
-            raise TaskError(
-                f"--tasks {sources[task.name]} and {spec} are both task {task.name!r}, and a run keeps one result "
-                "per task name; rename one of the files, or give it a YAML with its own `task:` name"
-            )
-        sources[task.name] = spec
-        chosen.append(task)
-    return chosen
+        raise _fail(str(error)) from None
 
 
 def _params(pairs: list[str]) -> dict:
@@ -164,11 +63,21 @@ def evaluate(
         str | None, typer.Option(help="Intervention to compare with the baseline (see `intervene methods`).")
     ] = None,
     model: Annotated[
-        str, typer.Option(help="Built-in model name, local checkpoint directory or hub id.")
-    ] = "smollm2-135m",
+        str | None,
+        typer.Option(help="Built-in model name, local checkpoint directory or hub id [default: smollm2-135m]"),
+    ] = None,
     param: Annotated[
         list[str] | None,
         typer.Option(help="Method parameter as key=value, overriding the config's if one runs; repeatable."),
+    ] = None,
+    model_args: Annotated[
+        str | None,
+        typer.Option(
+            "--model-args",
+            "--model_args",
+            help="lm-eval's spelling of the above: pretrained=NAME,method=act,beta=0.4 (also config, dtype, "
+            "add_bos_token; other keys are method parameters).",
+        ),
     ] = None,
     config: Annotated[Path | None, typer.Option(help="A saved intervention config (JSON) instead of --method.")] = None,
     uncalibrated: Annotated[
@@ -191,6 +100,10 @@ def evaluate(
     ] = None,
     split: Annotated[str, typer.Option(help="Which split of each task to score.")] = "test",
     limit: Annotated[int | None, typer.Option(min=1, help="Score only the first N items of each task.")] = None,
+    num_fewshot: Annotated[
+        int | None,
+        typer.Option("--num-fewshot", "--num_fewshot", min=0, help="Few-shot examples before each prompt (lm-eval's)."),
+    ] = None,
     batch_size: Annotated[
         int, typer.Option("--batch-size", "--batch_size", min=1, help="Items per forward pass.")
     ] = 16,
@@ -211,8 +124,17 @@ def evaluate(
     dtype: Annotated[str | None, typer.Option(help=DTYPE_HELP)] = None,
     add_bos_token: Annotated[bool, typer.Option("--add-bos-token", "--add_bos_token", help=BOS_HELP)] = False,
     output_path: Annotated[
-        Path, typer.Option("--output-path", "--output_path", help="Folder for the results JSON and per-sample logs.")
+        Path,
+        typer.Option(
+            "--output-path",
+            "--output_path",
+            help="Folder for the run's folder (results.json, per-sample logs), or a .json file for the results.",
+        ),
     ] = Path("intervene_results"),
+    log_samples: Annotated[
+        bool,
+        typer.Option("--log-samples", "--log_samples", help="lm-eval's flag, accepted: every run logs its samples."),
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seed for the bootstrap (decoding is greedy).")] = 1234,
     output_type: Annotated[
         str | None,
@@ -242,256 +164,71 @@ def evaluate(
     ] = False,
 ) -> None:
     """Score the baseline and the intervened model on the same items and compare them."""
-    if (method is None) == (config is None):
-        raise _fail("give exactly one of --method NAME or --config FILE (see `intervene methods`)")
-    if uncalibrated and config is not None:
-        raise _fail("--uncalibrated goes with --method: it runs the method's defaults instead of a config")
-    params = _params(param or [])
-    from intervene.evals.model import shipped_config
+    from intervene.evals.evaluator import EvalSpec, Interrupted, run
+    from intervene.evals.tasks import TaskError
 
-    if method and not uncalibrated and (shipped := shipped_config(model, method)):
-        overrides = f", with --param {', '.join(param)} over its parameters" if params else ""
-        typer.echo(f"using the {method} config calibrated for {model} that ships with intervene{overrides}: {shipped}",
-                   err=True)  # fmt: skip
-        typer.echo("(--uncalibrated runs the method's own defaults, --config another config)", err=True)
-        method, config = None, shipped
-    _check_dtype(dtype)
-    if device is not None and device_map is not None:
-        raise _fail("give --device or --device-map, not both (a device map places the model itself)")
-    if lm_eval_tasks := _lm_eval_tasks(tasks, include_path):
-        refused = {"--resume": resume, "--plot": plot, "--device-map": device_map, "--split": split != "test"}
-        refused |= {"--output-type": output_type, "--doc-to-text": doc_to_text, "--doc-to-choice": doc_to_choice}
-        refused |= {"--doc-to-target": doc_to_target, "--doc-to-image": doc_to_image, "--image-root": image_root}
-        if given := [flag for flag, value in refused.items() if value]:
-            raise _fail(f"{', '.join(given)}: not for lm-eval tasks, whose splits and fields lm-eval reads from them")
-        return _evaluate_lm_eval(
-            lm_eval_tasks, model=model, method=method, config=config, params=params, limit=limit,
-            batch_size=batch_size, device=device, dtype=dtype, add_bos_token=add_bos_token, seed=seed,
-            output_path=output_path,
-        )  # fmt: skip
-
-    import torch
-    from accelerate.utils import broadcast_object_list
-
-    import intervene
-    from intervene.evals import report, runner
-    from intervene.evals.inspect import require_matplotlib
-    from intervene.evals.model import is_vision_language, smoke_test_warning, starts_with_bos
-    from intervene.evals.tasks import TaskError, builtin_tasks, check_modality
-    from intervene.interventions import method_class
-
-    _check_device(device)
-    if resume is not None:  # read before the model loads: a folder that is no run fails at once
-        try:
-            earlier = json.loads((resume / "run.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            earlier = None
-        if not isinstance(earlier, dict):
-            raise _fail(f"--resume {resume}: no run.json of an intervene eval there; give the folder of that run")
-    saved = _read_config(config) if config else None
     fields = {"output_type": output_type, "doc_to_text": doc_to_text, "doc_to_choice": doc_to_choice}
     fields |= {"doc_to_target": doc_to_target, "doc_to_image": doc_to_image, "image_root": image_root}
+    chosen = {"model": model, "method": method, "config": config, "dtype": dtype, "add_bos_token": add_bos_token}
+    chosen |= _model_args(model_args or "", chosen)
+    spec = EvalSpec(
+        model=chosen["model"] or "smollm2-135m", method=chosen["method"], config=chosen["config"],
+        params=_params(param or []) | chosen["params"], uncalibrated=uncalibrated,
+        tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None, include_path=include_path,
+        split=split, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, device=device,
+        device_map=device_map, dtype=chosen["dtype"], add_bos_token=chosen["add_bos_token"], output_path=output_path,
+        seed=seed, file_fields={name: value for name, value in fields.items() if value is not None}, resume=resume,
+        plot=plot,
+    )  # fmt: skip
     try:
-        vision = is_vision_language(model)
-        default = [name for name, task in builtin_tasks().items() if task.needs_images == vision]
-        chosen = _resolve_tasks(tasks, fields, default)
-        check_modality(chosen, model, vision)
-        for task in chosen:  # fail on a broken task or a missing image before loading anything heavy
-            task.items(split, limit)
-        spec = intervene.load_config(config) if config else method
-        if config:
-            _check_not_calibrated_on(config, saved, chosen, split)
-        if method:
-            method_class(method).from_dict(params)  # an unknown method or a bad value fails before the model loads
-        if plot:
-            require_matplotlib()
-        # Every check above fails alike on every process, before the processes first wait for each other here.
-        ranks = runner.processes(device)
-        if ranks.num_processes > 1 and device_map is not None:
-            raise ValueError("--device-map spreads one model over the devices; use it in a single process")
-        if ranks.num_processes > 1 and device is None:
-            device = str(ranks.device)  # each process its own GPU (or the CPU)
-        if resume is None:
-            _make_folder(output_path)
-        torch.manual_seed(seed)
-        loaded, tokenizer = intervene.load_model(
-            model, dtype=dtype, device=device, device_map=device_map, add_bos_token=add_bos_token
-        )
-        handle = intervene.apply(loaded, spec, **params)
-    except (TaskError, ValueError, OSError) as error:
-        raise _fail(str(error)) from None
+        document = run(spec, say=lambda text: typer.echo(text, err=True))
+    except Interrupted as stop:
+        typer.echo(f"\n{stop}", err=True)
+        raise typer.Exit(130) from None
     except KeyboardInterrupt:
         typer.echo("\ninterrupted before any item was scored; nothing was written", err=True)
         raise typer.Exit(130) from None
-
-    settings = {
-        "model": model, "intervention": {k: handle.to_dict()[k] for k in ("method", "params")},
-        "tasks": [t.name for t in chosen], "task_settings": {t.name: _settings(t) for t in chosen}, "split": split,
-        "limit": limit, "batch_size": batch_size, "seed": seed, "dtype": str(loaded.dtype).removeprefix("torch."),
-        "add_bos_token": starts_with_bos(tokenizer),
-    }  # fmt: skip
-    settings = json.loads(json.dumps(settings))  # as it reads back from the file
-    if resume is not None:
-        run_dir = resume
-        changed = [key for key in settings if earlier.get(key) != settings[key]]
-        if changed:
-            handle.remove()
-            differences = "; ".join(
-                f"{key} {json.dumps(earlier.get(key))} there, {json.dumps(settings[key])} now" for key in changed
-            )
-            raise _fail(f"--resume {run_dir}: that run had other settings ({differences}); repeat its exact arguments")
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%S")
-    if resume is None:  # rank 0 makes the run folder, named by its clock, for every process to write to
-        (run_dir,) = broadcast_object_list([_new_run_dir(output_path, stamp) if ranks.is_main_process else None])
-        if ranks.is_main_process:  # the others write only once the runner has waited for this one
-            report.write_atomic(run_dir / "run.json", json.dumps(settings, indent=2) + "\n")
-    try:
-        results, timing = runner.evaluate(
-            loaded,
-            tokenizer,
-            handle,
-            chosen,
-            samples_dir=run_dir,
-            split=split,
-            limit=limit,
-            batch_size=batch_size,
-            seed=seed,
-            resume=resume is not None,
-        )
-    except KeyboardInterrupt:
-        typer.echo(f"\ninterrupted: the items scored so far are logged in {run_dir}/samples_*.jsonl; "
-                   f"run the same command with --resume {run_dir} to continue", err=True)  # fmt: skip
-        raise typer.Exit(130) from None
-    except (TaskError, ValueError) as error:
+    except (TaskError, ValueError, OSError) as error:
         raise _fail(str(error)) from None
-    finally:
-        handle.remove()
-    if not ranks.is_main_process:
-        return  # rank 0 reports for every process
+    if not document:
+        return  # a process of several, not the first: that one reports for every process
+    from intervene.evals import report
 
-    warning = smoke_test_warning(loaded)
-    document = {
-        "results": results,
-        "smoke_test": warning,
-        "config": {
-            "model": model,
-            "tasks": [t.name for t in chosen],
-            "task_settings": {t.name: _settings(t) for t in chosen},
-            "split": split,
-            "limit": limit,
-            "batch_size": batch_size,
-            "device": str(loaded.device),
-            "device_map": device_map,
-            "processes": ranks.num_processes,
-            "dtype": str(loaded.dtype).removeprefix("torch."),
-            "add_bos_token": starts_with_bos(tokenizer),
-        },
-        "intervention": _intervention_record(handle, config),
-        "versions": report.versions(),
-        "seed": seed,
-        "timing": timing,
-        "date": stamp,
-    }
-    report.write_atomic(run_dir / "results.json", json.dumps(document, indent=2) + "\n")
-    typer.echo(f"\n{_heading(model, handle, config, params)}\n")
-    typer.echo(report.markdown(results, timing, warning))
-    typer.echo(f"\nresults: {run_dir / 'results.json'}")
+    lm_eval = document["config"].get("harness") == "lm-eval"
+    typer.echo(f"\n{_heading(spec.model, document['intervention'], spec.params)}{' · lm-eval' if lm_eval else ''}\n")
+    typer.echo(report.markdown(document["results"], document["timing"], document.get("smoke_test")))
+    results = document["config"]["output_path"]
+    typer.echo(
+        f"\nresults: {results}"
+        + (" (lm-eval's own: lm_eval_baseline.json, lm_eval_intervened.json)" if lm_eval else "")
+    )
     if plot:
-        from intervene.evals.plot import plot_results
-
-        title = f"{model} · {handle.method}" + (" · SMOKE TEST: random weights, scores mean nothing" if warning else "")
-        plot_results(results, run_dir / "results.png", title=title)
-        typer.echo(f"plot: {run_dir / 'results.png'}")
+        typer.echo(f"plot: {Path(results).with_suffix('.png')}")
 
 
-def _lm_eval_tasks(tasks: str | None, include_path: Path | None):
-    """`(names, task manager)` when --tasks are lm-eval's (under --include-path, or in its registry); None when
-    they are intervene's own: built-in names and task files."""
-    from intervene.evals.tasks import FORMATS, builtin_tasks
-
-    specs = [spec.strip() for spec in tasks.split(",") if spec.strip()] if tasks else []
-    ours = (*FORMATS, ".yaml", ".yml")  # task files
-    theirs = [spec for spec in specs if spec not in builtin_tasks() and Path(spec).suffix not in ours]
-    if include_path is None and not theirs:
-        return None
-    try:
-        from intervene.evals import lm_eval_tasks
-    except ImportError:
-        if include_path is None:
-            return None  # intervene's own task resolution names the unknown task
-        raise _fail("--include-path: lm-eval tasks need lm-eval: pip install 'intervene[lm-eval]'") from None
-    if not theirs:
-        raise _fail("--include-path goes with --tasks naming the lm-eval tasks to run")
-    if include_path is not None and not include_path.is_dir():
-        raise _fail(f"--include-path {include_path}: not a folder; give the folder of your lm-eval task YAMLs")
-    manager = lm_eval_tasks.task_manager(str(include_path) if include_path else None)
-    if unknown := [spec for spec in theirs if not lm_eval_tasks.is_lm_eval_task(spec, manager)]:
-        under = f" (nor under --include-path {include_path})" if include_path else ""
-        raise _fail(
-            f"unknown task {', '.join(map(repr, unknown))}: not a built-in task ({', '.join(builtin_tasks())}), "
-            f"a task file ({', '.join(ours)}), or a task lm-eval knows{under}"
-        )
-    if len(theirs) < len(specs):
-        raise _fail(f"--tasks {tasks}: run intervene's own tasks and lm-eval's ({', '.join(theirs)}) separately")
-    return specs, manager
+def _model_args(text: str, options: dict) -> dict:
+    """lm-eval's `--model_args k=v,...` as the options they spell (`pretrained` is --model), with the remaining keys
+    under "params"; a key also given as its own option is an error naming both."""
+    found = {"params": {}}
+    for key, value in _params([pair for pair in text.split(",") if pair.strip()]).items():
+        key = "model" if key == "pretrained" else key
+        if isinstance(value, str) and value.lower() in ("true", "false"):  # lm-eval's spelling of booleans
+            value = value.lower() == "true"
+        if key not in options:
+            found["params"][key] = value
+        elif options[key]:
+            raise _fail(f"--model_args {key if key != 'model' else 'pretrained'}={value} and --{key.replace('_', '-')} "
+                        f"{options[key]} both say it; give one")  # fmt: skip
+        else:
+            found[key] = value
+    return found
 
 
-def _evaluate_lm_eval(tasks, *, model, method, config, params, limit, batch_size, device, dtype, add_bos_token, seed,
-                      output_path) -> None:  # fmt: skip
-    """The paired run of lm-eval tasks: lm-eval scores them twice on one loaded model, intervention off and on."""
-    from intervene.evals import lm_eval_tasks, report
-    from intervene.evals.lm_eval_model import InterveneLM
-
-    names, manager = tasks
-    try:
-        _make_folder(output_path)
-        lm = InterveneLM(
-            pretrained=model, method=method, config=str(config) if config else None, dtype=dtype,
-            add_bos_token=add_bos_token, device=device, batch_size=batch_size, **params,
-        )  # fmt: skip
-        run_dir = _new_run_dir(output_path, datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%S"))
-        results, timing = lm_eval_tasks.paired(lm, names, manager, limit=limit, seed=seed, out=run_dir)
-    except (ValueError, OSError) as error:
-        raise _fail(str(error)) from None
-    handle = lm.intervention
-    document = {
-        "results": results,
-        "config": {
-            "model": model, "harness": "lm-eval", "tasks": names, "limit": limit, "batch_size": batch_size,
-            "device": str(lm.model.device), "dtype": str(lm.model.dtype).removeprefix("torch."),
-            "add_bos_token": add_bos_token,
-        },
-        "intervention": _intervention_record(handle, config),
-        "versions": report.versions(),
-        "seed": seed,
-        "timing": timing,
-        "date": run_dir.name,
-    }  # fmt: skip
-    report.write_atomic(run_dir / "results.json", json.dumps(document, indent=2) + "\n")
-    typer.echo(f"\n{_heading(model, handle, config, params)} · lm-eval\n")
-    typer.echo(report.markdown(results, timing))
-    typer.echo(f"\nresults: {run_dir / 'results.json'} (lm-eval's own: lm_eval_baseline.json, lm_eval_intervened.json)")
-
-
-def _intervention_record(handle, config: Path | None) -> dict:
-    """The resolved intervention as results.json keeps it, with the config file it came from, if any."""
-    return {**handle.to_dict(), "config_file": str(config) if config else None}
-
-
-def _heading(model: str, handle, config: Path | None, params: dict) -> str:
+def _heading(model: str, intervention: dict, params: dict) -> str:
     """The line above the results table: the model, the method, the config file that ran and its parameters."""
+    config = intervention["config_file"]
     source = f" (config {config}{', --param over it' if params else ''})" if config else ""
-    return f"{model} · {handle.method}{source} {json.dumps(handle.config.to_dict())}"
-
-
-def _settings(task) -> dict:
-    """What decides a task's numbers besides its data: the prompt, the scorer and the decoding."""
-    settings = {"output_type": task.output_type, "doc_to_text": task.doc_to_text}
-    if task.output_type in ("multiple_choice", "classification"):
-        settings["target_delimiter"] = task.target_delimiter  # joins the prompt and each choice
-    if task.output_type in ("generate_until", "pope", "chair"):
-        settings["generation_kwargs"] = {"do_sample": False, **task.generation_kwargs}
-    return settings
+    return f"{model} · {intervention['method']}{source} {json.dumps(intervention['params'])}"
 
 
 @app.command()
@@ -549,19 +286,17 @@ def calibrate(
         gamma_grid = [float(g) for g in gammas.split(",")] if gammas else []
     except ValueError:
         raise _fail(f"--select {select!r} / --gammas {gammas!r}: give numbers, e.g. top_k=5, 0.5,2,3") from None
-    if device is not None and device_map is not None:
-        raise _fail("give --device or --device-map, not both (a device map places the model itself)")
     params = _params(param or [])
 
     import intervene
     from intervene.evals import calibrate as engine
     from intervene.evals import runner
+    from intervene.evals.evaluator import check_placement, make_folder, resolve_tasks
     from intervene.evals.model import is_vision_language, smoke_test_warning
     from intervene.evals.tasks import TaskError, builtin_tasks, check_modality
     from intervene.interventions import method_class
 
-    _check_device(device)
-    _check_dtype(dtype)
+    _checked(check_placement, device, device_map, dtype)
     try:
         if rule not in engine.RULES or granularity not in engine.GRANULARITIES:
             raise ValueError(
@@ -569,7 +304,7 @@ def calibrate(
             )
         vision = is_vision_language(model)
         default = [name for name, t in builtin_tasks().items() if t.needs_images == vision and split in t.data_files]
-        chosen = _resolve_tasks(tasks, {}, default)
+        chosen = resolve_tasks([t.strip() for t in tasks.split(",") if t.strip()] if tasks else None, {}, default)
         check_modality(chosen, model, vision)
         for task in chosen:
             task.items(split, 1)
@@ -578,7 +313,7 @@ def calibrate(
         method_class(method).from_dict(params)
         if runner.processes(device).num_processes > 1:
             raise ValueError("calibrate runs in one process (each would profile every candidate): run it unlaunched")
-        _make_folder(output_path)
+        make_folder(output_path)
         loaded, tokenizer = intervene.load_model(
             model, dtype=dtype, device=device, device_map=device_map, add_bos_token=add_bos_token
         )
@@ -653,16 +388,16 @@ def inspect_attention(
         chosen_heads = [int(head) for head in heads.split(",")] if heads else None
     except ValueError:
         raise _fail(f"--layers {layers!r} / --heads {heads!r}: give comma-separated numbers, e.g. 0,5,10") from None
-    _check_dtype(dtype)
 
     import intervene
+    from intervene.evals.evaluator import check_placement, make_folder, read_config
     from intervene.evals.inspect import inspect, require_matplotlib
     from intervene.evals.model import shipped_config, smoke_test_warning
     from intervene.interventions import method_class
 
-    _check_device(device)
+    _checked(check_placement, device, None, dtype)
     if config:
-        _read_config(config)
+        _checked(read_config, config)
     handle = None
     try:
         require_matplotlib()
@@ -674,7 +409,7 @@ def inspect_attention(
             method_class(method).from_dict(params)  # an unknown method or a bad value fails before the model loads
         if image is not None and not image.is_file():
             raise ValueError(f"--image {image}: no such file")
-        _make_folder(output_path)
+        make_folder(output_path)
         loaded, processor = intervene.load_model(model, dtype=dtype, device=device, add_bos_token=add_bos_token)
         if method or config:
             handle = intervene.apply(loaded, intervene.load_config(config) if config else method, **params)

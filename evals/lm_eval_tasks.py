@@ -30,7 +30,27 @@ def is_lm_eval_task(name: str, manager: TaskManager) -> bool:
     return name in manager.all_tasks
 
 
-def paired(lm: InterveneLM, tasks: list[str], manager: TaskManager, *, limit: int | None, seed: int, out: Path):
+def evaluated_files(tasks: list[str], manager: TaskManager) -> dict[str, list[Path]]:
+    """`{task: [the local data files of the split lm-eval scores]}` (its test split, else its validation split)."""
+    found = {}
+    for name, task in manager.load(tasks)["tasks"].items():
+        files = (task.config.dataset_kwargs or {}).get("data_files") or []
+        if isinstance(files, dict):
+            files = files.get(task.config.test_split or task.config.validation_split) or []
+        found[name] = [Path(f) for f in ([files] if isinstance(files, str) else files)]
+    return found
+
+
+def paired(
+    lm: InterveneLM,
+    tasks: list[str],
+    manager: TaskManager,
+    *,
+    limit: int | None,
+    num_fewshot: int | None,
+    seed: int,
+    out: Path,
+):
     """Our results document's `results` and `timing` for lm-eval `tasks`, with lm-eval's own results files
     (`lm_eval_baseline.json`, `lm_eval_intervened.json`) and both outcomes of every sample
     (`samples_<task>.jsonl`) written to `out`."""
@@ -40,8 +60,8 @@ def paired(lm: InterveneLM, tasks: list[str], manager: TaskManager, *, limit: in
         lm.intervention.enabled = enabled
         start = time.perf_counter()
         run = lm_eval.simple_evaluate(
-            model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=True, random_seed=seed,
-            numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+            model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot, log_samples=True,
+            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
         )  # fmt: skip
         seconds[variant] = time.perf_counter() - start
         samples[variant] = run.pop("samples")

@@ -226,14 +226,14 @@ def test_resume_refuses_other_arguments_or_a_foreign_folder(tmp_path, tiny_check
 def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, tiny_checkpoint, monkeypatch):
     import datetime
 
-    import intervene.cli
+    from intervene.evals import evaluator
 
     class Frozen(datetime.datetime):
         @classmethod
         def now(cls, tz=None):
             return datetime.datetime(2030, 1, 1, tzinfo=tz)
 
-    monkeypatch.setattr(intervene.cli, "datetime", Frozen)
+    monkeypatch.setattr(evaluator, "datetime", Frozen)
     args = ["eval", "--model", tiny_checkpoint, "--tasks", "cldr_currency", "--limit", 2, "--output-path", tmp_path]
     assert invoke(*args, "--method", "act", "--param", "beta=0.2").exit_code == 0
     first = (tmp_path / "2030-01-01T00-00-00" / "results.json").read_text()
@@ -312,3 +312,52 @@ def test_a_config_that_is_not_json_names_its_file(tmp_path, command):
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"--config {config}: not valid JSON (Expecting property name" in result.output
     assert "give a config written by `intervene calibrate` or `handle.save`" in result.output
+
+
+def test_the_command_line_is_one_call_of_evals_run(tmp_path, tiny_checkpoint):
+    """`intervene eval` parses flags into an EvalSpec and calls `run`; the same spec in Python gives the same
+    document, which is the one written to results.json."""
+    from intervene.evals import EvalSpec, run
+
+    args = ["--model", tiny_checkpoint, "--method", "act", "--param", "beta=0.2", "--tasks", "cldr_currency"]
+    assert invoke("eval", *args, "--limit", 3, "--output-path", tmp_path / "cli").exit_code == 0
+    from_cli, _ = results_of(tmp_path / "cli")
+    spec = EvalSpec(model=str(tiny_checkpoint), method="act", params={"beta": 0.2}, tasks=["cldr_currency"], limit=3,
+                    output_path=tmp_path / "py")  # fmt: skip
+    document = run(spec, say=lambda text: None)
+    written, run_dir = results_of(tmp_path / "py")
+    assert document == written and document["config"]["output_path"] == str(run_dir / "results.json")
+    assert document["results"] == from_cli["results"]
+    assert run({**spec.__dict__, "output_path": tmp_path / "dict"}, say=print)["results"] == document["results"]
+
+
+def test_an_output_path_ending_in_json_is_the_results_file(tmp_path, tiny_checkpoint):
+    args = ["eval", "--model", tiny_checkpoint, "--method", "act", "--tasks", "cldr_currency", "--limit", 2]
+    result = invoke(*args, "--output_path", tmp_path / "runs" / "act.json")
+    assert result.exit_code == 0, result.output
+    document = json.loads((tmp_path / "runs" / "act.json").read_text())
+    assert document["config"]["output_path"] == str(tmp_path / "runs" / "act.json")
+    assert f"results: {tmp_path / 'runs' / 'act.json'}" in result.output
+    (run_dir,) = [path for path in (tmp_path / "runs").iterdir() if path.is_dir()]  # the samples' folder beside it
+    assert (run_dir / "samples_cldr_currency.jsonl").is_file() and not (run_dir / "results.json").exists()
+    (tmp_path / "taken.json").mkdir()
+    result = invoke(*args, "--output-path", tmp_path / "taken.json")
+    assert result.exit_code == 2 and "is a folder; a path ending in .json names the results file" in result.output
+
+
+def test_lm_evals_model_args_spell_the_model_the_method_and_its_parameters(tmp_path, tiny_checkpoint):
+    common = ["eval", "--tasks", "cldr_currency", "--limit", 2, "--log_samples"]
+    spelled = f"pretrained={tiny_checkpoint},method=act,beta=0.2,add_bos_token=False"
+    assert invoke(*common, "--model_args", spelled, "--output-path", tmp_path / "args").exit_code == 0
+    args = ["--model", tiny_checkpoint, "--method", "act", "--param", "beta=0.2"]
+    assert invoke(*common, *args, "--output-path", tmp_path / "flags").exit_code == 0
+    (a, _), (b, _) = results_of(tmp_path / "args"), results_of(tmp_path / "flags")
+    assert (
+        a["results"] == b["results"]
+        and a["intervention"] == b["intervention"]
+        and a["config"]["model"] == b["config"]["model"]
+    )
+    result = invoke(*common, "--model_args", spelled, "--method", "zerotuning", "--output-path", tmp_path / "both")
+    assert result.exit_code == 2 and "--model_args method=act and --method zerotuning both say it" in result.output
+    result = invoke(*common, "--model_args", spelled, "--num_fewshot", 2, "--output-path", tmp_path / "shots")
+    assert result.exit_code == 2 and "--num-fewshot: intervene's own tasks take few-shot examples" in result.output

@@ -183,3 +183,34 @@ def test_intervene_eval_and_lm_eval_score_every_item_alike_under_act(task_dir, t
     torch.testing.assert_close(torch.tensor(ours), theirs, atol=1e-4, rtol=1e-5)
     unedited = torch.tensor([r["loglikelihoods"] for r in scorers.score(task, items, model, tokenizer)])
     assert (unedited - theirs).abs().max() > 1e-2, "ACT changed nothing"
+
+
+def test_a_config_is_never_scored_on_the_lm_eval_data_it_was_calibrated_on(task_dir, tiny_checkpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from intervene.cli import app
+
+    model, _ = intervene.load_model(str(tiny_checkpoint), device="cpu")
+    with intervene.apply(model, "act", beta=0.3) as handle:
+        handle.save(tmp_path / "act.json")
+    document = json.loads((tmp_path / "act.json").read_text())
+    document["calibration"] = {"split": "calib", "tasks": {"mine": {"files": str(task_dir / "data.jsonl")}}}
+    (tmp_path / "act.json").write_text(json.dumps(document))
+    args = ["eval", "--model", str(tiny_checkpoint), "--config", str(tmp_path / "act.json"), "--tasks", TASK]
+    result = CliRunner().invoke(app, [*args, "--include-path", str(task_dir), "--output-path", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert (
+        f"calibrated on {task_dir / 'data.jsonl'}, which is data that lm-eval scores for task '{TASK}'" in result.output
+    )
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_num_fewshot_reaches_lm_eval(task_dir, tiny_checkpoint, tmp_path):
+    from intervene.evals import EvalSpec, run
+
+    spec = EvalSpec(model=str(tiny_checkpoint), method="act", tasks=[TASK], include_path=task_dir, limit=3,
+                    num_fewshot=2, output_path=tmp_path / "results.json")  # fmt: skip
+    document = run(spec, say=lambda text: None)
+    assert document["config"]["num_fewshot"] == 2
+    intervened = json.loads((tmp_path / document["date"] / "lm_eval_intervened.json").read_text())
+    assert intervened["n-shot"][TASK] == 2 and intervened["configs"][TASK]["num_fewshot"] == 2
