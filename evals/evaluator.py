@@ -38,7 +38,7 @@ class EvalSpec:
     include_path: str | Path | None = None  # a folder of lm-eval task YAMLs
     split: str = "test"
     limit: int | None = None
-    num_fewshot: int | None = None  # lm-eval tasks: few-shot examples before each prompt (their own if None)
+    num_fewshot: int | None = None  # few-shot examples before each prompt (None: each task's own)
     batch_size: int = 16
     device: str | None = None
     device_map: str | None = None
@@ -82,8 +82,6 @@ def run(spec: EvalSpec | dict, say=lambda text: print(text, file=sys.stderr)) ->
                 f"{', '.join(given)}: not for lm-eval tasks, whose splits and fields lm-eval reads from them"
             )
         return _run_lm_eval(spec, *lm_eval_tasks)
-    if spec.num_fewshot is not None:
-        raise ValueError("--num-fewshot: intervene's own tasks take few-shot examples from their YAML (num_fewshot)")
     return _run_own(spec)
 
 
@@ -111,6 +109,8 @@ def _run_own(spec: EvalSpec) -> dict:
     vision = is_vision_language(spec.model)
     default = [name for name, task in builtin_tasks().items() if task.needs_images == vision]
     chosen = resolve_tasks(spec.tasks, spec.file_fields, default)
+    if spec.num_fewshot is not None:  # as lm-eval's --num_fewshot: over each task's own
+        chosen = [replace(task, num_fewshot=spec.num_fewshot) for task in chosen]
     check_modality(chosen, spec.model, vision)
     for task in chosen:  # fail on a broken task or a missing image before loading anything heavy
         task.items(spec.split, spec.limit)
@@ -134,7 +134,7 @@ def _run_own(spec: EvalSpec) -> dict:
     handle = intervene.apply(model, method, **spec.params)
     settings = {
         "model": spec.model, "intervention": {k: handle.to_dict()[k] for k in ("method", "params")},
-        "tasks": [t.name for t in chosen], "task_settings": {t.name: _settings(t) for t in chosen},
+        "tasks": [t.name for t in chosen], "task_settings": {t.name: t.settings() for t in chosen},
         "split": spec.split, "limit": spec.limit, "batch_size": spec.batch_size, "seed": spec.seed,
         "dtype": str(model.dtype).removeprefix("torch."), "add_bos_token": starts_with_bos(tokenizer),
     }  # fmt: skip
@@ -173,7 +173,7 @@ def _run_own(spec: EvalSpec) -> dict:
         "smoke_test": smoke_test_warning(model),
         "config": {
             "model": spec.model, "tasks": [t.name for t in chosen],
-            "task_settings": {t.name: _settings(t) for t in chosen}, "split": spec.split, "limit": spec.limit,
+            "task_settings": {t.name: t.settings() for t in chosen}, "split": spec.split, "limit": spec.limit,
             "batch_size": spec.batch_size, "device": str(model.device), "device_map": spec.device_map,
             "processes": ranks.num_processes, "dtype": str(model.dtype).removeprefix("torch."),
             "add_bos_token": starts_with_bos(tokenizer), "output_path": str(results_file or run_dir / "results.json"),
@@ -258,16 +258,6 @@ def _write(document: dict) -> None:
 def _intervention_record(handle, config) -> dict:
     """The resolved intervention as the results keep it, with the config file it came from, if any."""
     return {**handle.to_dict(), "config_file": str(config) if config else None}
-
-
-def _settings(task) -> dict:
-    """What decides a task's numbers besides its data: the prompt, the scorer and the decoding."""
-    settings = {"output_type": task.output_type, "doc_to_text": task.doc_to_text}
-    if task.output_type in ("multiple_choice", "classification"):
-        settings["target_delimiter"] = task.target_delimiter  # joins the prompt and each choice
-    if task.output_type in ("generate_until", "pope", "chair"):
-        settings["generation_kwargs"] = {"do_sample": False, **task.generation_kwargs}
-    return settings
 
 
 def _stamp() -> str:

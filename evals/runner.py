@@ -187,7 +187,7 @@ def _metrics(task, scored, seed) -> dict:
     totals = {v: scorers.corpus_metrics(kind, c.sum(axis=0), n) for v, c in counts.items()}
     binary = scorers.PAIRED_BINARY.get(kind, scorers.METRICS[kind])
     metrics = {}
-    for name in scorers.METRICS[kind]:
+    for name in task.metrics:  # those its metric_list names, else all that its scorer computes
         low, high = stats.paired_bootstrap_ci(
             counts["baseline"],
             counts["intervened"],

@@ -28,15 +28,8 @@ import numpy as np
 import torch
 
 from . import chair
-from .tasks import TaskError
+from .tasks import METRICS, TaskError  # METRICS: what each scorer computes (a task reports them, or its metric_list)
 
-METRICS = {
-    "multiple_choice": ("acc", "acc_norm"),
-    "classification": ("acc",),
-    "generate_until": ("acc", "hallucination", "abstention"),
-    "pope": ("acc", "precision", "recall", "f1", "yes_ratio"),
-    "chair": ("chair_s", "chair_i", "recall", "length"),
-}
 # The per-item numbers whose sums over the items give the metrics (see `corpus_metrics`); for the other
 # output types each metric is the mean of its per-item value.
 COUNTS = {
@@ -139,12 +132,10 @@ def classification(task, items, model, tokenizer) -> list[dict]:
 
 
 def generate_until(task, items, model, processor) -> list[dict]:
-    settings = {"max_new_tokens": 32, "until": ["\n"], **task.generation_kwargs}
+    settings = task.generation()
     results = []
-    for text, item in zip(_generate(items, model, processor, settings["max_new_tokens"]), items, strict=True):
-        for stop in settings["until"]:
-            text = text.split(stop)[0]
-        output = text.strip()
+    for text, item in zip(_generate(items, model, processor, settings["max_gen_toks"]), items, strict=True):
+        output = cut(text, settings["until"]).strip()
         abstained = bool(ABSTAIN.search(output.lower().replace("’", "'")))
         said = output.lower()
         correct = abstained if not item.answers else not abstained and any(a.lower() in said for a in item.answers)
@@ -167,10 +158,10 @@ def pope_answer(output: str) -> str:
 
 
 def pope(task, items, model, processor) -> list[dict]:
-    settings = {"max_new_tokens": 8, **task.generation_kwargs}  # an answer is one word or a short sentence
+    settings = task.generation()  # by default 8 new tokens: an answer is one word or a short sentence
     results = []
-    for output, item in zip(_generate(items, model, processor, settings["max_new_tokens"]), items, strict=True):
-        output = output.strip()
+    for output, item in zip(_generate(items, model, processor, settings["max_gen_toks"]), items, strict=True):
+        output = cut(output, settings["until"]).strip()
         said_yes, is_yes = pope_answer(output) == "yes", item.gold == 1
         results.append(
             {
@@ -186,13 +177,23 @@ def pope(task, items, model, processor) -> list[dict]:
 
 
 def chair_captions(task, items, model, processor) -> list[dict]:
-    settings = {"max_new_tokens": 64, **task.generation_kwargs}
+    settings = task.generation()
     vocab = chair.vocabulary(task.coco_synonyms or chair.SYNONYMS)
-    outputs = _generate(items, model, processor, settings["max_new_tokens"])
+    outputs = [
+        cut(output, settings["until"]) for output in _generate(items, model, processor, settings["max_gen_toks"])
+    ]
     return [
         {"output": output.strip(), **chair.score(output, set(item.objects), vocab)}
         for output, item in zip(outputs, items, strict=True)
     ]
+
+
+def cut(text: str, stops: list[str]) -> str:
+    """The text up to the first of the stop strings, as lm-eval cuts a generation (an empty stop cuts nothing)."""
+    for stop in stops:
+        if stop:
+            text = text.split(stop)[0]
+    return text
 
 
 SCORERS = {
@@ -230,6 +231,9 @@ def _image_inputs(items, processor, dtype) -> dict:
 
     images = []
     for item in items:
+        if isinstance(item.image, Image.Image):  # opened already: lmms-eval's doc_to_visual gives images
+            images.append(item.image.convert("RGB"))
+            continue
         try:
             with Image.open(item.image) as image:
                 images.append(image.convert("RGB"))

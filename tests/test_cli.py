@@ -360,4 +360,8 @@ def test_lm_evals_model_args_spell_the_model_the_method_and_its_parameters(tmp_p
     result = invoke(*common, "--model_args", spelled, "--method", "zerotuning", "--output-path", tmp_path / "both")
     assert result.exit_code == 2 and "--model_args method=act and --method zerotuning both say it" in result.output
     result = invoke(*common, "--model_args", spelled, "--num_fewshot", 2, "--output-path", tmp_path / "shots")
-    assert result.exit_code == 2 and "--num-fewshot: intervene's own tasks take few-shot examples" in result.output
+    assert result.exit_code == 0, result.output
+    shots, run_dir = results_of(tmp_path / "shots")
+    assert shots["config"]["task_settings"]["cldr_currency"]["num_fewshot"] == 2
+    (sample, *_) = [json.loads(line) for line in (run_dir / "samples_cldr_currency.jsonl").read_text().splitlines()]
+    assert sample["query"].count("Answer:") == 3  # two solved examples, then the question

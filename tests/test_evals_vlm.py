@@ -401,7 +401,7 @@ def test_eval_end_to_end_on_a_saved_tiny_vlm(tmp_path, tiny_vlm_dir):
         document["results"]["pope-photos"]["f1"]["n"] == 4 and document["results"]["chair-fixture"]["recall"]["n"] == 3
     )
     settings = document["config"]["task_settings"]["pope-photos"]
-    assert settings["generation_kwargs"] == {"do_sample": False, "max_new_tokens": 8}
+    assert settings["generation_kwargs"] == {"until": [], "max_gen_toks": 8, "do_sample": False}
     samples = (run_dir / "samples_pope-photos.jsonl").read_text().splitlines()
     assert len(samples) == 4 and json.loads(samples[0])["image"].endswith(".jpg")
 
