@@ -30,6 +30,7 @@ from __future__ import annotations
 import ast
 import functools
 import json
+import math
 import os
 import random
 import re
@@ -697,23 +698,71 @@ def _render(spec: str, doc: dict, where: str) -> str:
     return _jinja(spec, doc, where)
 
 
+RENDER_SECONDS = 2.0  # a template that takes longer on one record (a loop that never ends) is refused
+RENDER_CHARACTERS = 1 << 20  # nor may `*` or `**` build a text, list or number larger than this
+
+
+class _TooLong(Exception):
+    pass
+
+
 def _jinja(spec: str, doc: dict, where: str) -> str:
+    """A template rendered on the record in the bounded sandbox (see `_template`): a template that reaches outside
+    it, runs past RENDER_SECONDS or builds something huge is a TaskError naming it, never code run or a hang."""
+    import signal
+    import threading
+
     import jinja2
 
+    def stop(signum, frame):
+        raise _TooLong
+
+    timed = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
+    if timed:
+        previous = signal.signal(signal.SIGALRM, stop)
+        signal.setitimer(signal.ITIMER_REAL, RENDER_SECONDS)
     try:
         return _template(spec).render(**doc)
+    except jinja2.sandbox.SecurityError as error:
+        raise TaskError(
+            f"{where}: template {spec!r} is refused by the sandbox a task's templates run in: {error}"
+        ) from None
+    except _TooLong:
+        raise TaskError(f"{where}: template {spec!r} ran past {RENDER_SECONDS:g} s on one record; a template "
+                        "formats a record, it does not compute") from None  # fmt: skip
     except jinja2.TemplateError as error:
         raise TaskError(f"{where}: template {spec!r} failed: {error}") from None
+    except Exception as error:  # whatever a template raises on a record (IndexError, RecursionError, ...) is the task's
+        raise TaskError(f"{where}: template {spec!r} failed: {type(error).__name__}: {error}") from None
+    finally:
+        if timed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
 
 
 @functools.cache
 def _template(spec: str):
-    """lm-eval's Jinja environment (strict, trailing newlines kept, its regex_replace filter), sandboxed: a task
-    file is data, and its templates must not run code."""
+    """lm-eval's Jinja environment (strict, trailing newlines kept, its regex_replace filter) in jinja2's immutable
+    sandbox: a task file is data, so its templates reach no attribute that starts with `_` nor any that could run
+    code or change a value (`__globals__`, `mro`, `os`, `append`, `str.format` tricks), and `*` / `**` build nothing
+    larger than RENDER_CHARACTERS (range() is capped by the sandbox itself)."""
     import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-    environment = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    class Bounded(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context, operator, left, right):
+            numbers = all(isinstance(x, int | float) and not isinstance(x, bool) for x in (left, right))
+            if operator == "**" and numbers and abs(left) > 1 and right * math.log2(abs(left)) > 8 * RENDER_CHARACTERS:
+                raise SecurityError(f"{left} ** {right} is a number larger than a template may build")
+            sized, count = (left, right) if isinstance(right, int) else (right, left)
+            repeated = operator == "*" and isinstance(sized, str | list | tuple) and isinstance(count, int)
+            if repeated and len(sized) * count > RENDER_CHARACTERS:
+                raise SecurityError(f"a text or list of {len(sized) * count} items is larger than a template may build")
+            return super().call_binop(context, operator, left, right)
+
+    environment = Bounded(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     environment.filters["regex_replace"] = lambda text, pattern, repl, count=0: re.sub(pattern, repl, text, count=count)
     return environment.from_string(spec)
 

@@ -363,7 +363,7 @@ def test_every_field_of_lm_evals_task_config_is_honoured_or_refused():
 
 def test_templates_render_in_a_sandbox(folder):
     write(folder, MC.replace('"Q: {{q}}\\nA:"', '"{{ q.__class__.__mro__[1].__subclasses__() }}"'))
-    with pytest.raises(TaskError, match=r"template .* failed: .*unsafe"):
+    with pytest.raises(TaskError, match=r"template .* is refused by the sandbox a task.s templates run in: .*unsafe"):
         resolve_task(str(folder / "t.yaml")).items()
 
 
