@@ -61,6 +61,8 @@ RATIOS = {"pope": ("precision", "recall", "f1"), "chair": ("chair_i", "recall")}
 MAX_TOKENS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")  # lm-eval's names of one
 MAX_GEN_TOKS = {"generate_until": 256, "pope": 8, "chair": 64}  # lm-eval's default; a short answer; a caption
 FEWSHOT_SEED = 1234  # lm-eval's fewshot_random_seed: its sampler's shots unless a run sets another
+RECORD_BYTES = 16 << 20  # a line of a data file (one record), or a whole task YAML, larger than this is refused
+YAML_VALUES = 100_000  # a task YAML holds fewer values than this, aliases expanded (else a "billion laughs")
 
 PATHS = ("image_root", "coco_instances", "coco_captions", "coco_synonyms")  # relative to the YAML
 OURS = {"data_files", *PATHS}  # intervene's fields, not lm-eval's
@@ -139,6 +141,7 @@ class Task:
     coco_captions: str | None = None  # chair: captions_*.json
     coco_synonyms: str | None = None  # chair: category synonyms (default: the bundled list)
     summary: str = ""  # the line `intervene tasks` shows (a YAML's metadata: {summary: ...}); changes nothing scored
+    source: str | None = None  # the YAML the task was read from, which its errors name
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name or any(sep in self.name for sep in ("/", "\\")):
@@ -223,15 +226,20 @@ class Task:
 
     def items(self, split: str = "test", limit: int | None = None) -> list[Item]:
         path = Path(self.data_files[self.split(split)])
-        records, lines = _read(path, self.builder)
-        if limit is not None:
-            records, lines = records[:limit], lines[:limit]
-        root = Path(self.image_root) if self.image_root else path.parent
-        context = self._context()
-        items = [self._item(doc, f"{path}:{line}", root, context) for doc, line in zip(records, lines, strict=True)]
-        if not items:
-            raise TaskError(f"task {self.name!r}: {path} has no records")
-        return items
+        try:
+            records, lines = _read(path, self.builder)
+            if limit is not None:
+                records, lines = records[:limit], lines[:limit]
+            root = Path(self.image_root) if self.image_root else path.parent
+            context = self._context()
+            items = [self._item(doc, f"{path}:{line}", root, context) for doc, line in zip(records, lines, strict=True)]
+            if not items:
+                raise TaskError(f"task {self.name!r}: {path} has no records")
+            return items
+        except TaskError as error:
+            if self.source is None:
+                raise
+            raise TaskError(f"{self.source}: {error}") from None
 
     def _context(self):
         """A function from a record to lm-eval's context before its prompt: the description, then num_fewshot
@@ -291,7 +299,9 @@ class Task:
 
     def _item(self, doc: dict, where: str, root: Path, context) -> Item:
         query = context(doc, where) + self._prompt(doc, where)
-        image = _image(_lookup(self.doc_to_image, doc, where), root, where) if self.doc_to_image else None
+        image = None
+        if self.doc_to_image:
+            image = _image(_lookup(self.doc_to_image, doc, where, "doc_to_image"), root, where)
         target = _target(self.doc_to_target, doc, where, self.doc_to_choice is not None)
         if self.output_type == "pope":
             label = target.strip().lower() if isinstance(target, str) else target
@@ -370,12 +380,22 @@ def load_yaml(path: Path, **overrides) -> Task:
     generate_until task; intervene's own data_files as a multiple-choice one."""
     import yaml
 
+    _regular(path, "task file")
+    if path.stat().st_size > RECORD_BYTES:
+        raise TaskError(f"{path}: a task file of more than {RECORD_BYTES >> 20} MiB is not a task file")
     try:
-        spec = yaml.load(path.read_text(), Loader=_loader())  # safe, and reads !function tags
+        spec = yaml.load(path.read_bytes(), Loader=_loader())  # safe, and reads !function tags
     except yaml.YAMLError as error:
         raise TaskError(f"{path}: not valid YAML ({error})") from None
+    except RecursionError:
+        raise TaskError(f"{path}: nested deeper than a task file can be") from None
     if not isinstance(spec, dict):
         raise TaskError(f"{path}: a task file is a mapping of task fields")
+    if _values(spec) > YAML_VALUES:
+        raise TaskError(
+            f"{path}: more than {YAML_VALUES} values once its aliases (*name) are expanded; aliases of aliases can "
+            "stand for billions, which is not a task file"
+        )
     output_type = spec.get(
         "output_type", "generate_until" if spec.get("dataset_path") in BUILDERS else "multiple_choice"
     )
@@ -400,6 +420,8 @@ def load_yaml(path: Path, **overrides) -> Task:
     given = {k: spec[k] for k in (*FORMS, "description", "target_delimiter", "fewshot_delimiter") if k in spec}
     given |= {k: spec[k] for k in ("fewshot_split", "num_fewshot") if spec.get(k) is not None}  # null: lm-eval's none
     given |= {k: str(path.parent / spec[k]) for k in PATHS if spec.get(k)}
+    named = {f"{split} data": file for split, file in data_files.items()}
+    _inside(path, named | {k: given[k] for k in PATHS if k in given and k != "image_root"})
     given.update({k: v for k, v in overrides.items() if v is not None})
     metadata = spec.get("metadata") if isinstance(spec.get("metadata"), dict) else {}
     try:
@@ -411,6 +433,7 @@ def load_yaml(path: Path, **overrides) -> Task:
             generation_kwargs=spec.get("generation_kwargs") or {},
             metrics=metrics,
             summary=str(metadata.get("summary", "")),
+            source=str(path),
             **splits,
             **given,
         )
@@ -591,8 +614,49 @@ def _function(item: tuple[str, Any]) -> tuple[str, str | None]:
 
 
 def _exists(path: Path, builtin: dict) -> None:
-    if not path.is_file():
+    if not path.exists():
         raise TaskError(f"task file {path} does not exist (built-in tasks: {', '.join(builtin)})")
+    _regular(path, "task file")
+
+
+def _regular(path: Path, what: str) -> None:
+    """A file to read is a regular file: reading a device, a pipe or a folder would fill memory or never end."""
+    if path.exists() and not path.is_file():
+        raise TaskError(f"{what} {path} is not a regular file (a folder, device or pipe); name a file")
+
+
+def _inside(path: Path, files: dict[str, str]) -> None:
+    """A task file is data and may be someone else's: the files it names (`what -> path`) lie under its own
+    folder once links are followed, or none is read, so that no YAML turns ~/.netrc into prompts in a results
+    folder. Images are only ever decoded as images, so image_root may lie anywhere (a COCO folder)."""
+    home = path.parent.resolve()
+    outside = []
+    for what, file in files.items():
+        resolved = Path(file).resolve()
+        if not resolved.is_relative_to(home):
+            link = f" (a link to {resolved})" if resolved != Path(os.path.abspath(file)) else ""
+            outside.append(f"{what} {file}{link}")
+    if outside:
+        raise TaskError(
+            f"{path}: names files outside its folder {home}: {'; '.join(outside)}. A task file is data and reads "
+            "only files under the folder it lies in (links followed); put the YAML beside its data, or give the "
+            "data file itself to --tasks"
+        )
+    for what, file in files.items():
+        _regular(Path(file), f"{path}: {what}")
+
+
+def _values(spec) -> int:
+    """How many values a YAML holds once its aliases are expanded, counted up to just past YAML_VALUES."""
+    stack, count = [spec], 0
+    while stack and count <= YAML_VALUES:
+        value = stack.pop()
+        count += 1
+        if isinstance(value, dict):
+            stack += [*value.keys(), *value.values()]
+        elif isinstance(value, list):
+            stack += value
+    return count
 
 
 def _read(path: Path, builder: str | None = None) -> tuple[list[dict], list[int]]:
@@ -600,13 +664,17 @@ def _read(path: Path, builder: str | None = None) -> tuple[list[dict], list[int]
     `data_files` is read as written, line by line; other files load through `datasets`, with lm-eval's
     `dataset_path` builder or the one their suffix names (which gives a column one type: a gold of 1.5 on any
     line makes every gold a float)."""
-    if not path.is_file():
+    if not path.exists():
         raise TaskError(f"task data file {path} does not exist")
+    _regular(path, "task data file")
     if builder is None and path.suffix == ".jsonl":
         records, lines = _read_jsonl(path)
     elif builder is None and path.suffix not in FORMATS:
         raise TaskError(f"{path}: a data file ends in {', '.join(FORMATS)}, or its YAML names its format")
     else:
+        if (builder or FORMATS[path.suffix]) in ("json", "csv"):
+            for _ in _lines(path):  # text of one record a line: none longer than RECORD_BYTES
+                pass
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         import datasets
 
@@ -626,7 +694,7 @@ def _read(path: Path, builder: str | None = None) -> tuple[list[dict], list[int]
 def _read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
     """The records and their line numbers; a line that is not a JSON object is an error naming it."""
     records, numbers = [], []
-    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+    for number, raw in _lines(path):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as error:
@@ -637,11 +705,26 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise TaskError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
+        except RecursionError:
+            raise TaskError(f"{path}:{number}: nested deeper than a record can be") from None
         if not isinstance(record, dict):
             raise TaskError(f"{path}:{number}: a record must be a JSON object, got {type(record).__name__}")
         records.append(record)
         numbers.append(number)
     return records, numbers
+
+
+def _lines(path: Path):
+    """`(number, bytes)` of each line of a text file; a line longer than RECORD_BYTES is refused once that much is
+    read (a 1 GB line is no record, and reading it whole would fill memory)."""
+    with path.open("rb") as file:
+        for number, raw in enumerate(iter(lambda: file.readline(RECORD_BYTES + 1), b""), start=1):
+            if len(raw) > RECORD_BYTES:
+                raise TaskError(
+                    f"{path}:{number}: a line longer than {RECORD_BYTES >> 20} MiB, more than a record may be; a "
+                    "data file holds one record a line (JSON Lines, CSV)"
+                )
+            yield number, raw
 
 
 # A record read as lm-eval's ConfigurableTask reads it: doc_to_text, doc_to_target, doc_to_choice, description.
@@ -650,14 +733,14 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
 def _text(spec, doc: dict, where: str, has_choices: bool):
     if isinstance(spec, int) or spec in doc:
         return spec if isinstance(spec, int) else doc[spec]
-    text = _render(spec, doc, where)
+    text = _render(spec, doc, where, "doc_to_text")
     return _literal(text, where) if text.isdigit() and has_choices else text  # lm-eval: one prompt per choice
 
 
 def _target(spec, doc: dict, where: str, has_choices: bool):
     if isinstance(spec, int | list) or spec in doc:
         return spec if isinstance(spec, int | list) else doc[spec]
-    text = _render(spec, doc, where)
+    text = _render(spec, doc, where, "doc_to_target")
     if text.isdigit() and has_choices:
         return _literal(text, where)  # an index into the choices
     if len(text) >= 2 and text[0] == "[" and text[-1] == "]":  # several targets, where it parses as a list
@@ -673,29 +756,30 @@ def _choices(spec, doc: dict, where: str):
         return spec  # the choices themselves, not fields
     if isinstance(spec, dict):
         return list(spec.values())
-    return doc[spec] if spec in doc else _literal(_render(spec, doc, where), where)
+    return doc[spec] if spec in doc else _literal(_render(spec, doc, where, "doc_to_choice"), where)
 
 
 def _description(spec: str, doc: dict, where: str) -> str:
     """lm-eval's description: a field's value or a template rendered on the record (a bare word is text here)."""
-    text = (doc[spec] if spec in doc else _jinja(spec, doc, where)) if spec else ""
+    text = (doc[spec] if spec in doc else _jinja(spec, doc, where, "description")) if spec else ""
     if not isinstance(text, str):
         raise TaskError(f"{where}: the description must be text, got {text!r}")
     return text
 
 
-def _lookup(spec: str, doc: dict, where: str):
-    return doc[spec] if spec in doc else _render(spec, doc, where)
+def _lookup(spec: str, doc: dict, where: str, field: str):
+    return doc[spec] if spec in doc else _render(spec, doc, where, field)
 
 
-def _render(spec: str, doc: dict, where: str) -> str:
-    """A template rendered on the record; a bare word that is no field is a typo (lm-eval would take it as text)."""
+def _render(spec: str, doc: dict, where: str, field: str) -> str:
+    """The task's `field`, a template, rendered on the record; a bare word that is no field is a typo (lm-eval
+    would take it as text)."""
     if re.fullmatch(r"[\w.-]+", spec):
         raise TaskError(
-            f"{where}: the record has no field {spec!r}; its fields are: {', '.join(doc)} (for the text itself, "
-            f"write it as a template: \"{{{{ '{spec}' }}}}\")"
+            f"{where}: {field}: the record has no field {spec!r}; its fields are: {', '.join(doc)} (for the text "
+            f"itself, write it as a template: \"{{{{ '{spec}' }}}}\")"
         )
-    return _jinja(spec, doc, where)
+    return _jinja(spec, doc, where, field)
 
 
 RENDER_SECONDS = 2.0  # a template that takes longer on one record (a loop that never ends) is refused
@@ -706,9 +790,10 @@ class _TooLong(Exception):
     pass
 
 
-def _jinja(spec: str, doc: dict, where: str) -> str:
-    """A template rendered on the record in the bounded sandbox (see `_template`): a template that reaches outside
-    it, runs past RENDER_SECONDS or builds something huge is a TaskError naming it, never code run or a hang."""
+def _jinja(spec: str, doc: dict, where: str, field: str) -> str:
+    """The task's `field`, a template, rendered on the record in the bounded sandbox (see `_template`): a template
+    that reaches outside it, runs past RENDER_SECONDS or builds something huge is a TaskError naming the field and
+    the template, never code run or a hang."""
     import signal
     import threading
 
@@ -725,15 +810,15 @@ def _jinja(spec: str, doc: dict, where: str) -> str:
         return _template(spec).render(**doc)
     except jinja2.sandbox.SecurityError as error:
         raise TaskError(
-            f"{where}: template {spec!r} is refused by the sandbox a task's templates run in: {error}"
+            f"{where}: {field} template {spec!r} is refused by the sandbox a task's templates run in: {error}"
         ) from None
     except _TooLong:
-        raise TaskError(f"{where}: template {spec!r} ran past {RENDER_SECONDS:g} s on one record; a template "
-                        "formats a record, it does not compute") from None  # fmt: skip
+        raise TaskError(f"{where}: {field} template {spec!r} ran past {RENDER_SECONDS:g} s on one record; a "
+                        "template formats a record, it does not compute") from None  # fmt: skip
     except jinja2.TemplateError as error:
-        raise TaskError(f"{where}: template {spec!r} failed: {error}") from None
+        raise TaskError(f"{where}: {field} template {spec!r} failed: {error}") from None
     except Exception as error:  # whatever a template raises on a record (IndexError, RecursionError, ...) is the task's
-        raise TaskError(f"{where}: template {spec!r} failed: {type(error).__name__}: {error}") from None
+        raise TaskError(f"{where}: {field} template {spec!r} failed: {type(error).__name__}: {error}") from None
     finally:
         if timed:
             signal.setitimer(signal.ITIMER_REAL, 0)
@@ -775,18 +860,20 @@ def _literal(text: str, where: str):
 
 
 def _image(value, root: Path, where: str) -> str:
-    """The absolute path of a record's image, checked to be a readable image file."""
+    """The absolute path of a record's image, checked to be a readable image file (a regular file: a pipe would
+    never end; of PIL's size: a header that claims billions of pixels is a decompression bomb)."""
     from PIL import Image, UnidentifiedImageError
 
     if not isinstance(value, str) or not value:
         raise TaskError(f"{where}: the image must be a file path, got {value!r}")
     path = (root / value).resolve()
+    _regular(path, f"{where}: image")
     try:
         with Image.open(path) as image:
             image.size  # noqa: B018 (the header is parsed lazily)
     except FileNotFoundError:
         raise TaskError(f"{where}: image {path} does not exist (paths are relative to {root})") from None
-    except (OSError, UnidentifiedImageError) as error:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
         raise TaskError(f"{where}: image {path} cannot be read as an image ({error})") from None
     return str(path)
 

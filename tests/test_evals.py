@@ -77,7 +77,10 @@ GOOD = '{"query": "a", "choices": ["x", "y"], "gold": 0}'
         ([GOOD, '{"query": "b", "choices": ["x"'], r"bad\.jsonl:2: not valid JSON"),
         (['{"query": "a", "choices": ["x", "y"], "gold": 5}'], r"bad\.jsonl:1: gold must index one of the 2 choices"),
         ([GOOD, "", "[1, 2]"], r"bad\.jsonl:3: a record must be a JSON object"),
-        (['{"question": "a", "choices": ["x", "y"], "gold": 0}'], r"bad\.jsonl:1: the record has no field 'query'"),
+        (
+            ['{"question": "a", "choices": ["x", "y"], "gold": 0}'],
+            r"bad\.jsonl:1: doc_to_text: the record has no field 'query'",
+        ),
         (['{"query": "a", "choices": "x", "gold": 0}'], r"bad\.jsonl:1: 'x' is neither a choice nor a Python literal"),
         ([], r"bad\.jsonl has no records"),
         # one float gold must not turn every gold into a float (as a column type would) and blame line 1
