@@ -105,18 +105,23 @@ def launches(head_dim: int, n: int = 4096, heads: int = 32, kv_heads: int = 8):
         "key gain (PAI)": AttentionEdit(key_gain=KeyGain(image[:, 0], 0.2)),
         "redistribution": AttentionEdit(redistribute=Redistribute(sinks, image, 0.4)),
         "head scale": AttentionEdit(head_scale=torch.full((1, heads), 2.0)),
+        "learned sinks and soft-capping (the model's)": AttentionEdit(),
     }
     for name, edit in edits.items():
+        model = {"sinks": None, "softcap": None}
+        if name.startswith("learned sinks"):
+            model = {"sinks": torch.zeros(1, heads), "softcap": 50.0}  # as the launchers get them: [1, Hq] fp32
         for stage, rows in (("prefill", q), ("decode", q[:, :, -1:])):
             if stage == "decode" and name == "key bias per row":
                 continue
             masks = {"": None, " + padding mask": padding[:, :, -rows.shape[2] :]} if name == "plain" else {"": None}
             for suffix, mask in masks.items():
-                call = lambda rows=rows, edit=edit, mask=mask: fused.attention(
-                    rows, k, k, edit, attention_mask=mask, scale=head_dim**-0.5, causal=mask is None, return_lse=True
-                )
+                call = lambda rows=rows, edit=edit, mask=mask, model=model: fused.attention(
+                    rows, k, k, edit, attention_mask=mask, scale=head_dim**-0.5, causal=mask is None, return_lse=True,
+                    **model,
+                )  # fmt: skip
                 yield stage, name + suffix, call
-    no_edit = {"attention_mask": None, "query_mask": None, "key_bias": None}
+    no_edit = {"attention_mask": None, "query_mask": None, "key_bias": None, "sinks": None, "softcap": None}
     yield "prefill", "column statistics", lambda: fused.column_stats(q, k, scale=head_dim**-0.5, causal=True, **no_edit)
 
 

@@ -10,6 +10,8 @@ included. From them:
   them, exceeds `threshold` (ACT's rule, read on the attention before the intervention);
 - `attention.png`: attention maps of a few layers (averaged over all heads or chosen ones), before, after
   and their difference, on one shared log colour scale (sinks dominate a linear one);
+- on a model with learned sinks (gpt-oss's `s_aux`), the mass each row gives its head's learned sink, which is
+  no token: its own column in the table and `sinks.json`, and a last column, "learned sink", in the maps;
 - `sinks.png`: first-token attention per layer and head, before and after;
 - `image_attention.png` (VLMs): the attention the predicting row gives the image tokens, on the patch grid;
 - `summary.txt` (also printed) and `sinks.json` with the numbers.
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 
 import intervene
+from intervene.hooks import model_spec
 from intervene.interventions.act import hidden_sinks
 
 SINK_RATE_EPSILON = 0.3  # Gu et al.'s ε
@@ -58,14 +61,15 @@ def inspect(
     if bad := [head for head in heads or () if not 0 <= head < config.num_attention_heads]:
         raise ValueError(f"--heads {bad} out of range: this model has heads 0..{config.num_attention_heads - 1}")
     inputs, tokens, image_positions = _inputs(model, processor, prompt, image)
+    learned = model_spec(model).learned_sinks
     before, after = _record(model, inputs, handle)
-    stats = {"before": _sink_statistics(before, threshold)}
+    stats = {"before": _sink_statistics(before, threshold, learned=learned)}
     if after is not None:
-        stats["after"] = _sink_statistics(after, threshold, stats["before"]["hidden_sinks"])
+        stats["after"] = _sink_statistics(after, threshold, stats["before"]["hidden_sinks"], learned=learned)
     output.mkdir(parents=True, exist_ok=True)
     which = sorted(set(heads)) if heads else slice(None)
     drawn = {
-        name: {layer: maps[layer][which].mean(dim=0) for layer in chosen}  # [N, N] per layer
+        name: {layer: _with_learned_sink(maps[layer], learned)[which].mean(dim=0) for layer in chosen}  # [N, N(+1)]
         for name, maps in (("before", before), ("after", after))
         if maps is not None
     }
@@ -133,22 +137,30 @@ def _record(model, inputs, handle):
     return runs[0], runs[1] if len(runs) > 1 else None
 
 
+def _with_learned_sink(maps: torch.Tensor, learned: bool) -> torch.Tensor:
+    """`maps` `[Hq, N, N]`, and with learned sinks a last column: each row's mass on its head's sink."""
+    return torch.cat([maps, (1 - maps.sum(dim=-1, keepdim=True)).clamp_min(0)], dim=-1) if learned else maps
+
+
 def _default_layers(handle, count: int) -> list[int]:
     """Four layers spread over those the intervention changes (over all layers without one)."""
     pool = sorted(handle.active_layers) if handle is not None and handle.active_layers else list(range(count))
     return sorted({pool[round(i * (len(pool) - 1) / 3)] for i in range(4)})
 
 
-def _sink_statistics(maps: list[torch.Tensor], threshold: float, hidden: list[torch.Tensor] | None = None) -> dict:
+def _sink_statistics(maps: list[torch.Tensor], threshold: float, hidden=None, *, learned: bool = False) -> dict:
     """First-token attention per layer and head, sink rates, ACT's hidden sinks per layer (detected on `maps`
-    unless given, as masks `[Hq, N]`) and the attention they receive."""
+    unless given, as masks `[Hq, N]`) and the attention they receive; with learned sinks, the mass a row gives
+    its head's learned sink, per layer and head."""
     if hidden is None:
         hidden = []
         for p in maps:  # [Hq, N, N]
             seen_by = torch.arange(p.shape[-1], 0, -1, dtype=p.dtype)  # causal: key j is seen by N - j rows
             hidden.append(hidden_sinks(p.sum(dim=1) / seen_by, threshold))  # [Hq, N], from column means
     first = torch.stack([p[:, :, 0].mean(dim=1) for p in maps])  # [L, Hq]: mean over query rows
+    learned_sink = {"learned_sink_attention": torch.stack([(1 - p.sum(dim=-1)).mean(dim=1) for p in maps])}
     return {
+        **(learned_sink if learned else {}),  # [L, Hq]: mean over query rows
         "first_token_attention": first,
         "sink_rate": float((first > SINK_RATE_EPSILON).float().mean()),
         "sink_rate_per_layer": (first > SINK_RATE_EPSILON).float().mean(dim=1),
@@ -170,17 +182,21 @@ def _summary(prompt, tokens, handle, stats, threshold, unchanged: bool) -> str:
         lines.append(f"{handle.method} leaves every attention probability as it was on this prompt "
                      "(it acts after attention, e.g. on head outputs, or not on this prompt)")  # fmt: skip
     rate = f"{before['sink_rate']:.3f}" + (f" -> {after['sink_rate']:.3f}" if after else "")
+    learned = "learned_sink_attention" in before
     lines += [
         f"sink rate (share of layer-head pairs whose mean first-token attention exceeds {SINK_RATE_EPSILON}): {rate}",
         f"hidden sinks: keys after a head's first sink whose mean attention exceeds {threshold} (ACT's rule, "
         "found before the intervention), as position 'token' xheads, and the mass a row puts on them",
+        *(["learned sink: the mass a row gives its head's learned sink (s_aux), no token, mean over heads"] * learned),
         "",
-        "| layer | sink rate | first-token attention | hidden-sink attention | hidden sinks |",
-        "|---:|---|---|---|---|",
+        f"| layer | sink rate | first-token attention | {'learned-sink attention | ' * learned}hidden-sink attention "
+        "| hidden sinks |",
+        f"|---:|---|---|{'---|' * learned}---|---|",
     ]
+    columns = ("sink_rate_per_layer", "first_token_attention", *(["learned_sink_attention"] * learned))
     for layer, masks in enumerate(before["hidden_sinks"]):
         cells = []
-        for name in ("sink_rate_per_layer", "first_token_attention", "hidden_sink_attention"):
+        for name in (*columns, "hidden_sink_attention"):
             values = [s[name][layer].mean().item() for s in (before, after) if s]
             cells.append(" -> ".join(f"{v:.3f}" for v in values))
         heads = masks.sum(dim=0)  # [N]: in how many heads each key is a hidden sink
@@ -204,12 +220,12 @@ def _plot_attention(plt, drawn, layers, tokens, label: str, path: Path) -> None:
     for row, layer in enumerate(layers):
         for column, (name, values) in enumerate(zip(drawn, maps[layer], strict=True)):
             image = axes[row, column].imshow(np.ma.masked_less_equal(values, 0), norm=norm, cmap="viridis")
-            _label(axes[row, column], f"layer {layer}, {name}", tokens)
+            _label(axes[row, column], f"layer {layer}, {name}", tokens, values.shape[1] > len(tokens))
         if "after" in drawn:
             change = maps[layer][1] - maps[layer][0]
             bound = max(float(np.abs(change).max()), 1e-12)
             shift = axes[row, 2].imshow(change, norm=TwoSlopeNorm(0.0, -bound, bound), cmap="RdBu_r")
-            _label(axes[row, 2], f"layer {layer}, after - before", tokens)
+            _label(axes[row, 2], f"layer {layer}, after - before", tokens, change.shape[1] > len(tokens))
             figure.colorbar(shift, ax=axes[row, 2], shrink=0.8)
     figure.colorbar(image, ax=axes[:, : min(2, columns)], location="left", shrink=0.5, label="attention (log scale)")
     figure.suptitle(f"attention, {label}", fontsize=10)
@@ -217,13 +233,15 @@ def _plot_attention(plt, drawn, layers, tokens, label: str, path: Path) -> None:
     plt.close(figure)
 
 
-def _label(axis, title: str, tokens: list[str]) -> None:
+def _label(axis, title: str, tokens: list[str], learned_sink: bool) -> None:
+    """Title and axes of a map; with `learned_sink`, its last key column is the learned sink."""
     axis.set_title(title, fontsize=9)
-    axis.set_xlabel("key", fontsize=8)
+    axis.set_xlabel("key" + (" (last column: the learned sink)" if learned_sink else ""), fontsize=8)
     axis.set_ylabel("query", fontsize=8)
     if len(tokens) <= LABELLED_TOKENS:
         names = [t.replace("\n", "\\n") for t in tokens]
-        axis.set_xticks(range(len(tokens)), names, rotation=90, fontsize=6)
+        keys = [*names, "learned sink"] if learned_sink else names
+        axis.set_xticks(range(len(keys)), keys, rotation=90, fontsize=6)
         axis.set_yticks(range(len(tokens)), names, fontsize=6)
 
 
@@ -275,7 +293,9 @@ def _plot_image_attention(plt, drawn, layers, positions, image, label: str, path
 
 
 def _jsonable(stats: dict) -> dict:
+    learned = {name: stats[name].tolist() for name in ("learned_sink_attention",) if name in stats}
     return {
+        **learned,  # [layer][head]
         "first_token_attention": stats["first_token_attention"].tolist(),  # [layer][head]
         "sink_rate": stats["sink_rate"],
         "sink_rate_per_layer": stats["sink_rate_per_layer"].tolist(),

@@ -53,17 +53,17 @@ WRAPPABLE = ("eager", "sdpa")
 # The decoder's cache argument, newest spelling first (`cache` since 5.24, `past_key_values` before).
 CACHE_ARGUMENTS = ("cache", "past_key_values")
 
-# Attention keywords the edited path implements as eager and sdpa do (the mask carries the window for all three).
-IMPLEMENTED = frozenset({"dropout", "scaling", "is_causal", "sliding_window"})
+# Attention keywords the edited path implements as eager does (the mask carries the window): `s_aux`, learned
+# attention-sink logits per head (gpt-oss), and `softcap`, logit soft-capping (Gemma-2), are the model's own
+# attention, which edits act within.
+IMPLEMENTED = frozenset({"dropout", "scaling", "is_causal", "sliding_window", "s_aux", "softcap"})
 # Keywords that reach attention functions without being about attention: transformers' own pass-through
 # (output flags, what flash kernels need for packed batches, which the mask carries for the others), to which
 # `probe` adds the parameters of the model's and the decoder's forward (`use_cache`, `logits_to_keep`, ...).
 PASS_THROUGH = frozenset(TransformersKwargs.__annotations__)
 # What the keywords some families add mean, for the refusal (none of them is implemented yet).
 MEANINGS = {
-    "s_aux": "a learned attention-sink logit per head (gpt-oss)",
     "sinks": "learned attention-sink logits",
-    "softcap": "logit soft-capping (Gemma-2)",
     "indices": "the keys a sparse indexer selected (DeepSeek-V3.2 sparse attention)",
     "position_bias": "an additive position bias",
 }
@@ -206,6 +206,7 @@ class Probe:
     num_kv_heads: int
     cache_argument: str  # the decoder's name for its KV cache
     allowed: frozenset[str]  # keywords we implement, or the callers' own that reach attention (`PASS_THROUGH`)
+    learned_sinks: bool  # its attention takes learned sink logits (`s_aux`)
 
 
 # Set while a probe runs: (the model's own implementation, the calls seen so far as (module, query heads,
@@ -305,7 +306,8 @@ def probe(model: nn.Module, name: str, text_key: str | None) -> Probe:
             "per-head parameters assume one count for every layer"
         )
     num_heads, num_kv_heads = heads.pop()
-    return Probe(layers, num_heads, num_kv_heads, cache_argument(decoder.forward), allowed)
+    learned_sinks = any("s_aux" in keywords for *_, keywords in calls)
+    return Probe(layers, num_heads, num_kv_heads, cache_argument(decoder.forward), allowed, learned_sinks)
 
 
 def _layers(label: str, text, calls: list, allowed: frozenset[str]) -> dict[int, nn.Module]:

@@ -78,6 +78,7 @@ class Dispatcher:
             name_or_path=compat.name_or_path(model),
             image_token_id=self.image_token,
             model_type=getattr(model.config, "model_type", ""),
+            learned_sinks=self.probe.learned_sinks,
         )
         # id(attention module) -> its layer. By module, not by config: models may share one config object.
         self.layers = {id(module): layer for layer, module in self.probe.layers.items()}
@@ -131,7 +132,7 @@ class Dispatcher:
         if self.handles and (handle.config.prunes or any(other.config.prunes for other in self.handles)):
             raise ValueError("prune changes the sequence itself and cannot be combined with other interventions yet")
         for other in self.handles:
-            clash = (handle.config.primitives & other.config.primitives) - {"key_bias", "head_scale"}
+            clash = (handle.config.primitives & other.config.primitives) - {"key_bias", "head_scale", "sink_bias"}
             shared = handle.active_layers & other.active_layers
             if clash and shared:
                 raise ValueError(
@@ -343,7 +344,7 @@ class Dispatcher:
     def active_handles(self, layer: int) -> list:
         return [h for h in self.handles if h.enabled and layer in h.active_layers]
 
-    def layer_call(self, layer: int, query, key, attention_mask, scale, causal) -> LayerCall:
+    def layer_call(self, layer: int, query, key, attention_mask, scale, causal, sinks, softcap) -> LayerCall:
         context = self.context or CallContext(key.shape[2] - query.shape[2], None)
         hidden = context.layer_input[1] if context.layer_input and context.layer_input[0] == layer else None
         no_image = self.branch.outputs.get(layer) if self.branch is not None else None
@@ -351,7 +352,7 @@ class Dispatcher:
         return LayerCall(
             layer, query, key, attention_mask, scale, causal,
             past_length=context.past_length, padding_mask=here(context.padding_mask),
-            image_mask=here(context.image_mask), layer_input=hidden, no_image=no_image,
+            image_mask=here(context.image_mask), layer_input=hidden, no_image=no_image, sinks=sinks, softcap=softcap,
         )  # fmt: skip
 
     def edit_for(self, handles: list, call: LayerCall):
@@ -425,6 +426,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         (key, value) if attention_mask is not None else (key[:, :, :filled], value[:, :, :filled])
     )
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    sinks, softcap = kwargs.get("s_aux"), kwargs.get("softcap")  # the model's own: learned sinks, a logit cap
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
     computed_here = (handles or dispatcher.recorded is not None) and not dispatcher.in_branch
@@ -433,12 +435,15 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
             f"layer {layer} of {type(module).__name__} was called with {', '.join(map(repr, unimplemented))}, which "
             "intervene's attention does not implement; it refuses rather than drop them"
         )
-    call = dispatcher.layer_call(layer, query, written_key, attention_mask, scale, causal) if handles else None
+    call = None
+    if handles:
+        call = dispatcher.layer_call(layer, query, written_key, attention_mask, scale, causal, sinks, softcap)
     edit = dispatcher.edit_for(handles, call) if handles else None
     if dispatcher.recorded is not None and not dispatcher.in_branch:
         probabilities = kernels.attention_probabilities(
-            query, written_key, edit, attention_mask=attention_mask, scale=scale, causal=causal
-        )
+            query, written_key, edit, attention_mask=attention_mask, scale=scale, causal=causal, sinks=sinks,
+            softcap=softcap,
+        )  # fmt: skip
         dispatcher.recorded[layer] = probabilities.detach().cpu()  # [B, Hq, Nq, Nk]
     if edit is None:
         out, weights = dispatcher.fall_through(module)(
@@ -450,8 +455,10 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     if dropout and module.training:
         raise RuntimeError("intervene edits attention at inference only; call model.eval() first")
     out = kernels.modified_attention(
-        query, written_key, written_value, edit, attention_mask=attention_mask, scale=scale, causal=causal
-    )  # [B, Nq, Hq, D] in query's dtype
+        query, written_key, written_value, edit, attention_mask=attention_mask, scale=scale, causal=causal,
+        sinks=sinks, softcap=softcap,
+    )  # fmt: skip
+    # out: [B, Nq, Hq, D] in query's dtype
     return dispatcher.scale_heads(handles, call, out).contiguous(), None  # models `.view()` it
 
 

@@ -33,6 +33,7 @@ class ModelSpec:
     name_or_path: str = ""
     image_token_id: int | None = None  # set for vision-language models
     model_type: str = ""
+    learned_sinks: bool = False  # its attention takes learned sink logits (`s_aux`: gpt-oss)
 
 
 @dataclass
@@ -50,6 +51,8 @@ class LayerCall:
     image_mask: torch.Tensor | None = None  # [B, past_length + Nq] bool, True = image token (VLMs)
     layer_input: torch.Tensor | None = None  # [B, Nq, hidden] the decoder layer's input (VLMs)
     no_image: torch.Tensor | None = None  # [B, Hq, D] this layer's head outputs for the last token, image removed
+    sinks: torch.Tensor | None = None  # [Hq] the layer's learned sink logits (gpt-oss's `s_aux`), None without
+    softcap: float | None = None  # the cap of the layer's logits (Gemma-2), None without
 
     @property
     def decode(self) -> bool:
@@ -99,7 +102,8 @@ class LayerCall:
 
     def column_stats(self, query_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Unmodified attention summed per key over the rows of `query_mask` `[B, Nq]` (default: this
-        call's real queries), and how many of them see each key."""
+        call's real queries), and how many of them see each key. With learned sinks these are the model's
+        probabilities, normalised with the sinks, which are no keys."""
         return kernels.column_stats(
             self.query,
             self.key,
@@ -107,6 +111,8 @@ class LayerCall:
             scale=self.scale,
             causal=self.causal,
             query_mask=self.query_valid if query_mask is None else query_mask,
+            sinks=self.sinks,
+            softcap=self.softcap,
         )
 
 

@@ -12,6 +12,13 @@ run exactly raises rather than changing semantics. `auto` never raises for that 
 another size than the query/key heads (MLA models), which the Triton kernels do not run, go to the
 reference on CUDA too.
 
+Two properties of a model's own attention, not edits, are arguments of every entry point, as transformers
+passes them to attention functions: `softcap` (Gemma-2: logits become `c * tanh(logits / c)` before the mask;
+edits then act on the capped logits) and `sinks` (`s_aux` of gpt-oss: a learned logit per head that joins
+each row's normaliser and carries no value, so the row's probabilities over real keys sum to less than one).
+An edit's `sink_bias` adds to those logits (a `log(gamma)` on the sink scales its probability by gamma before
+the row is renormalised); the backends see the sum.
+
 Every entry point checks its inputs once, for all backends (`_checked`): q/k/v shapes, dtypes and device,
 the mask's dtype and each edit tensor's shape, so that every backend refuses the same inputs with the
 same message. Edit tensors then move to q's device.
@@ -54,10 +61,13 @@ def modified_attention(
     causal: bool = True,
     return_lse: bool = False,
     backend: str = "auto",
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ):
     """Attention with `edit` applied: `[B, Nq, Hq, D]` in q's dtype, plus the fp32 row log-sum-exp
-    `[B, Hq, Nq]` of the unredistributed logits when `return_lse`."""
-    edit = _checked(q, k, v, edit or AttentionEdit(), attention_mask)
+    `[B, Hq, Nq]` of the unredistributed logits (the learned sinks' included) when `return_lse`. `sinks` `[Hq]`
+    are learned sink logits, `softcap` the cap of the logits (see the module's docstring)."""
+    edit, sinks = _checked(q, k, v, edit or AttentionEdit(), attention_mask, sinks, softcap)
     chosen = _backend(q, v, backend)
     return chosen.attention(
         q,
@@ -68,6 +78,8 @@ def modified_attention(
         scale=q.shape[-1] ** -0.5 if scale is None else scale,
         causal=causal,
         return_lse=return_lse,
+        sinks=sinks,
+        softcap=softcap,
     )
 
 
@@ -79,12 +91,17 @@ def attention_probabilities(
     attention_mask: torch.Tensor | None = None,
     scale: float | None = None,
     causal: bool = True,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """The probabilities `[B, Hq, Nq, Nk]` (fp32) of attention with `edit` applied, materialised by the
-    reference backend: N² memory, meant for looking at short prompts (`intervene inspect`), not for runs."""
+    reference backend: N² memory, meant for looking at short prompts (`intervene inspect`), not for runs. With
+    learned `sinks` a row sums to one minus its sink's probability."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    edit = _checked(q, k, None, edit or AttentionEdit(), attention_mask)
-    return reference.probabilities(q, k, edit, attention_mask=attention_mask, scale=scale, causal=causal)
+    edit, sinks = _checked(q, k, None, edit or AttentionEdit(), attention_mask, sinks, softcap)
+    return reference.probabilities(
+        q, k, edit, attention_mask=attention_mask, scale=scale, causal=causal, sinks=sinks, softcap=softcap
+    )
 
 
 def column_stats(
@@ -97,6 +114,8 @@ def column_stats(
     query_mask: torch.Tensor | None = None,
     key_bias: torch.Tensor | None = None,
     backend: str = "auto",
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Probability each key receives, summed over the query rows selected by `query_mask` `[B, Nq]`
     (all rows when None), and how many of those rows can see it.
@@ -104,8 +123,9 @@ def column_stats(
     A row sees a key when the key's final logit is finite: the mask shows it to the row and `key_bias`
     `[B|1, Hq|1, Nq|1, Nk]` does not set it to -inf. Returns `(sums [B, Hq, Nk], counts [B, Hq, Nk])`,
     both fp32; `sums / counts` is the mean attention a key receives from the queries that really see it.
+    With learned `sinks` the probabilities are the model's, normalised with the sinks (which are no keys).
     """
-    key_bias = _checked(q, k, None, AttentionEdit(key_bias=key_bias), attention_mask).key_bias
+    edit, sinks = _checked(q, k, None, AttentionEdit(key_bias=key_bias), attention_mask, sinks, softcap)
     if query_mask is not None:
         _check_edit_tensor("query_mask", query_mask, "B, Nq", _sizes(q, k))
         query_mask = query_mask.to(q.device)
@@ -117,14 +137,17 @@ def column_stats(
         scale=q.shape[-1] ** -0.5 if scale is None else scale,
         causal=causal,
         query_mask=query_mask,
-        key_bias=key_bias,
+        key_bias=edit.key_bias,
+        sinks=sinks,
+        softcap=softcap,
     )
 
 
-def _checked(q, k, v, edit: AttentionEdit, attention_mask) -> AttentionEdit:
-    """`edit` on q's device with `head_scale` as `[B|1, Hq]`, once q, k, v (None for the statistics),
-    the mask and the edit are known to be what every backend runs; else a ValueError or TypeError that
-    names the offending shapes or dtypes and the fix."""
+def _checked(q, k, v, edit: AttentionEdit, attention_mask, sinks, softcap) -> tuple[AttentionEdit, torch.Tensor | None]:
+    """`edit` on q's device with `head_scale` as `[B|1, Hq]`, and the sink logits the backends run (`sinks` plus
+    the edit's `sink_bias`, fp32 `[B|1, Hq]`, or None), once q, k, v (None for the statistics), the mask, the
+    model's sinks and cap and the edit are known to be what every backend runs; else a ValueError or TypeError
+    that names the offending shapes or dtypes and the fix."""
     named = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}
     shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in named.items())
     if any(t.dim() != 4 for t in named.values()):
@@ -149,9 +172,20 @@ def _checked(q, k, v, edit: AttentionEdit, attention_mask) -> AttentionEdit:
             f"attention_mask must be bool (True = visible) or an additive float mask, got {attention_mask.dtype}: "
             "pass `mask.bool()` for a 0/1 mask"
         )
+    if softcap is not None and not (isinstance(softcap, int | float) and softcap > 0):
+        raise ValueError(f"softcap must be a positive number (the cap of the logits), got {softcap!r}")
     if edit.head_scale is not None and edit.head_scale.dim() == 1:  # [Hq]: the same for every batch row
         edit = replace(edit, head_scale=edit.head_scale[None])
+    if edit.sink_bias is not None and edit.sink_bias.dim() == 1:
+        edit = replace(edit, sink_bias=edit.sink_bias[None])
     sizes = _sizes(q, k)
+    if sinks is not None:
+        _check_edit_tensor("sinks", sinks, "Hq", sizes)
+    elif edit.sink_bias is not None:
+        raise ValueError(
+            "sink_bias scales learned attention sinks, and this attention has none (sinks=None): it applies to "
+            "models whose attention takes `s_aux` (gpt-oss)"
+        )
     for name, t, layout in _edit_tensors(edit):
         _check_edit_tensor(name, t, layout, sizes)
     p_move = None if edit.redistribute is None else edit.redistribute.p_move
@@ -159,7 +193,11 @@ def _checked(q, k, v, edit: AttentionEdit, attention_mask) -> AttentionEdit:
         raise ValueError(
             f"redistribute.p_move must be a scalar or [Hq] with Hq = {q.shape[1]}, got shape {tuple(p_move.shape)}"
         )
-    return edit.to(q.device)
+    edit = edit.to(q.device)
+    if sinks is not None:
+        sinks = sinks.to(q.device, torch.float32)[None]  # [1, Hq]
+        sinks = sinks if edit.sink_bias is None else sinks + edit.sink_bias.float()
+    return edit, sinks
 
 
 def _sizes(q, k) -> dict[str, int]:
@@ -169,7 +207,8 @@ def _sizes(q, k) -> dict[str, int]:
 def _edit_tensors(edit: AttentionEdit) -> list[tuple[str, torch.Tensor, str]]:
     """(name, tensor, layout) of each tensor `edit` holds; a layout lists the sizes each dimension may take."""
     gain, rd = edit.key_gain, edit.redistribute
-    named = [("key_bias", edit.key_bias, "B|1, Hq|1, Nq|1, Nk"), ("head_scale", edit.head_scale, "B|1, Hq")]
+    named = [("key_bias", edit.key_bias, "B|1, Hq|1, Nq|1, Nk"), ("head_scale", edit.head_scale, "B|1, Hq"),
+             ("sink_bias", edit.sink_bias, "B|1, Hq|1")]  # fmt: skip
     if gain is not None:
         named += [("key_gain.keys", gain.keys, "B, Nk"), ("key_gain.rows", gain.rows, "B, Nq")]
     if rd is not None:
@@ -180,7 +219,7 @@ def _edit_tensors(edit: AttentionEdit) -> list[tuple[str, torch.Tensor, str]]:
     return [entry for entry in named if entry[1] is not None]
 
 
-_FLOATING = ("key_bias", "head_scale")  # every other edit tensor is a bool set of keys or rows
+_FLOATING = ("key_bias", "head_scale", "sink_bias", "sinks")  # every other edit tensor is a bool set of keys or rows
 
 
 def _check_edit_tensor(name: str, t: torch.Tensor, layout: str, sizes: dict[str, int]) -> None:

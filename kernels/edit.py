@@ -1,7 +1,8 @@
 """`AttentionEdit`: the few primitives every intervention reduces to (DESIGN §3).
 
 Shapes broadcast. `B` batch, `Hq` query heads, `Nq` query rows, `Nk` keys. All of them act on one
-attention call; an edit with every field `None` is plain attention.
+attention call; an edit with every field `None` is plain attention. Edits act on the logits the model
+itself would normalise: after its soft-capping, beside its learned sinks (see `modified_attention`).
 """
 
 from __future__ import annotations
@@ -96,13 +97,14 @@ class AttentionEdit:
     key_gain: KeyGain | None = None
     redistribute: Redistribute | None = None
     head_scale: torch.Tensor | None = None  # [B|1, Hq] (or [Hq]) multiplies each head's output
+    sink_bias: torch.Tensor | None = None  # [B|1, Hq] (or [Hq]) added to the learned sinks' logits (natural log)
 
     def to(self, device) -> AttentionEdit:
         """This edit with every tensor, nested ones included, on `device`."""
         return _to(self, device)
 
     def __add__(self, other: AttentionEdit) -> AttentionEdit:
-        """Compose two edits of one layer: biases add, head scales multiply.
+        """Compose two edits of one layer: biases (of keys and of sinks) add, head scales multiply.
 
         Two redistributions (or two key gains) do not commute, so they are refused.
         """
@@ -117,6 +119,7 @@ class AttentionEdit:
             key_gain=self.key_gain if self.key_gain is not None else other.key_gain,
             redistribute=self.redistribute if self.redistribute is not None else other.redistribute,
             head_scale=_combine(self.head_scale, other.head_scale, torch.mul),
+            sink_bias=_combine(self.sink_bias, other.sink_bias, torch.add),
         )
 
 

@@ -1,6 +1,8 @@
 """FlexAttention backend: the edits that a `score_mod` expresses exactly.
 
-Key bias, PAI's key gain and the masks are a `score_mod` on one call; head scale multiplies the output.
+Soft-capping, key bias, PAI's key gain and the masks are a `score_mod` on one call; head scale multiplies the
+output, and learned sinks rescale it from the row's log-sum-exp (flex has no sink: the keys' share of a row
+whose normaliser also holds `exp(sink)` is `sigmoid(lse - sink)`).
 Redistribution takes more calls: one per key group returns that group's log-sum-exp (the other keys
 masked out), which gives the row masses its gates and biases need, then a last call adds the per-row
 group biases (`Redistribute.row_biases`). Compiled on CUDA; elsewhere flex runs eagerly and materialises
@@ -26,11 +28,12 @@ from .reference import visible_keys
 NEG_INF = float("-inf")
 
 
-def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, return_lse):
+def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, return_lse, sinks, softcap):
     B, _, Nq, _ = q.shape
     Nk = k.shape[2]
     visible = _visibility(attention_mask, causal, Nq, Nk, q.device)
-    edited = _edited_scores(edit, visible)
+    edited = _edited_scores(edit, visible, softcap)
+    sinks = None if sinks is None else sinks[..., None]  # [B|1, Hq, 1]
     biases = None
     if edit.redistribute is not None:
         rd = edit.redistribute
@@ -43,6 +46,8 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
             lambda c: (c & (rd.GATE | rd.SOURCE)) == (rd.GATE | rd.SOURCE),
         )
         lses = [_call(q, k, v, _restricted(edited, codes, group), scale)[1] for group in groups]  # [B, Hq, Nq]
+        if sinks is not None:  # the row's total holds its sink's mass
+            lses[0] = torch.logaddexp(lses[0], sinks)
         pivot = lses[0].clamp_min(-1e30)  # a row that sees no key has no mass anywhere
         biases = rd.row_biases(*(torch.exp(lse - pivot) for lse in lses)).unbind(-1)  # 2 x [B, Hq, Nq]
 
@@ -60,6 +65,10 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
     out, lse = _call(q, k, v, score_mod, scale)
     seen = torch.isfinite(lse)  # flex leaves rows that see no key undefined: give them 0
     out = torch.where(seen[..., None], out, 0.0)
+    if sinks is not None:
+        with_sinks = torch.logaddexp(lse.float(), sinks)  # [B, Hq, Nq]
+        out = out * torch.exp(lse - with_sinks)[..., None].to(out.dtype)
+        lse = with_sinks
     if edit.head_scale is not None:
         out = out * edit.head_scale.to(out.device, out.dtype)[:, :, None, None]
     out = out.transpose(1, 2).to(q.dtype)  # [B, Nq, Hq, D]
@@ -70,11 +79,14 @@ def column_stats(q, k, **_):
     raise NotImplementedError("the flex backend does not compute column statistics; use 'triton' or 'reference'")
 
 
-def _edited_scores(edit: AttentionEdit, visible: torch.Tensor):
-    """The score_mod of the static edits: key gain, then masks, then key bias (the reference's order)."""
+def _edited_scores(edit: AttentionEdit, visible: torch.Tensor, softcap: float | None):
+    """The score_mod of the model's cap and the static edits: cap, key gain, then masks, then key bias (the
+    reference's order)."""
     gain, bias = edit.key_gain, edit.key_bias
 
     def edited(score, b, h, qi, ki):
+        if softcap is not None:
+            score = softcap * torch.tanh(score / softcap)
         if gain is not None:
             where = gain.keys[b, ki]
             if gain.rows is not None:

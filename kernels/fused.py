@@ -6,7 +6,10 @@ N x N probabilities (design: one online-softmax loop, edits folded into the logi
   running max) followed by the forward loop with a per-row bias on each group: moving `p` of the source
   mass to the target in proportion keeps the row's normaliser, so it is exactly `log(1 - p)` on source
   keys and `log(1 + p * l_S / l_T)` on target keys;
-- column statistics reuse the statistics pass for each row's log-sum-exp, then sum `exp(s - lse)` per key.
+- column statistics reuse the statistics pass for each row's log-sum-exp, then sum `exp(s - lse)` per key;
+- a model's soft-capping is computed in the tile loop (`HAS_SOFTCAP`, so models without it pay nothing), and
+  its learned sinks start each row's online softmax: running max the sink's logit, sum 1, no value. Split-KV
+  decoding adds them once, when the chunks are combined.
 
 Scores run in base 2 (`exp2`, log2(e) folded into the scale). Rows with no visible key give 0 and a -inf
 LSE, never NaN. Under `TRITON_INTERPRET=1` the kernels run on CPU tensors (bf16 is upcast there, since
@@ -29,6 +32,18 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # as kernels/__init__ rea
 
 
 @triton.jit
+def _tanh(x):
+    """tanh from exp2 (Triton has no tanh its interpreter runs): odd, with its series near 0, where
+    `1 - exp(-2|x|)` would cancel."""
+    a = tl.abs(x)
+    e = tl.exp2(a * -2.8853900817779268)  # exp(-2|x|)
+    a2 = a * a
+    series = a * (1.0 + a2 * (-0.3333333333333333 + a2 * (0.13333333333333333 - a2 * 0.05396825396825397)))
+    t = tl.where(a < 0.125, series, (1.0 - e) / (1.0 + e))
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
 def _scores(
     q,
     K,
@@ -39,6 +54,7 @@ def _scores(
     Nq,
     Nk,
     qk_scale,
+    softcap,
     b,
     h,
     Mask,
@@ -72,10 +88,12 @@ def _scores(
     HAS_GAIN: tl.constexpr,
     GAIN_ROWS: tl.constexpr,
     HAS_GROUPS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    """Edited base-2 logits of one [BLOCK_M, BLOCK_N] tile, -inf where a key is not visible."""
+    """Edited base-2 logits of one [BLOCK_M, BLOCK_N] tile, -inf where a key is not visible. `softcap` is the
+    model's cap in base 2 (c * log2(e)): the cap of natural logits, carried over."""
     k = tl.load(K + k_offsets, mask=k_mask, other=0.0)  # [BLOCK_N, BLOCK_D], zero past Nk and D
     if UPCAST:
         qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
@@ -84,6 +102,8 @@ def _scores(
     else:
         qk = tl.dot(q, tl.trans(k))
     qk = qk * qk_scale  # [BLOCK_M, BLOCK_N]
+    if HAS_SOFTCAP:
+        qk = softcap * _tanh(qk / softcap)
     if HAS_GAIN:  # PAI: z + gain * |z| on the chosen keys (of the chosen rows)
         where = tl.load(GainKeys + b * sgkb + offs_n * sgkn, mask=offs_n < Nk, other=0)[None, :] != 0
         if GAIN_ROWS:
@@ -120,6 +140,15 @@ def _scores(
         group = tl.where(is_source, bias_source[:, None], group)
         qk = qk + group * 1.4426950408889634
     return tl.where(visible, qk, float("-inf"))
+
+
+@triton.jit
+def _start(Sinks, offset, HAS_SINKS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A row's online softmax before any key: nothing (max -inf, sum 0), or its learned sink (max the sink's
+    base-2 logit, sum 1), which then stays in the normaliser and adds no value."""
+    if HAS_SINKS:
+        return tl.zeros([BLOCK_M], tl.float32) + tl.load(Sinks + offset), tl.full([BLOCK_M], 1.0, tl.float32)
+    return tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32)
 
 
 @triton.jit
@@ -191,11 +220,15 @@ def _forward(
     HeadScale,
     shb,
     shh,
+    Sinks,
+    ssb,
+    ssh,
     Hq,
     G,
     Nq,
     Nk,
     qk_scale,
+    softcap,
     CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -204,6 +237,8 @@ def _forward(
     GAIN_ROWS: tl.constexpr,
     HAS_GROUPS: tl.constexpr,
     HAS_HEAD_SCALE: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     STORE_LSE: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
@@ -224,8 +259,7 @@ def _forward(
         Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
         mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D), other=0.0,
     )  # fmt: skip
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    m_i, l_i = _start(Sinks, b * ssb + h * ssh, HAS_SINKS, BLOCK_M)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     end = Nk
     if CAUSAL:
@@ -235,10 +269,10 @@ def _forward(
         k_offsets = offs_n[:, None] * skn + offs_d[None, :] * skd
         k_mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
         qk = _scores(
-            q, keys, k_offsets, k_mask, offs_m, offs_n, Nq, Nk, qk_scale, b, h,
+            q, keys, k_offsets, k_mask, offs_m, offs_n, Nq, Nk, qk_scale, softcap, b, h,
             Mask, smb, smm, smn, Bias, sbb, sbh, sbm, sbn, GainKeys, sgkb, sgkn, GainRows, sgrb, sgrm, gain,
             Codes, scb, sch, scn, GroupBias, sgb_b, sgb_h, sgb_m,
-            CAUSAL, HAS_MASK, HAS_BIAS, BIAS_ROWS, HAS_GAIN, GAIN_ROWS, HAS_GROUPS, UPCAST, IEEE,
+            CAUSAL, HAS_MASK, HAS_BIAS, BIAS_ROWS, HAS_GAIN, GAIN_ROWS, HAS_GROUPS, HAS_SOFTCAP, UPCAST, IEEE,
         )  # fmt: skip
         p, rescale, m_i = _softmax_step(qk, m_i)
         l_i = l_i * rescale + tl.sum(p, 1)
@@ -290,11 +324,15 @@ def _statistics(
     scb,
     sch,
     scn,
+    Sinks,
+    ssb,
+    ssh,
     Hq,
     G,
     Nq,
     Nk,
     qk_scale,
+    softcap,
     CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -302,6 +340,8 @@ def _statistics(
     HAS_GAIN: tl.constexpr,
     GAIN_ROWS: tl.constexpr,
     HAS_CODES: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -309,8 +349,8 @@ def _statistics(
     BLOCK_D: tl.constexpr,
     D: tl.constexpr,
 ):
-    """Per row: the running max and the partial sums over all keys, source, target, gate and
-    gate-and-source keys, all against that max. Stats is [6, B, Hq, Nq] fp32 (max in base 2)."""
+    """Per row: the running max and the partial sums over all keys (and the learned sink), source, target, gate
+    and gate-and-source keys, all against that max. Stats is [6, B, Hq, Nq] fp32 (max in base 2)."""
     start_m = tl.program_id(0)
     b = (tl.program_id(1) // Hq).to(tl.int64)
     h = tl.program_id(1) % Hq
@@ -322,8 +362,7 @@ def _statistics(
         Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
         mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D), other=0.0,
     )  # fmt: skip
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_all = tl.zeros([BLOCK_M], tl.float32)
+    m_i, l_all = _start(Sinks, b * ssb + h * ssh, HAS_SINKS, BLOCK_M)
     l_source = tl.zeros([BLOCK_M], tl.float32)
     l_target = tl.zeros([BLOCK_M], tl.float32)
     l_gate = tl.zeros([BLOCK_M], tl.float32)
@@ -336,10 +375,10 @@ def _statistics(
         k_offsets = offs_n[:, None] * skn + offs_d[None, :] * skd
         k_mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
         qk = _scores(
-            q, keys, k_offsets, k_mask, offs_m, offs_n, Nq, Nk, qk_scale, b, h,
+            q, keys, k_offsets, k_mask, offs_m, offs_n, Nq, Nk, qk_scale, softcap, b, h,
             Mask, smb, smm, smn, Bias, sbb, sbh, sbm, sbn, GainKeys, sgkb, sgkn, GainRows, sgrb, sgrm, gain,
             Codes, scb, sch, scn, Codes, 0, 0, 0,
-            CAUSAL, HAS_MASK, HAS_BIAS, BIAS_ROWS, HAS_GAIN, GAIN_ROWS, False, UPCAST, IEEE,
+            CAUSAL, HAS_MASK, HAS_BIAS, BIAS_ROWS, HAS_GAIN, GAIN_ROWS, False, HAS_SOFTCAP, UPCAST, IEEE,
         )  # fmt: skip
         p, rescale, m_i = _softmax_step(qk, m_i)
         l_all = l_all * rescale + tl.sum(p, 1)
@@ -395,11 +434,13 @@ def _column_sums(
     Nq,
     Nk,
     qk_scale,
+    softcap,
     CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BIAS_ROWS: tl.constexpr,
     HAS_ROWS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -430,10 +471,10 @@ def _column_sums(
             mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D), other=0.0,
         )  # fmt: skip
         qk = _scores(
-            q, keys, k_offsets, k_mask, offs_m, offs_n, Nq, Nk, qk_scale, b, h,
+            q, keys, k_offsets, k_mask, offs_m, offs_n, Nq, Nk, qk_scale, softcap, b, h,
             Mask, smb, smm, smn, Bias, sbb, sbh, sbm, sbn, Mask, 0, 0, Mask, 0, 0, 0.0,
             Mask, 0, 0, 0, Mask, 0, 0, 0,
-            CAUSAL, HAS_MASK, HAS_BIAS, BIAS_ROWS, False, False, False, UPCAST, IEEE,
+            CAUSAL, HAS_MASK, HAS_BIAS, BIAS_ROWS, False, False, False, HAS_SOFTCAP, UPCAST, IEEE,
         )  # fmt: skip
         lse = tl.load(Lse + (b * Hq + h) * Nq + offs_m, mask=offs_m < Nq, other=float("-inf")) * 1.4426950408889634
         take = lse > float("-inf")
@@ -490,6 +531,7 @@ def _decode_split(
     chunk,
     n_splits,
     qk_scale,
+    softcap,
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BIAS_ROWS: tl.constexpr,
@@ -497,6 +539,7 @@ def _decode_split(
     GAIN_ROWS: tl.constexpr,
     GROUP_SUMS: tl.constexpr,
     CODE_ROWS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -544,10 +587,10 @@ def _decode_split(
         k_mask = (offs_n[:, None] < end) & (offs_d[None, :] < D)
         # rows are heads here: per-row strides are per-head strides, and the one query row is shared
         qk = _scores(
-            q, keys, k_offsets, k_mask, offs_m, offs_n, G, end, qk_scale, b, first_head,
+            q, keys, k_offsets, k_mask, offs_m, offs_n, G, end, qk_scale, softcap, b, first_head,
             Mask, smb, 0, smn, Bias, sbb, sbh, sbh, sbn, GainKeys, sgkb, sgkn, GainRows, sgrb, 0, gain,
             Codes, 0, 0, 0, Codes, 0, 0, 0,
-            False, HAS_MASK, HAS_BIAS, BIAS_ROWS, HAS_GAIN, GAIN_ROWS, False, UPCAST, IEEE,
+            False, HAS_MASK, HAS_BIAS, BIAS_ROWS, HAS_GAIN, GAIN_ROWS, False, HAS_SOFTCAP, UPCAST, IEEE,
         )  # fmt: skip
         p, rescale, m_i = _softmax_step(qk, m_i)
         v = tl.load(values + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=k_mask, other=0.0)
@@ -598,7 +641,7 @@ def _decode_split(
 # --- launchers ----------------------------------------------------------------------------------
 
 
-def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, return_lse):
+def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, return_lse, sinks, softcap):
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     if v.shape[-1] != D:  # the kernels tile q, k and v with one head size
@@ -606,7 +649,7 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
             f"the triton backend needs value heads of the query/key head size; got q/k head size {D} and v head "
             f"size {v.shape[-1]} (as in MLA models): use backend='reference' (or 'auto', which picks it)"
         )
-    common = _common(q, k, edit, attention_mask, scale, causal)
+    common = _common(q, k, edit, attention_mask, scale, causal, sinks, softcap)
     head_scale = None
     if edit.head_scale is not None:
         head_scale = edit.head_scale.to(device=q.device, dtype=torch.float32).expand(B, Hq)
@@ -628,11 +671,12 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
     _forward[grid](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *common["mask"], *common["bias"], *common["gain_keys"], *common["gain_rows"], common["gain"],
-        *_strided(codes, 3), *_strided(group_bias, 3), *_strided(head_scale, 2),
-        Hq, Hq // Hkv, Nq, Nk, common["qk_scale"],
+        *_strided(codes, 3), *_strided(group_bias, 3), *_strided(head_scale, 2), *common["sinks"],
+        Hq, Hq // Hkv, Nq, Nk, common["qk_scale"], common["softcap"],
         CAUSAL=common["causal"], HAS_MASK=common["has_mask"], HAS_BIAS=common["has_bias"],
         BIAS_ROWS=common["bias_rows"], HAS_GAIN=common["has_gain"], GAIN_ROWS=common["gain_rows_given"],
-        HAS_GROUPS=codes is not None, HAS_HEAD_SCALE=head_scale is not None, STORE_LSE=return_lse,
+        HAS_GROUPS=codes is not None, HAS_HEAD_SCALE=head_scale is not None, HAS_SINKS=common["has_sinks"],
+        HAS_SOFTCAP=common["has_softcap"], STORE_LSE=return_lse,
         UPCAST=common["upcast"], IEEE=common["ieee"], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, D=D,
         num_warps=warps, num_stages=2 if common["bias_rows"] else 3,  # a bias tile per stage: A100's limit
     )  # fmt: skip
@@ -640,8 +684,9 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
 
 
 def _decode(q, k, v, common: dict, redistribute: Redistribute | None):
-    """Split-KV decoding: `_decode_split` over chunks of the cache, then the chunks combined (fp32). A
-    redistribution is applied in the combine, from the per-group sums, so the cache is read once."""
+    """Split-KV decoding: `_decode_split` over chunks of the cache, then the chunks combined (fp32), with the
+    learned sinks' mass. A redistribution is applied in the combine, from the per-group sums, so the cache is
+    read once."""
     B, Hq, _, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -661,36 +706,41 @@ def _decode(q, k, v, common: dict, redistribute: Redistribute | None):
     _decode_split[(B * Hkv, n_splits)](
         q, k, v, part_max, part_sum, part_out, q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(),
         mask[0], mask[1], mask[3], bias[0], bias[1], bias[2], bias[4], *gain_keys, gain_rows[0], gain_rows[1],
-        common["gain"], *_strided(codes, 3), Hq, G, Nk, chunk, n_splits, common["qk_scale"],
+        common["gain"], *_strided(codes, 3), Hq, G, Nk, chunk, n_splits, common["qk_scale"], common["softcap"],
         HAS_MASK=common["has_mask"], HAS_BIAS=common["has_bias"],
         BIAS_ROWS=bias[2] != 0,  # the tile's rows are the query heads: a per-head bias differs along them
         HAS_GAIN=common["has_gain"], GAIN_ROWS=common["gain_rows_given"],
         GROUP_SUMS=codes is not None, CODE_ROWS=codes is not None and codes.shape[1] > 1,
-        UPCAST=common["upcast"], IEEE=common["ieee"], BLOCK_M=max(16, triton.next_power_of_2(G)), BLOCK_N=BLOCK_N,
-        BLOCK_D=max(16, triton.next_power_of_2(D)), D=D,
+        HAS_SOFTCAP=common["has_softcap"], UPCAST=common["upcast"], IEEE=common["ieee"],
+        BLOCK_M=max(16, triton.next_power_of_2(G)), BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)), D=D,
         num_warps=8 if codes is not None and D > 128 else 4,  # three [G, 256] accumulators spill on 4 warps
     )  # fmt: skip
     top = part_max.amax(dim=-1, keepdim=True)  # [B, Hq, 1], base 2
+    sinks = common["sinks"][0]  # [B, Hq] base 2, or None
+    if sinks is not None:
+        top = torch.maximum(top, sinks[..., None])
     weight = torch.exp2(part_max - torch.where(torch.isinf(top), 0.0, top))  # empty chunks weigh 0
     sums = (part_sum * weight[..., None]).sum(dim=2)  # [B, Hq, 1 | 5]
     outs = (part_out * weight[..., None, None]).sum(dim=2)  # [B, Hq, 1 | 3, D]
+    sink_mass = 0.0 if sinks is None else torch.exp2(sinks - top[..., 0])  # [B, Hq]: in the normaliser only
     if codes is None:
-        total, out = sums[..., 0], outs[:, :, 0]
+        total, out = sums[..., 0] + sink_mass, outs[:, :, 0]
     else:  # each group's part scaled by its bias; the row's normaliser is unchanged by construction
         source, target, other, gate, gate_source = (m[..., None] for m in sums.unbind(-1))  # [B, Hq, 1]
-        biases = redistribute.row_biases(source + target + other, source, target, gate, gate_source)
+        everything = source + target + other + (sink_mass if sinks is None else sink_mass[..., None])
+        biases = redistribute.row_biases(everything, source, target, gate, gate_source)
         factors = biases[:, :, 0].exp()  # [B, Hq, 2]: source, target
-        total = factors[..., 0] * sums[..., 0] + factors[..., 1] * sums[..., 1] + sums[..., 2]
+        total = factors[..., 0] * sums[..., 0] + factors[..., 1] * sums[..., 1] + sums[..., 2] + sink_mass
         out = factors[..., :1] * outs[:, :, 0] + factors[..., 1:] * outs[:, :, 1] + outs[:, :, 2]
     out = out / torch.where(total > 0, total, 1.0)[..., None]
     lse = torch.where(total > 0, (top[..., 0] + torch.log2(total.clamp_min(1e-38))) / LOG2E, float("-inf"))
     return out[:, None], lse[..., None]  # [B, 1, Hq, D] fp32, [B, Hq, 1]
 
 
-def column_stats(q, k, *, attention_mask, scale, causal, query_mask, key_bias):
+def column_stats(q, k, *, attention_mask, scale, causal, query_mask, key_bias, sinks, softcap):
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    common = _common(q, k, AttentionEdit(key_bias=key_bias), attention_mask, scale, causal)
+    common = _common(q, k, AttentionEdit(key_bias=key_bias), attention_mask, scale, causal, sinks, softcap)
     stats = _run_statistics(q, k, common, None)
     lse = torch.where(stats[1] > 0, (stats[0] + stats[1].log2()) / LOG2E, float("-inf")).contiguous()
     sums = torch.empty(B, Hq, Nk, dtype=torch.float32, device=q.device)
@@ -699,17 +749,17 @@ def column_stats(q, k, *, attention_mask, scale, causal, query_mask, key_bias):
     BLOCK_M, BLOCK_N, BLOCK_D, warps = _blocks(Nq, Nk, D)
     _column_sums[(triton.cdiv(Nk, BLOCK_N), B * Hq)](
         q, k, lse, sums, counts, *q.stride(), *k.stride(), *_strided(rows, 2),
-        *common["mask"], *common["bias"], Hq, Hq // Hkv, Nq, Nk, common["qk_scale"],
+        *common["mask"], *common["bias"], Hq, Hq // Hkv, Nq, Nk, common["qk_scale"], common["softcap"],
         CAUSAL=common["causal"], HAS_MASK=common["has_mask"], HAS_BIAS=common["has_bias"],
-        BIAS_ROWS=common["bias_rows"], HAS_ROWS=rows is not None,
+        BIAS_ROWS=common["bias_rows"], HAS_ROWS=rows is not None, HAS_SOFTCAP=common["has_softcap"],
         UPCAST=common["upcast"], IEEE=common["ieee"], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, D=D,
         num_warps=warps,
     )  # fmt: skip
     return sums, counts
 
 
-def _common(q, k, edit: AttentionEdit, attention_mask, scale, causal) -> dict:
-    """Kernel arguments shared by the three kernels: masks, bias and gain, each as (tensor, *strides)."""
+def _common(q, k, edit: AttentionEdit, attention_mask, scale, causal, sinks, softcap) -> dict:
+    """Kernel arguments shared by the kernels: masks, bias, gain and sinks, each as (tensor, *strides), the cap."""
     B, Hq, Nq, _ = q.shape
     Nk = k.shape[2]
     mask = visible_keys(attention_mask, "triton")
@@ -719,6 +769,7 @@ def _common(q, k, edit: AttentionEdit, attention_mask, scale, causal) -> dict:
     gain_keys = None if gain is None else gain.keys.to(device=q.device, dtype=torch.int8)
     gain_rows = None if gain is None or gain.rows is None else gain.rows.to(device=q.device, dtype=torch.int8)
     bias_args = _strided(bias, 4)
+    sinks = None if sinks is None else (sinks * LOG2E).expand(B, Hq)  # base 2, like the logits
     return {
         "mask": _strided(mask, 3), "bias": bias_args, "bias_rows": bias_args[3] != 0,  # the bias differs by row
         "gain_keys": _strided(gain_keys, 2), "gain_rows": _strided(gain_rows, 2),
@@ -726,7 +777,8 @@ def _common(q, k, edit: AttentionEdit, attention_mask, scale, causal) -> dict:
         "causal": bool(causal and attention_mask is None), "has_mask": mask is not None, "has_bias": bias is not None,
         "has_gain": gain is not None, "gain_rows_given": gain_rows is not None,
         "upcast": bool(INTERPRET and q.dtype == torch.bfloat16), "ieee": q.dtype == torch.float32,
-        "qk_scale": scale * LOG2E,
+        "qk_scale": scale * LOG2E, "sinks": _strided(sinks, 2), "has_sinks": sinks is not None,
+        "softcap": 0.0 if softcap is None else softcap * LOG2E, "has_softcap": softcap is not None,
     }  # fmt: skip
 
 
@@ -738,10 +790,10 @@ def _run_statistics(q, k, common: dict, codes) -> torch.Tensor:
     _statistics[(triton.cdiv(Nq, BLOCK_M), B * Hq)](
         q, k, stats, *q.stride(), *k.stride(),
         *common["mask"], *common["bias"], *common["gain_keys"], *common["gain_rows"], common["gain"],
-        *_strided(codes, 3), Hq, Hq // Hkv, Nq, Nk, common["qk_scale"],
+        *_strided(codes, 3), *common["sinks"], Hq, Hq // Hkv, Nq, Nk, common["qk_scale"], common["softcap"],
         CAUSAL=common["causal"], HAS_MASK=common["has_mask"], HAS_BIAS=common["has_bias"],
         BIAS_ROWS=common["bias_rows"], HAS_GAIN=common["has_gain"], GAIN_ROWS=common["gain_rows_given"],
-        HAS_CODES=codes is not None,
+        HAS_CODES=codes is not None, HAS_SINKS=common["has_sinks"], HAS_SOFTCAP=common["has_softcap"],
         UPCAST=common["upcast"], IEEE=common["ieee"], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, D=D,
         num_warps=warps,
     )  # fmt: skip

@@ -3,7 +3,9 @@
 Softmax runs in fp32 and rows are processed in chunks, so memory stays bounded by
 `_CHUNK_SCORES` scores whatever the sequence length. A row sees the keys whose final logit is finite:
 masked keys, and keys a -inf `key_bias` hides, get probability exactly 0, and a row that sees no key
-yields a zero output and a -inf LSE (never NaN).
+yields a zero output and a -inf LSE (never NaN); with learned sinks such a row puts all its mass on the sink
+(zero output, the sink's logit as LSE). Logits are capped (`softcap`) before any edit, as models cap them
+before their mask; a learned sink joins the softmax as one more logit and is dropped after it.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from .edit import AttentionEdit, Redistribute
 _CHUNK_SCORES = 1 << 24  # fp32 scores held at once: 64 MiB
 
 
-def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, return_lse):
+def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, return_lse, sinks, softcap):
     B, Hq, Hkv = q.shape[0], q.shape[1], k.shape[1]
     v = v.float()
     outputs, lses = [], []
-    for r0, r1, p, _, lse in _probability_rows(q, k, edit, attention_mask, scale, causal, lse=return_lse):
+    rows = _probability_rows(q, k, edit, attention_mask, scale, causal, sinks, softcap, lse=return_lse)
+    for r0, r1, p, _, lse in rows:
         if edit.redistribute is not None:
             p = _redistribute(p, edit.redistribute, r0, r1)
         o = p.reshape(B, Hkv, -1, p.shape[-1]) @ v  # [B, Hkv, G*rows, Dv]: a KV head's queries share its values
@@ -34,20 +37,21 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
     return (out, torch.cat(lses, dim=2)) if return_lse else out
 
 
-def probabilities(q, k, edit: AttentionEdit, *, attention_mask, scale, causal) -> torch.Tensor:
+def probabilities(q, k, edit: AttentionEdit, *, attention_mask, scale, causal, sinks, softcap) -> torch.Tensor:
     """The edited attention probabilities `[B, Hq, Nq, Nk]` (fp32), materialised: for inspection only."""
     rows = []
-    for r0, r1, p, _, _ in _probability_rows(q, k, edit, attention_mask, scale, causal):
+    for r0, r1, p, _, _ in _probability_rows(q, k, edit, attention_mask, scale, causal, sinks, softcap):
         rows.append(_redistribute(p, edit.redistribute, r0, r1) if edit.redistribute is not None else p)
     return torch.cat(rows, dim=2)
 
 
-def column_stats(q, k, *, attention_mask, scale, causal, query_mask, key_bias):
+def column_stats(q, k, *, attention_mask, scale, causal, query_mask, key_bias, sinks, softcap):
     B, Hq, _, _ = q.shape
     Nk = k.shape[2]
     sums = q.new_zeros(B, Hq, Nk, dtype=torch.float32)
     counts = torch.zeros_like(sums)
-    for r0, r1, p, seen, _ in _probability_rows(q, k, AttentionEdit(key_bias=key_bias), attention_mask, scale, causal):
+    edit = AttentionEdit(key_bias=key_bias)
+    for r0, r1, p, seen, _ in _probability_rows(q, k, edit, attention_mask, scale, causal, sinks, softcap):
         seen = seen.expand(*seen.shape[:2], r1 - r0, Nk)  # a mask shared by all rows still counts each row
         if query_mask is not None:
             rows = query_mask[:, None, r0:r1, None]  # [B, 1, rows, 1]
@@ -57,9 +61,9 @@ def column_stats(q, k, *, attention_mask, scale, causal, query_mask, key_bias):
     return sums, counts
 
 
-def _probability_rows(q, k, edit, attention_mask, scale, causal, lse=False) -> Iterator:
+def _probability_rows(q, k, edit, attention_mask, scale, causal, sinks, softcap, lse=False) -> Iterator:
     """Yield `(r0, r1, probabilities [B, Hq, rows, Nk], seen [B|1, 1|Hq, rows, Nk], lse [B, Hq, rows] | None)`,
-    `seen` True where a key's final logit is finite."""
+    `seen` True where a key's final logit is finite; `sinks` `[B|1, Hq]` (fp32) join each row's softmax."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     q_grouped = (q.float() * scale).view(B, Hkv, Hq // Hkv, Nq, D)
@@ -69,6 +73,8 @@ def _probability_rows(q, k, edit, attention_mask, scale, causal, lse=False) -> I
         r1 = min(Nq, r0 + step)
         rows = q_grouped[:, :, :, r0:r1].reshape(B, Hkv, -1, D)  # GQA: a KV head's query heads stacked as rows
         s = (rows @ k_t).view(B, Hq, r1 - r0, Nk)
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
         if edit.key_gain is not None:
             gain = edit.key_gain
             where = gain.keys[:, None, None, :]  # [B, 1, 1, Nk]
@@ -83,10 +89,14 @@ def _probability_rows(q, k, edit, attention_mask, scale, causal, lse=False) -> I
         s.masked_fill_(~keep, float("-inf"))
         # a -inf bias hides a key as the mask does; without a bias the (broadcast, cheaper) mask says it all
         seen = keep if edit.key_bias is None else s > float("-inf")  # [B|1, 1|Hq, rows, Nk]
+        if sinks is not None:  # one more logit per row, which carries no value
+            s = torch.cat([s, sinks[:, :, None, None].expand(B, Hq, r1 - r0, 1)], dim=-1)  # [B, Hq, rows, Nk + 1]
         row_lse = torch.logsumexp(s, dim=-1) if lse else None  # -inf on a row that sees nothing
         blind = ~seen.any(dim=-1, keepdim=True)  # [B|1, 1|Hq, rows, 1]
+        if sinks is not None:  # a finite sink takes all the mass of a row that sees no key
+            blind = blind & torch.isneginf(sinks)[:, :, None, None]
         p = torch.softmax(s, dim=-1).masked_fill_(blind, 0.0)  # 0 rather than softmax's NaN on such rows
-        yield r0, r1, p, seen, row_lse
+        yield r0, r1, (p if sinks is None else p[..., :Nk]), seen, row_lse
 
 
 def visible_keys(attention_mask, backend: str) -> torch.Tensor | None:

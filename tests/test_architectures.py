@@ -9,6 +9,9 @@ generates on a left-padded batch, each row as it would alone.
 
 from __future__ import annotations
 
+import copy
+import math
+
 import pytest
 import torch
 import transformers
@@ -57,7 +60,11 @@ SUPPORTED = {
     "llama4_text": {"head_dim": 16, **MOE, "intermediate_size_mlp": 96, "attention_chunk_size": 6},
     "jetmoe": {**MOE, "kv_channels": 16},  # these two `.view()` the attention output: it must be contiguous
     "afmoe": {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+    # eager only (sdpa has neither): logits soft-capped, at a cap low enough to bend these tiny logits
+    "gemma2": {**WINDOW, "head_dim": 16, "attn_logit_softcapping": 0.5},
+    "gpt_oss": {**WINDOW, "head_dim": 16, "num_local_experts": 4},  # a learned sink logit per head (s_aux)
 }
+EAGER = {"gemma2", "gpt_oss"}  # families transformers runs under eager attention only
 
 HYBRID_NEXT = dict(
     head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, linear_num_key_heads=2,
@@ -81,8 +88,6 @@ SPARSE = dict(MLA, index_topk=4, index_n_heads=2, index_head_dim=16)
 REFUSED = {
     "falcon": ({}, "sdpa", r"FalconForCausalLM does not compute attention through transformers' AttentionInterface"),
     "bloom": ({}, "eager", r"BloomForCausalLM does not compute attention through"),
-    "gemma2": ({**WINDOW, "head_dim": 16}, "eager", r"`softcap` \(logit soft-capping.*\) on layers \[0, 1, 2, 3\]"),
-    "gpt_oss": ({**WINDOW, "head_dim": 16, "num_local_experts": 4}, "eager", r"`s_aux` \(a learned attention-sink"),
     "deepseek_v32": (SPARSE, "sdpa", r"`indices` \(the keys a sparse indexer selected"),
     "glm_moe_dsa": (SPARSE, "sdpa", r"GlmMoeDsaForCausalLM passes .*`indices`"),
     "qwen3_next": (HYBRID_NEXT, "sdpa", r"Qwen3NextForCausalLM is a hybrid: layers \[0, 1, 2\] are linear_attention"),
@@ -111,7 +116,8 @@ SEQ2SEQ = {
 }  # fmt: skip
 
 
-def tiny(model_type: str, extra: dict, implementation: str = "sdpa", auto=AutoModelForCausalLM):
+def tiny(model_type: str, extra: dict, implementation: str | None = None, auto=AutoModelForCausalLM):
+    implementation = implementation or ("eager" if model_type in EAGER else "sdpa")
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, **{**COMMON, **extra})
     return auto.from_config(config, attn_implementation=implementation).eval()
@@ -140,6 +146,21 @@ def test_neutral_parameters_and_remove_are_exact_and_edits_change_the_logits(fam
             edited = logits(model, ids, mask)
         assert (edited - plain).abs().max() > 1e-3, f"{method} left {family} unchanged"
         assert torch.equal(logits(model, ids, mask), plain)  # after remove()
+
+
+@pytest.mark.parametrize("family", list(SUPPORTED))
+def test_the_edited_path_with_nothing_to_move_equals_the_models_own_attention(family, batch):
+    """ACT with a threshold no key's mean attention passes finds no sink: every layer runs intervene's attention
+    (its soft-capping and learned sinks included) and leaves every row as it is. Compared at real tokens: a
+    padding row sees no key, which eager attention averages over every key and intervene's gives zero."""
+    model = tiny(family, SUPPORTED[family])
+    ids, mask = batch
+    plain = logits(model, ids, mask)
+    with intervene.apply(model, "act", threshold=1.0, layers="all") as handle:
+        edited = logits(model, ids, mask)
+    assert handle.active_layers == set(range(model.config.num_hidden_layers))
+    real = mask.bool()
+    torch.testing.assert_close(edited[real], plain[real], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", list(SUPPORTED))
@@ -198,3 +219,28 @@ def test_encoder_decoders_are_refused_for_what_they_are(family):
     model = tiny(family, SEQ2SEQ[family], auto=AutoModelForSeq2SeqLM)
     with pytest.raises(intervene.UnsupportedModelError, match=r"is an encoder-decoder model; intervene edits the"):
         intervene.apply(model, "zerotuning", gamma=2.0)
+
+
+def test_zerotuning_on_learned_sinks_equals_raising_the_models_sink_logits(batch):
+    """target="learned_sink": a log(gamma) bias on each selected head's sink logit, which is what adding log(gamma)
+    to gpt-oss's own `sinks` parameter does; the initial token is left alone."""
+    model = tiny("gpt_oss", SUPPORTED["gpt_oss"])
+    ids, mask = batch
+    real = mask.bool()
+    heads = {1: [0, 3], 2: [1]}
+    with intervene.apply(model, "zerotuning", gamma=3.0, target="learned_sink", heads=heads):
+        scaled = logits(model, ids, mask)
+    raised = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer, chosen in heads.items():
+            raised.model.layers[layer].self_attn.sinks[chosen] += math.log(3.0)
+    torch.testing.assert_close(scaled[real], logits(raised, ids, mask)[real], atol=1e-5, rtol=1e-5)
+    assert (scaled - logits(model, ids, mask))[real].abs().max() > 1e-3
+
+
+def test_zerotuning_on_learned_sinks_is_refused_where_there_are_none():
+    model = tiny("llama", SUPPORTED["llama"])
+    with pytest.raises(ValueError, match=r"target='learned_sink' scales learned attention sinks, and this model's"):
+        intervene.apply(model, "zerotuning", gamma=2.0, target="learned_sink")
+    with pytest.raises(ValueError, match=r"target='sink' is not one of 'initial', 'learned_sink'"):
+        intervene.apply(model, "zerotuning", gamma=2.0, target="sink")

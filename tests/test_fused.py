@@ -3,6 +3,8 @@ toy sizes in Triton's interpreter on CPU: odd lengths, Nq != Nk (cache, split-KV
 padding, every edit alone and composed, fp32 to 1e-5 and fp16/bf16 by flash-attention's rule (our error
 at most twice that of an eager low-precision attention, both against fp32)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -348,3 +350,43 @@ def test_real_sizes_in_bf16_on_the_gpu(n):
     prefill = kernels.modified_attention(q, k, v, AttentionEdit(key_bias=bias), backend="triton")
     decode = kernels.modified_attention(q[:, :, -1:], k, v, AttentionEdit(key_bias=bias), backend="triton")
     torch.testing.assert_close(decode, prefill[:, -1:], atol=2e-2, rtol=0)
+
+
+MODELS = {  # a model's own attention around the edits: learned sinks (gpt-oss), soft-capping (Gemma-2), both
+    "learned sinks": {"sinks": torch.tensor([-1.0, 0.5, 2.0, 4.0])},
+    "soft-capping": {"softcap": 3.0},
+    "both": {"sinks": torch.tensor([3.0, -2.0, 0.0, 1.0]), "softcap": 2.0},
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize(  # eager flex is slow under a cap: it checks both at once
+    "backend, model", [*(("triton", model) for model in MODELS), ("flex", "both")]
+)
+def test_learned_sinks_and_soft_capping_match_the_reference_under_every_edit(backend, shape, model):
+    nq, nk, hq, hkv, d = SHAPES[shape]
+    q, k, v, g = tensors(nq, nk, hq, hkv, d)
+    mask = padded_mask(2, nq, nk, [0, 3])
+    cases = edits(2, hq, nq, nk, g)
+    if "sinks" in MODELS[model]:
+        cases["sink bias"] = AttentionEdit(sink_bias=torch.randn(2, hq, generator=g))
+        cases["sink bias and redistribution"] = replace(
+            cases["redistribution, mass gate"], sink_bias=cases["sink bias"].sink_bias
+        )
+    for name, edit in cases.items():
+        kwargs = dict(attention_mask=mask, scale=0.3, return_lse=True, **MODELS[model])
+        expected, expected_lse = kernels.modified_attention(q, k, v, edit, backend="reference", **kwargs)
+        out, lse = kernels.modified_attention(q, k, v, edit, backend=backend, **kwargs)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_column_statistics_with_sinks_and_caps_match_the_reference(model):
+    nq, nk, hq, hkv, d = SHAPES["chunk after a cache"]
+    q, k, _, g = tensors(nq, nk, hq, hkv, d)
+    kwargs = dict(attention_mask=padded_mask(2, nq, nk, [0, 3]), query_mask=torch.rand(2, nq, generator=g) < 0.6)
+    sums, counts = kernels.column_stats(q, k, scale=0.3, backend="triton", **kwargs, **MODELS[model])
+    ref_sums, ref_counts = kernels.column_stats(q, k, scale=0.3, backend="reference", **kwargs, **MODELS[model])
+    torch.testing.assert_close(sums, ref_sums, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(counts, ref_counts.expand_as(counts))

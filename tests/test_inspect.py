@@ -84,6 +84,33 @@ def test_inspect_reports_the_sinks_act_detects(tmp_path, tiny_checkpoint):
             assert picture.width > 400 and picture.height > 300
 
 
+def test_inspect_shows_a_learned_sink_apart_from_the_tokens(tmp_path, smollm2_tokenizer):
+    """A tiny random gpt-oss: each row's mass on its head's learned sink (s_aux) is a column of its own in the
+    table, in sinks.json and in the maps; raising the sinks with ZeroTuning's target="learned_sink" raises it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "gpt_oss", vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, sliding_window=6,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    prompt = "The cat sat on the mat."
+    inputs = smollm2_tokenizer(prompt, return_tensors="pt")
+    with intervene.record_attention(model) as recorded, torch.no_grad():
+        model(**inputs)
+    with intervene.apply(model, "zerotuning", gamma=4.0, target="learned_sink") as handle:
+        text, _ = inspect(model, smollm2_tokenizer, prompt, handle=handle, output=tmp_path)
+    document = json.loads((tmp_path / "sinks.json").read_text())
+    learned = torch.tensor(document["before"]["learned_sink_attention"])  # [L, Hq]
+    expected = torch.stack([(1 - recorded[layer][0].sum(dim=-1)).mean(dim=-1) for layer in range(2)])
+    torch.testing.assert_close(learned, expected, atol=1e-6, rtol=0)
+    assert (torch.tensor(document["after"]["learned_sink_attention"]) > learned).all()
+    assert "| learned-sink attention |" in text and "learned sink: the mass a row gives" in text
+    with Image.open(tmp_path / "attention.png") as picture:
+        assert picture.width > 400
+
+
 def test_inspect_draws_the_image_attention_of_a_vision_language_model(tmp_path):
     model, processor = intervene.load_model("tiny-llava", device="cpu")
     with intervene.apply(model, "pai", alpha=0.5) as handle:

@@ -423,3 +423,93 @@ def test_the_reference_runs_cuda_tensors_with_an_edit_made_on_the_cpu():
     expected = kernels.modified_attention(q, k, v, edit, scale=0.3, backend="reference")
     out = kernels.modified_attention(q.cuda(), k.cuda(), v.cuda(), edit, scale=0.3, backend="reference")
     torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=1e-5)
+
+
+def sink_logits(q, k, v, scale, keep, sinks, softcap=None):
+    """A transcription of gpt-oss's eager attention (with Gemma-2's cap before the mask): the sink logit appended
+    to each row, softmax, the sink's column dropped. Returns (out [B, Nq, Hq, D], probabilities, lse)."""
+    group = q.shape[1] // k.shape[1]
+    logits = q @ k.repeat_interleave(group, dim=1).transpose(-1, -2) * scale  # [B, Hq, Nq, Nk]
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits.masked_fill(~keep, float("-inf"))
+    if sinks is not None:
+        logits = torch.cat([logits, sinks.reshape(1, -1, 1, 1).expand(*logits.shape[:3], 1)], dim=-1)
+    probabilities = torch.softmax(logits, dim=-1)[..., : k.shape[2]].nan_to_num()  # a row that sees nothing: 0
+    out = probabilities @ v.repeat_interleave(group, dim=1)
+    return out.transpose(1, 2), probabilities, logits.logsumexp(-1)
+
+
+def test_learned_sinks_join_each_rows_normaliser_as_gpt_oss_computes_them():
+    q, k, v = qkv()
+    keep = padded_keep(2, 9, [0, 3])
+    sinks = torch.tensor([-1.0, 0.0, 2.0, 5.0])
+    out, lse = kernels.modified_attention(q, k, v, attention_mask=keep, scale=0.3, sinks=sinks, return_lse=True)
+    expected, probabilities, expected_lse = sink_logits(q, k, v, 0.3, keep, sinks)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lse, expected_lse, atol=1e-6, rtol=1e-6)
+    rows = kernels.attention_probabilities(q, k, attention_mask=keep, scale=0.3, sinks=sinks)
+    torch.testing.assert_close(rows, probabilities, atol=1e-6, rtol=1e-6)
+    assert (rows.sum(-1) < 1).all()  # the sink keeps some of every row's mass
+    # a row that sees no key gives all its mass to the sink: zero output, the sink's logit as LSE
+    assert torch.equal(out[1, :3], torch.zeros_like(out[1, :3]))
+    torch.testing.assert_close(lse[1, :, :3], sinks[:, None].expand(4, 3))
+
+
+def test_soft_capping_caps_the_logits_before_the_mask_and_the_edits():
+    q, k, v = qkv()
+    keep = padded_keep(2, 9, [0, 3])
+    out, lse = kernels.modified_attention(q, k, v, attention_mask=keep, scale=0.3, softcap=2.0, return_lse=True)
+    expected, _, expected_lse = sink_logits(q, k, v, 0.3, keep, None, softcap=2.0)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lse[0], expected_lse[0], atol=1e-6, rtol=1e-6)
+    # a key bias lands on the capped logits: it may push a logit past the cap
+    bias = torch.zeros(1, 1, 1, 9).index_fill_(-1, torch.tensor([2]), 3.0)
+    biased = kernels.modified_attention(
+        q, k, v, AttentionEdit(key_bias=bias), attention_mask=keep, scale=0.3, softcap=2.0
+    )
+    logits = torch.tanh(q @ k.repeat_interleave(2, dim=1).transpose(-1, -2) * 0.3 / 2.0) * 2.0 + bias
+    probabilities = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1).nan_to_num()
+    torch.testing.assert_close(
+        biased, (probabilities @ v.repeat_interleave(2, dim=1)).transpose(1, 2), atol=1e-6, rtol=1e-6
+    )
+
+
+def test_a_sink_bias_of_log_gamma_scales_the_sinks_probability_and_renormalises():
+    q, k, v = qkv()
+    sinks = torch.tensor([-1.0, 0.0, 2.0, 5.0])
+    gamma = torch.tensor([0.25, 1.0, 2.0, 4.0])
+    edit = AttentionEdit(sink_bias=gamma.log())
+    out = kernels.modified_attention(q, k, v, edit, scale=0.3, sinks=sinks)
+    keep = torch.ones(9, 9, dtype=torch.bool).tril().expand(2, 1, 9, 9)
+    _, probabilities, _ = sink_logits(q, k, v, 0.3, keep, sinks)
+    sink = 1 - probabilities.sum(-1, keepdim=True)  # [B, Hq, Nq, 1]
+    scaled = probabilities / (1 - sink + gamma[:, None, None] * sink)  # the sink's mass times gamma, renormalised
+    torch.testing.assert_close(out, (scaled @ v.repeat_interleave(2, dim=1)).transpose(1, 2), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="sink_bias scales learned attention sinks, and this attention has none"):
+        kernels.modified_attention(q, k, v, edit, scale=0.3)
+
+
+def test_column_stats_with_learned_sinks_are_the_models_probabilities():
+    q, k, _ = qkv(n=7)
+    keep = padded_keep(2, 7, [0, 2])
+    sinks = torch.tensor([-1.0, 0.0, 2.0, 5.0])
+    sums, counts = kernels.column_stats(q, k, attention_mask=keep, scale=0.3, sinks=sinks)
+    _, probabilities, _ = sink_logits(q, k, q[:, :2], 0.3, keep, sinks)
+    torch.testing.assert_close(sums, probabilities.sum(dim=2), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(counts, kernels.column_stats(q, k, attention_mask=keep, scale=0.3)[1])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"sinks": torch.zeros(3)}, r"sinks must be \[Hq\] with Hq=4; got shape \(3,\)"),
+        ({"sinks": torch.zeros(4, dtype=torch.int64)}, "sinks must have a floating dtype"),
+        ({"softcap": 0.0}, "softcap must be a positive number"),
+        ({"softcap": "50"}, "softcap must be a positive number"),
+    ],
+)
+def test_bad_sinks_and_caps_are_refused_naming_them(kwargs, message):
+    q, k, v = qkv()
+    with pytest.raises((ValueError, TypeError), match=message):
+        kernels.modified_attention(q, k, v, scale=0.3, **kwargs)
