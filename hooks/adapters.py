@@ -8,7 +8,12 @@ from .compat import UnsupportedModelError
 
 # Vision-language families (config.model_type) whose image tokens we can locate: each marks every image
 # position in `input_ids` with `config.image_token_id`, and runs a causal decoder as its language model.
-VISION_LANGUAGE = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm")
+# Gemma-3's image tokens also see each other both ways: its mask builder gets that from `token_type_ids`, and
+# ours hands it the same arguments, so edits see that mask as the model builds it. Qwen3-VL adds deepstack
+# features to the image positions' hidden states after its first layers, which the layers' inputs then carry.
+VISION_LANGUAGE = (
+    "llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "gemma3",
+)  # fmt: skip
 
 
 def text_config(model: nn.Module):

@@ -27,6 +27,16 @@ from .base import LayerCall, Method, ModelSpec, check_number, register, require_
 
 DEBIAS = ("none", "position", "padding", "both")
 QUERIES = ("last", "text")
+MROPE = "places image tokens with M-RoPE (3D positions), which pruning does not remap yet"
+# Families whose image tokens pruning cannot remove exactly yet, and why.
+UNPRUNABLE = {
+    "qwen2_vl": MROPE,
+    "qwen2_5_vl": MROPE,
+    "qwen3_vl": f"{MROPE}, and after its first layers adds deepstack visual features at the unpruned sequence's "
+    "image positions",
+    "gemma3": "has sliding-window layers: their cache holds only the latest tokens, while pruning's decoding mask "
+    "spans every kept one (and what a window over a pruned sequence should hold is not defined yet)",
+}
 
 
 @register("prune")
@@ -66,10 +76,10 @@ class Prune(Method):
 
     def resolve(self, model: ModelSpec) -> Prune:
         require_vision("prune", model)
-        if model.model_type.startswith("qwen"):
+        if (reason := UNPRUNABLE.get(model.model_type)) is not None:
             raise ValueError(
-                f"prune: {model.model_type} places image tokens with M-RoPE (3D positions), which pruning does not "
-                "remap yet; use a LLaVA-style model (one raster-order block of image tokens per image)"
+                f"prune: {model.model_type} {reason}; use a LLaVA-style model (one raster-order block of image "
+                "tokens per image)"
             )
         layer = self.layer
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < model.num_layers:

@@ -208,6 +208,39 @@ def tiny_llava_onevision():
     return LlavaOnevisionForConditionalGeneration(config), 36  # base 4 x 4, one 4 x 4 crop, 4 row newlines
 
 
+def tiny_gemma3_vlm():
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    text = Gemma3TextConfig(
+        **VLM_TEXT, head_dim=16, query_pre_attn_scalar=16, sliding_window=6,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+    )  # fmt: skip
+    config = Gemma3Config(
+        text_config=text, vision_config=SiglipVisionConfig(**VLM_VISION, image_size=32, patch_size=8),
+        mm_tokens_per_image=4, image_token_index=IMAGE_TOKEN, boi_token_index=91, eoi_token_index=92,
+    )  # fmt: skip
+    model = Gemma3ForConditionalGeneration(config)
+    projection = model.model.multi_modal_projector.mm_input_projection_weight
+    with torch.no_grad():  # initialised to zeros, which would give every image the same (null) tokens
+        drawn = torch.randn(projection.shape, generator=torch.Generator().manual_seed(0))
+        projection.copy_(drawn * projection.shape[0] ** -0.5)  # [vision hidden, text hidden]
+    return model, 4  # 4 x 4 patches, average-pooled 2 x 2
+
+
+def tiny_qwen3_vl():
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    config = Qwen3VLConfig(
+        text_config=dict(**VLM_TEXT, head_dim=16, rope_parameters=rope),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                           deepstack_visual_indexes=[0, 1]),
+        image_token_id=IMAGE_TOKEN, vision_start_token_id=91, vision_end_token_id=92,
+    )  # fmt: skip
+    return Qwen3VLForConditionalGeneration(config), 4  # as Qwen2-VL; deepstack adds into decoder layers 0 and 1
+
+
 VLM_FACTORIES = {
     "llava": tiny_llava,
     "llava_onevision": tiny_llava_onevision,
@@ -215,6 +248,8 @@ VLM_FACTORIES = {
     "qwen2_5_vl": tiny_qwen2_5_vl,
     "idefics3": tiny_idefics3,
     "smolvlm": tiny_smolvlm,
+    "gemma3": tiny_gemma3_vlm,
+    "qwen3_vl": tiny_qwen3_vl,
 }
 
 
@@ -245,7 +280,7 @@ class TinyVLM:
         """One prompt's tokens: text, the image tokens (inside the family's markers), text."""
         before, after = ([t % IMAGE_TOKEN for t in text] for text in (before, after))  # no stray image tokens
         image = [IMAGE_TOKEN] * self.image_tokens
-        if self.family.startswith("qwen"):
+        if self.family.startswith("qwen") or self.family == "gemma3":
             image = [91, *image, 92]
         return [1, *before, *image, *after]
 
@@ -256,6 +291,7 @@ class TinyVLM:
         seeds = range(len(prompts)) if image_seeds is None else image_seeds
         shape = {"llava": (3, 32, 32), "llava_onevision": (2, 3, 32, 32), "idefics3": (1, 3, 32, 32)}
         shape["smolvlm"] = shape["idefics3"]
+        shape["gemma3"] = shape["llava"]
         size = shape.get(self.family, (16, 3 * 2 * 4 * 4))  # Qwen: 16 flattened patches
         pixels = [torch.randn(*size, generator=torch.Generator().manual_seed(seed)) for seed in seeds]
         if self.family == "llava_onevision":  # a base view and one crop
@@ -267,6 +303,9 @@ class TinyVLM:
                 "image_grid_thw": torch.tensor([[1, 4, 4]] * len(prompts)),
                 "mm_token_type_ids": (ids == IMAGE_TOKEN).int(),
             }  # fmt: skip
+        if self.family == "gemma3":  # its image tokens attend to each other both ways
+            return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.stack(pixels),
+                    "token_type_ids": (ids == IMAGE_TOKEN).int()}  # fmt: skip
         return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.stack(pixels)}
 
 

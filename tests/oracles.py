@@ -78,11 +78,15 @@ def register_oracle(name: str, transform):
 class OfficialVLM:
     """A VLM attention implementation in the official codes' setting: batch 1, no padding, explicit
     fp32 logits and probabilities, with a KV cache; subclasses transcribe one method's rule on them.
-    Image positions come from the prompt's `input_ids` (a pre-hook on the model)."""
+    Image positions come from the prompt's `input_ids` (a pre-hook on the model). The official codes run
+    causal LLaVA; here the logits are masked as the model masks them (Gemma-3: its image tokens see each
+    other, sliding windows), and a sliding-window layer's keys are the latest ones only (`held`)."""
 
     def __init__(self, model, name: str, image_token: int):
         self.model, self.name, self.image_token = model, name, image_token
         self.image: list[int] = []  # positions of the prompt's image tokens
+        self.length = 0  # tokens of the sequence so far, the current call's included
+        self.first_key = 0  # position of the current call's first key
         AttentionInterface.register(name, self._attention)
         AttentionMaskInterface.register(name, sdpa_mask)
         model.register_forward_pre_hook(self._read_prompt, with_kwargs=True)
@@ -93,9 +97,16 @@ class OfficialVLM:
 
     def _read_prompt(self, module, args, kwargs):
         ids = kwargs["input_ids"]
-        if self.active and ids.shape[1] > 1:
+        if self.active:
             assert ids.shape[0] == 1, "the official codes run batch 1"
-            self.image = (ids[0] == self.image_token).nonzero().flatten().tolist()
+            if ids.shape[1] > 1:  # a prompt
+                self.image = (ids[0] == self.image_token).nonzero().flatten().tolist()
+                self.length = 0
+            self.length += ids.shape[1]
+
+    def held(self, positions: list[int]) -> list[int]:
+        """The key indices, in the current call, of the tokens at `positions` its keys still hold."""
+        return [p - self.first_key for p in positions if p >= self.first_key]
 
     def logits(self, z, layer: int, past: int):
         return z
@@ -105,11 +116,15 @@ class OfficialVLM:
 
     def _attention(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
         heads, n, nk = query.shape[1], query.shape[2], key.shape[2]
+        self.first_key, past = self.length - nk, self.length - n
         k = key[0].float().repeat_interleave(heads // key.shape[1], dim=0)
         z = query[0].float() @ k.transpose(-1, -2) * scaling  # [H, Nq, Nk]
-        z = self.logits(z, module.layer_idx, nk - n)
-        z = z.masked_fill(~torch.ones(n, nk, dtype=torch.bool).tril(diagonal=nk - n), float("-inf"))
-        A = self.probabilities(z.softmax(dim=-1), module.layer_idx, nk - n)
+        z = self.logits(z, module.layer_idx, past)
+        visible = torch.ones(n, nk, dtype=torch.bool).tril(diagonal=nk - n)
+        if attention_mask is not None:  # the model's own (Gemma-3: image tokens see each other, sliding windows)
+            visible = attention_mask[0, 0]
+        z = z.masked_fill(~visible, float("-inf"))
+        A = self.probabilities(z.softmax(dim=-1), module.layer_idx, past)
         v = value[0].float().repeat_interleave(heads // value.shape[1], dim=0)
         return (A @ v).transpose(0, 1)[None].to(query.dtype), None
 
@@ -122,8 +137,8 @@ class OfficialPAI(OfficialVLM):
         self.alpha, self.layers = alpha, layers
 
     def logits(self, z, layer, past):
-        if layer in self.layers:
-            start, end = self.image[0], self.image[-1] + 1
+        if layer in self.layers and (image := self.held(self.image)):
+            start, end = image[0], image[-1] + 1
             z = z.clone()
             z[:, -1, start:end] = z[:, -1, start:end].abs() * self.alpha + z[:, -1, start:end]
         return z
@@ -158,13 +173,16 @@ class OfficialVAR(OfficialVLM):
         if layer not in self.layers or not image_sinks:
             return A
         others = [j for j in self.image if j not in image_sinks]
+        sinks, image_sinks, others, image = (self.held(p) for p in (sinks, image_sinks, others, self.image))
         A = A.clone()
         for h in range(A.shape[0]):
             for i in range(A.shape[1]):
                 if past + i <= self.image[-1]:
                     continue  # rows before and inside the image are untouched
                 a = A[h, i]
-                image_mass = a[self.image].sum()
+                if a[image_sinks].sum() == 0 or a[others].sum() == 0:
+                    continue  # its sliding window holds no image sink to move from, or no image token to move to
+                image_mass = a[image].sum()
                 if not (a[image_sinks].sum() / image_mass <= self.rho_code and image_mass >= self.summ):
                     continue
                 new = a.clone()

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import intervene
-from intervene.hooks.compat import DynamicCache, cache_argument, output_cache
+from intervene.hooks.compat import DynamicCache, cache_argument, implementation, output_cache
 from intervene.interventions.prune import fit_trend, padding_from_pixels, padding_patches, trend_weights
 
 from conftest import IMAGE_TOKEN, TinyVLM, cache_kwarg, prompt
@@ -168,9 +168,23 @@ def test_bad_parameters(params, message):
         intervene.apply(TinyVLM("llava").model, "prune", **params)
 
 
-def test_qwen_layouts_and_combinations_are_refused():
-    with pytest.raises(ValueError, match=r"M-RoPE.*use a LLaVA-style model"):
-        intervene.apply(TinyVLM("qwen2_vl").model, "prune")
+@pytest.mark.parametrize(
+    "family, reason",
+    [
+        ("qwen2_vl", r"qwen2_vl places image tokens with M-RoPE"),
+        ("qwen2_5_vl", r"qwen2_5_vl places image tokens with M-RoPE"),
+        ("qwen3_vl", r"qwen3_vl places image tokens with M-RoPE.*deepstack"),
+        ("gemma3", r"gemma3 has sliding-window layers"),
+    ],
+)
+def test_families_pruning_cannot_treat_exactly_are_refused(family, reason):
+    model = TinyVLM(family).model
+    with pytest.raises(ValueError, match=rf"prune: {reason}.*use a LLaVA-style model"):
+        intervene.apply(model, "prune")
+    assert implementation(model.config.get_text_config()) == "sdpa"  # refused before anything was attached
+
+
+def test_prune_combinations_are_refused():
     model = TinyVLM("llava").model
     with intervene.apply(model, "pai"), pytest.raises(ValueError, match="cannot be combined"):
         intervene.apply(model, "prune")

@@ -1,7 +1,7 @@
-"""VAR, PAI and VHR on tiny random LLaVA, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Idefics3 and SmolVLM
-models: neutral parameters and removal leave the model bit for bit; each method equals a transcription of its
-official operation (batch 1, explicit probabilities, KV cache) on every sample of a padded batch, at prefill
-and at every decoding step."""
+"""VAR, PAI and VHR on tiny random LLaVA, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Idefics3, SmolVLM
+and Gemma-3 models: neutral parameters and removal leave the model bit for bit; each method equals a
+transcription of its official operation (batch 1, explicit probabilities, KV cache) on every sample of a
+padded batch, at prefill and at every decoding step."""
 
 from dataclasses import replace
 
@@ -79,6 +79,34 @@ def test_neutral_parameters_and_remove_leave_the_model_bit_for_bit(vlm_family, m
     handle.remove()
     assert implementation(config.get_text_config()) == "sdpa"
     assert torch.equal(forward_logits(vlm.model, inputs), baseline)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_gemma3_edits_see_its_own_mask_with_the_image_block_both_ways(backend):
+    # Gemma-3 builds its masks from token_type_ids: image tokens see each other both ways (within the sliding
+    # windows), the rest is causal. Our mask function hands the model's builder the same arguments, so every layer
+    # gets the very mask it gets unwrapped, and the edited attention computes with it.
+    vlm = TinyVLM("gemma3")
+    vlm.model.set_attn_implementation({"text_config": backend})
+    inputs = vlm.inputs(prompts(vlm))
+    masks = {}
+    for index, layer in enumerate(vlm.model.get_decoder().layers):
+        layer.self_attn.register_forward_pre_hook(
+            lambda module, args, kwargs, index=index: masks.update({index: kwargs["attention_mask"]}), with_kwargs=True
+        )
+    forward_logits(vlm.model, inputs)
+    plain = dict(masks)
+    with intervene.apply(vlm.model, "pai", layers="all"), intervene.record_attention(vlm.model) as recorded:
+        forward_logits(vlm.model, inputs)
+    image = (inputs["input_ids"][0] == IMAGE_TOKEN).nonzero().flatten()  # the first sample has no padding
+    first, last = int(image[0]), int(image[-1])
+    kinds = vlm.model.config.get_text_config().layer_types
+    for layer, mask in plain.items():
+        assert torch.equal(masks[layer], mask)
+        visible = mask[0, 0] if mask.dtype == torch.bool else mask[0, 0] == 0  # [N, N]
+        assert visible[first, last] and not visible[first - 1, first]  # the image block both ways, text causal
+        assert visible[-1, 0] == (kinds[layer] == "full_attention")  # 15 tokens: past a sliding window of 6
+        assert (recorded[layer][0, :, first, last] > 0).all() and (recorded[layer][0, :, first - 1, first] == 0).all()
 
 
 def check_against_official(vlm: TinyVLM, official_run, ours_run):
@@ -176,7 +204,7 @@ def test_var_prefill_and_cached_decode_equal_one_full_forward(vlm_family):
     dims = sink_dims(vlm)
     batch = prompts(vlm)
     with intervene.apply(vlm.model, "var", tau=1.5, sink_dims=dims, layers="all") as handle:
-        for token in range(3, 40):  # continuations made of one token that is not a sink here
+        for token in range(3, IMAGE_TOKEN):  # continuations made of one text token that is not a sink here
             _, logits = generate(vlm.model, vlm.inputs(batch), forced=token)
             full_logits = forward_logits(vlm.model, vlm.inputs([p + [token] * (STEPS - 1) for p in batch]))
             if not any(state["sinks"][:, -(STEPS - 1) :].any() for state in handle.state.values()):
