@@ -54,28 +54,34 @@ def inspect(
     are the mean over `heads` (query heads; all when None) of each of `layers`."""
     plt = require_matplotlib()
     config = model.config.get_text_config()
-    count = config.num_hidden_layers
-    chosen = sorted(set(layers)) if layers else _default_layers(handle, count)
-    if bad := [layer for layer in chosen if not 0 <= layer < count]:
-        raise ValueError(f"--layers {bad} out of range: this model has layers 0..{count - 1}")
+    spec = model_spec(model)
+    recorded = spec.attention_layers  # a hybrid's other layers have no attention maps
+    chosen = sorted(set(layers)) if layers else _default_layers(handle, recorded)
+    if bad := [layer for layer in chosen if not 0 <= layer < spec.num_layers]:
+        raise ValueError(f"--layers {bad} out of range: this model has layers 0..{spec.num_layers - 1}")
+    if bad := [layer for layer in chosen if layer not in recorded]:
+        raise ValueError(
+            f"--layers {bad}: not softmax-attention layers of {spec.label}, a hybrid; its attention layers "
+            f"are {list(recorded)}"
+        )
     if bad := [head for head in heads or () if not 0 <= head < config.num_attention_heads]:
         raise ValueError(f"--heads {bad} out of range: this model has heads 0..{config.num_attention_heads - 1}")
     inputs, tokens, image_positions = _inputs(model, processor, prompt, image)
-    learned = model_spec(model).learned_sinks
+    learned = spec.learned_sinks
     before, after = _record(model, inputs, handle)
     stats = {"before": _sink_statistics(before, threshold, learned=learned)}
     if after is not None:
         stats["after"] = _sink_statistics(after, threshold, stats["before"]["hidden_sinks"], learned=learned)
     output.mkdir(parents=True, exist_ok=True)
     which = sorted(set(heads)) if heads else slice(None)
-    drawn = {
-        name: {layer: _with_learned_sink(maps[layer], learned)[which].mean(dim=0) for layer in chosen}  # [N, N(+1)]
+    drawn = {  # per layer [N, N], with learned sinks [N, N + 1]
+        name: {layer: _with_learned_sink(maps[recorded.index(layer)], learned)[which].mean(dim=0) for layer in chosen}
         for name, maps in (("before", before), ("after", after))
         if maps is not None
     }
     label = f"heads {', '.join(map(str, which))}" if heads else "mean of all heads"
     _plot_attention(plt, drawn, chosen, tokens, label, output / "attention.png")
-    _plot_first_token(plt, stats, output / "sinks.png")
+    _plot_first_token(plt, stats, recorded, output / "sinks.png")
     if image_positions is not None:
         _plot_image_attention(plt, drawn, chosen, image_positions, image, label, output / "image_attention.png")
     document = {
@@ -84,11 +90,12 @@ def inspect(
         "intervention": handle.to_dict() if handle is not None else None,
         "sink_rate_epsilon": SINK_RATE_EPSILON,
         "hidden_sink_threshold": threshold,
+        "layers": list(recorded),  # the layer of each row of the per-layer lists below
         **{variant: _jsonable(s) for variant, s in stats.items()},
     }
     (output / "sinks.json").write_text(json.dumps(document, indent=1) + "\n")
     unchanged = after is not None and all(torch.equal(b, a) for b, a in zip(before, after, strict=True))
-    text = _summary(prompt, tokens, handle, stats, threshold, unchanged)
+    text = _summary(prompt, tokens, handle, stats, recorded, threshold, unchanged)
     (output / "summary.txt").write_text(text + "\n")
     pictures = ["attention.png", "sinks.png"] + (["image_attention.png"] if image_positions is not None else [])
     return text, [output / name for name in (*pictures, "summary.txt", "sinks.json")]
@@ -142,9 +149,9 @@ def _with_learned_sink(maps: torch.Tensor, learned: bool) -> torch.Tensor:
     return torch.cat([maps, (1 - maps.sum(dim=-1, keepdim=True)).clamp_min(0)], dim=-1) if learned else maps
 
 
-def _default_layers(handle, count: int) -> list[int]:
-    """Four layers spread over those the intervention changes (over all layers without one)."""
-    pool = sorted(handle.active_layers) if handle is not None and handle.active_layers else list(range(count))
+def _default_layers(handle, recorded: tuple[int, ...]) -> list[int]:
+    """Four layers spread over those the intervention changes (over all attention layers without one)."""
+    pool = sorted(handle.active_layers) if handle is not None and handle.active_layers else list(recorded)
     return sorted({pool[round(i * (len(pool) - 1) / 3)] for i in range(4)})
 
 
@@ -172,7 +179,7 @@ def _sink_statistics(maps: list[torch.Tensor], threshold: float, hidden=None, *,
     }
 
 
-def _summary(prompt, tokens, handle, stats, threshold, unchanged: bool) -> str:
+def _summary(prompt, tokens, handle, stats, recorded, threshold, unchanged: bool) -> str:
     before, after = stats["before"], stats.get("after")
     lines = [f"prompt: {prompt!r} ({len(tokens)} tokens)"]
     if handle is not None:
@@ -194,10 +201,10 @@ def _summary(prompt, tokens, handle, stats, threshold, unchanged: bool) -> str:
         f"|---:|---|---|{'---|' * learned}---|---|",
     ]
     columns = ("sink_rate_per_layer", "first_token_attention", *(["learned_sink_attention"] * learned))
-    for layer, masks in enumerate(before["hidden_sinks"]):
+    for row, (layer, masks) in enumerate(zip(recorded, before["hidden_sinks"], strict=True)):
         cells = []
         for name in (*columns, "hidden_sink_attention"):
-            values = [s[name][layer].mean().item() for s in (before, after) if s]
+            values = [s[name][row].mean().item() for s in (before, after) if s]
             cells.append(" -> ".join(f"{v:.3f}" for v in values))
         heads = masks.sum(dim=0)  # [N]: in how many heads each key is a hidden sink
         top = sorted(heads.nonzero().flatten().tolist(), key=lambda i: -heads[i])
@@ -245,14 +252,16 @@ def _label(axis, title: str, tokens: list[str], learned_sink: bool) -> None:
         axis.set_yticks(range(len(tokens)), names, fontsize=6)
 
 
-def _plot_first_token(plt, stats, path: Path) -> None:
-    """Attention on the first token per (layer, head), before and after, on one 0..1 scale."""
+def _plot_first_token(plt, stats, recorded, path: Path) -> None:
+    """Attention on the first token per (attention layer, head), before and after, on one 0..1 scale."""
     figure, axes = plt.subplots(1, len(stats), figsize=(5 * len(stats), 5), squeeze=False, layout="constrained")
     for axis, (name, s) in zip(axes[0], stats.items(), strict=True):
         image = axis.imshow(s["first_token_attention"].numpy(), vmin=0, vmax=1, cmap="magma", aspect="auto")
         axis.set_title(f"first-token attention, {name} (sink rate {s['sink_rate']:.2f})", fontsize=9)
         axis.set_xlabel("head")
         axis.set_ylabel("layer")
+        if recorded != tuple(range(len(recorded))):  # a hybrid: name the attention layers the rows are
+            axis.set_yticks(range(len(recorded)), [str(layer) for layer in recorded])
     figure.colorbar(image, ax=axes[0], shrink=0.8)
     figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)

@@ -197,15 +197,21 @@ def real_tokens(mask, past: int, earlier: torch.Tensor | None) -> torch.Tensor |
 # -- what a model's attention layers are: observed once, at `apply` -------------------------------------------
 
 
+# Layer kinds (`config.layer_types`) of softmax attention: a layer declared as one of them must run attention.
+SOFTMAX_KINDS = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
+
+
 @dataclass(frozen=True)
 class Probe:
     """The language model's softmax-attention layers as one forward showed them."""
 
-    layers: dict[int, nn.Module]  # layer index -> its attention module, one per decoder layer
+    layers: dict[int, nn.Module]  # softmax-attention layer index -> its attention module
     num_heads: int  # query heads
     num_kv_heads: int
     cache_argument: str  # the decoder's name for its KV cache
     allowed: frozenset[str]  # keywords we implement, or the callers' own that reach attention (`PASS_THROUGH`)
+    num_layers: int  # decoder layers of every kind
+    layer_kinds: tuple[str, ...]  # a hybrid's declared kind of every layer (config.layer_types); () otherwise
     learned_sinks: bool  # its attention takes learned sink logits (`s_aux`)
 
 
@@ -242,8 +248,9 @@ def probe(model: nn.Module, name: str, text_key: str | None) -> Probe:
     """Run a short prompt through `model`'s language model under its own implementation and under `name`
     (whose function falls through to that implementation while probing), and read off its attention layers.
 
-    Refuses, with the reason, a model whose layers are not all softmax attention through AttentionInterface
-    (falcon, xLSTM, the linear / state-space layers of hybrids), whose attention takes a keyword the edited
+    A hybrid's layers of other kinds (linear attention, state-space, convolution) are accepted where its config
+    declares them as such, and left alone. Refuses, with the reason, a model with another layer that runs no
+    softmax attention through AttentionInterface (falcon, xLSTM), whose attention takes a keyword the edited
     path does not implement (learned sinks, soft-capping, a sparse indexer's keys), or whose output changes
     with the implementation's name alone, so that the layers intervene leaves alone would not be exact."""
     label = type(model).__name__
@@ -292,7 +299,7 @@ def probe(model: nn.Module, name: str, text_key: str | None) -> Probe:
             set_implementation(model, previous, text_key)
     callers = (inspect.signature(f).parameters for f in (model.forward, decoder.forward))
     allowed = IMPLEMENTED | PASS_THROUGH.union(*callers)
-    layers = _layers(label, text, calls, allowed)
+    layers, layer_kinds = _layers(label, text, calls, allowed)
     if not torch.equal(expected, got):
         raise UnsupportedModelError(
             f"{label} computes differently when its attention implementation is named {name!r} instead of "
@@ -306,12 +313,15 @@ def probe(model: nn.Module, name: str, text_key: str | None) -> Probe:
             "per-head parameters assume one count for every layer"
         )
     num_heads, num_kv_heads = heads.pop()
+    cache = cache_argument(decoder.forward)
     learned_sinks = any("s_aux" in keywords for *_, keywords in calls)
-    return Probe(layers, num_heads, num_kv_heads, cache_argument(decoder.forward), allowed, learned_sinks)
+    return Probe(layers, num_heads, num_kv_heads, cache, allowed, text.num_hidden_layers, layer_kinds, learned_sinks)
 
 
-def _layers(label: str, text, calls: list, allowed: frozenset[str]) -> dict[int, nn.Module]:
-    """The attention module of each decoder layer, or the reason some layer has none intervene can edit."""
+def _layers(label: str, text, calls: list, allowed: frozenset[str]) -> tuple[dict[int, nn.Module], tuple[str, ...]]:
+    """The attention module of each softmax-attention layer and, for a hybrid (whose other layers are linear
+    attention, state-space or convolution layers), the declared kind of every layer; or the reason some layer
+    cannot be accounted for."""
     if not calls:
         raise UnsupportedModelError(
             f"{label} ran no attention through transformers' AttentionInterface (a model without attention heads, "
@@ -339,19 +349,19 @@ def _layers(label: str, text, calls: list, allowed: frozenset[str]) -> dict[int,
             "Editing those layers would drop them, and leaving them alone is not possible under one implementation"
         )
     missing = sorted(set(range(text.num_hidden_layers)) - set(layers))
-    if missing:
-        kinds = getattr(text, "layer_types", None)
-        kinds = sorted({kinds[i] for i in missing}) if isinstance(kinds, list) and len(kinds) > max(missing) else []
-        if kinds:  # a hybrid: its other layers are linear attention, state-space or convolution layers
-            raise UnsupportedModelError(
-                f"{label} is a hybrid: layers {missing} are {', '.join(kinds)} layers (config.layer_types), not "
-                "softmax attention. intervene edits softmax attention and does not support hybrid models yet"
-            )
+    kinds = getattr(text, "layer_types", None)  # every hybrid family we know declares it (some as an alias)
+    kinds = list(kinds) if isinstance(kinds, (list, tuple)) and len(kinds) == text.num_hidden_layers else None
+    # A layer that ran no attention is another kind only if its config says so, and says it differently from the
+    # layers that did run attention: one declared like them, or not at all, is a softmax layer we cannot reach.
+    attention_kinds = SOFTMAX_KINDS | {kinds[i] for i in layers} if kinds else SOFTMAX_KINDS
+    unexplained = [i for i in missing if kinds is None or kinds[i] in attention_kinds]
+    if unexplained:
+        declared = f" (config.layer_types declares them {sorted({kinds[i] for i in unexplained})})" if kinds else ""
         raise UnsupportedModelError(
-            f"{label}: of the {text.num_hidden_layers} layers its config declares, {missing} ran no attention "
-            "through AttentionInterface, so intervene cannot tell what they are"
+            f"{label}: of the {text.num_hidden_layers} layers its config declares, {unexplained} ran no attention "
+            f"through AttentionInterface{declared}, so intervene cannot tell what they are"
         )
-    return layers
+    return layers, tuple(kinds) if missing else ()
 
 
 @contextlib.contextmanager

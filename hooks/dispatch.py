@@ -72,12 +72,15 @@ class Dispatcher:
         self.probe = compat.probe(model, NAME, self._text_key)
         self.previous = compat.implementation(config)
         self.spec = ModelSpec(
-            num_layers=len(self.probe.layers),
+            num_layers=self.probe.num_layers,
             num_heads=self.probe.num_heads,
             num_kv_heads=self.probe.num_kv_heads,
             name_or_path=compat.name_or_path(model),
             image_token_id=self.image_token,
             model_type=getattr(model.config, "model_type", ""),
+            attention_layers=tuple(sorted(self.probe.layers)),
+            layer_kinds=self.probe.layer_kinds,
+            model_class=type(model).__name__,
             learned_sinks=self.probe.learned_sinks,
         )
         # id(attention module) -> its layer. By module, not by config: models may share one config object.

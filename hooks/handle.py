@@ -73,9 +73,15 @@ def config_document(config: Method, spec: ModelSpec) -> dict[str, Any]:
         "schema": SCHEMA,
         "method": config.name,
         "params": config.to_dict(),
-        "model": {"name_or_path": spec.name_or_path, "num_layers": spec.num_layers, "num_heads": spec.num_heads},
+        "model": _shape(spec),
         "intervene_version": __version__,
     }
+
+
+def _shape(spec: ModelSpec) -> dict[str, Any]:
+    """The model a config is for, as far as its layers and heads go (a hybrid's attention layers too)."""
+    shape = {"name_or_path": spec.name_or_path, "num_layers": spec.num_layers, "num_heads": spec.num_heads}
+    return {**shape, "attention_layers": list(spec.attention_layers)} if spec.hybrid else shape
 
 
 def apply(model: nn.Module, method: str | Method, /, *, config=None, **params) -> Intervention:
@@ -110,15 +116,20 @@ def load_config(path: str | os.PathLike) -> Method:
 
 
 def _check_model(method: Method, spec: ModelSpec) -> None:
-    saved = method.saved_for
-    if not saved or (saved.get("num_layers"), saved.get("num_heads")) == (spec.num_layers, spec.num_heads):
+    saved, shape = method.saved_for, _shape(spec)
+    keys = ("num_layers", "num_heads", "attention_layers")
+    if not saved or all(saved.get(key) == shape.get(key) for key in keys):
         return
     raise ValueError(
         f"this {method.name} config was saved for {saved.get('name_or_path') or 'another model'} "
-        f"({saved.get('num_layers')} layers x {saved.get('num_heads')} heads), not for "
-        f"{spec.name_or_path or 'this model'} ({spec.num_layers} layers x {spec.num_heads} heads); "
+        f"({_geometry(saved)}), not for {spec.name_or_path or 'this model'} ({_geometry(shape)}); "
         "calibrate one for this model with `intervene calibrate`"
     )
+
+
+def _geometry(shape: Mapping) -> str:
+    attention = f", attention layers {shape['attention_layers']}" if shape.get("attention_layers") else ""
+    return f"{shape.get('num_layers')} layers x {shape.get('num_heads')} heads{attention}"
 
 
 def _params(config, method: str, spec: ModelSpec) -> dict:

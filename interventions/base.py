@@ -27,13 +27,29 @@ _REGISTRY: dict[str, type[Method]] = {}
 class ModelSpec:
     """The geometry of the attention layers a method may target."""
 
-    num_layers: int
+    num_layers: int  # decoder layers, of every kind
     num_heads: int  # query heads
     num_kv_heads: int
     name_or_path: str = ""
     image_token_id: int | None = None  # set for vision-language models
     model_type: str = ""
+    attention_layers: tuple[int, ...] | None = None  # the softmax-attention layers; None: every layer
+    layer_kinds: tuple[str, ...] = ()  # a hybrid's declared kind of every layer (config.layer_types)
+    model_class: str = ""  # for messages
     learned_sinks: bool = False  # its attention takes learned sink logits (`s_aux`: gpt-oss)
+
+    def __post_init__(self):
+        if self.attention_layers is None:
+            object.__setattr__(self, "attention_layers", tuple(range(self.num_layers)))
+
+    @property
+    def hybrid(self) -> bool:
+        """Whether some layers are of another kind than softmax attention (linear attention, state-space, ...)."""
+        return len(self.attention_layers) < self.num_layers
+
+    @property
+    def label(self) -> str:
+        return self.model_class or self.name_or_path or "this model"
 
 
 @dataclass
@@ -201,12 +217,21 @@ def method_class(name: str) -> type[Method]:
 # --- scopes shared by the methods -------------------------------------------------------------
 
 
-def resolve_layers(layers, model: ModelSpec, *, method: str, auto: range) -> tuple[int, ...]:
-    """`"auto"` -> `auto`, `"all"` -> every layer, an int or a list -> checked, sorted, de-duplicated."""
+def resolve_layers(layers, model: ModelSpec, *, method: str, auto: Iterable[int]) -> tuple[int, ...]:
+    """`"auto"` -> the attention layers among `auto`, `"all"` -> every attention layer, an int or a list -> checked,
+    sorted, de-duplicated. On a hybrid the layers of other kinds are never in scope."""
+    attention = model.attention_layers
     if layers == "auto":
-        return tuple(auto)
+        auto = tuple(auto)
+        chosen = tuple(layer for layer in auto if layer in attention)
+        if auto and not chosen:  # only a hybrid gets here
+            raise ValueError(
+                f"{method}: layers='auto' means layers {list(auto)} of {model.label}, none of which is a softmax "
+                f"attention layer; its attention layers are {list(attention)}: give layers=[...] among them"
+            )
+        return chosen
     if layers == "all":
-        return tuple(range(model.num_layers))
+        return attention
     if isinstance(layers, (str, bytes)) or not isinstance(layers, (int, Iterable)):
         raise ValueError(
             f"{method}: layers must be 'auto', 'all', a layer index or a list of them such as [2, 3] "
@@ -218,10 +243,21 @@ def resolve_layers(layers, model: ModelSpec, *, method: str, auto: range) -> tup
             raise ValueError(
                 f"{method}: layer {layer!r} is out of range; this model has layers 0..{model.num_layers - 1}"
             )
+        _check_attention_layer(method, layer, model)
     return tuple(sorted(set(values)))
 
 
-def resolve_scope(layers, heads, model: ModelSpec, *, method: str, default: str, auto: range):
+def _check_attention_layer(method: str, layer: int, model: ModelSpec) -> None:
+    """Refuse a layer of a hybrid that is not a softmax-attention layer, naming what it is."""
+    if layer not in model.attention_layers:
+        kind = f"{model.layer_kinds[layer]} layer" if model.layer_kinds else "layer"
+        raise ValueError(
+            f"{method}: layer {layer} of {model.label} is a {kind}, not softmax attention; "
+            f"its attention layers are {list(model.attention_layers)}"
+        )
+
+
+def resolve_scope(layers, heads, model: ModelSpec, *, method: str, default: str, auto: Iterable[int]):
     """Checked `(layers, heads)`; when `layers` is left at its `default` and `heads` maps layers to
     head lists, those layers are the scope. `heads` is `"all"`, `{layer: [query heads]}`, or a list of
     query heads (`[0, 1]`) taken in every layer of `layers`, whatever their number on the model."""

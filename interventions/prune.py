@@ -81,6 +81,12 @@ class Prune(Method):
                 f"prune: {model.model_type} {reason}; use a LLaVA-style model (one raster-order block of image "
                 "tokens per image)"
             )
+        if model.hybrid:
+            raise ValueError(
+                f"prune: {model.label} is a hybrid (its attention layers are {list(model.attention_layers)}); "
+                "removing tokens would also have to reach its other layers' recurrent and convolution states, which "
+                "prune does not do"
+            )
         layer = self.layer
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < model.num_layers:
             raise ValueError(

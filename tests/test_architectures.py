@@ -1,5 +1,6 @@
 """Every popular decoder family, as a tiny random model: it either works on every check or is refused at
-`apply` with the reason, before anything is attached.
+`apply` with the reason, before anything is attached. A hybrid (linear-attention, state-space or convolution
+layers beside its softmax attention) passes the same checks, edited on its softmax-attention layers only.
 
 The checks: neutral parameters and `remove()` give the unwrapped logits bit for bit; ACT and ZeroTuning
 change them; ZeroTuning's cached `generate` (dynamic and static cache, a left-padded batch, a sliding window
@@ -19,6 +20,7 @@ from packaging.version import Version
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 import intervene
+from intervene.hooks import model_spec
 from intervene.hooks.compat import implementation
 
 from conftest import left_padded, positions, prompt
@@ -66,21 +68,39 @@ SUPPORTED = {
 }
 EAGER = {"gemma2", "gpt_oss"}  # families transformers runs under eager attention only
 
-HYBRID_NEXT = dict(
-    head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, linear_num_key_heads=2,
-    linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
-)  # fmt: skip
+# Hybrids: softmax attention at layers 1 and 2 (Jamba: 0 and 2), so that ACT's "auto" (layers 2..L-2) edits one,
+# and linear attention, state-space, convolution or MLP-only layers around them, which are left alone.
+MIXED = ["linear_attention", "full_attention", "full_attention", "linear_attention"]
+CONV = ["conv", "full_attention", "full_attention", "conv"]
+LINEAR = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16)
+MAMBA_2 = dict(mamba_n_heads=4, mamba_d_head=32, mamba_n_groups=1, mamba_d_state=16)
 JAMBA = dict(
-    num_experts=4, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
-    mamba_d_state=8, use_mamba_kernels=False,
+    num_experts=4, attn_layer_period=2, attn_layer_offset=0, expert_layer_period=2, expert_layer_offset=1,
+    mamba_d_state=8,
 )  # fmt: skip
-GRANITE_4 = dict(
-    **MOE, layer_types=["mamba", "attention", "mamba", "attention"], mamba_n_heads=4, mamba_d_head=32,
-    mamba_n_groups=1, mamba_d_state=16,
+NEMOTRON_H = dict(
+    head_dim=16, mamba_num_heads=4, mamba_head_dim=32, n_groups=1, ssm_state_size=16,
+    layers_block_type=["mamba", "attention", "attention", "mlp"],
 )  # fmt: skip
-KIMI_LINEAR = dict(
-    head_dim=16, num_key_value_heads=4,
-    layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+QWEN3_NEXT = dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, **LINEAR)
+HYBRID = {
+    "qwen3_next": {**QWEN3_NEXT, "layer_types": MIXED},
+    "qwen3_5_text": {"head_dim": 16, **LINEAR, "layer_types": MIXED},
+    "jamba": JAMBA,
+    "granitemoehybrid": {**MOE, **MAMBA_2, "layer_types": ["mamba", "attention", "attention", "mamba"]},
+    "bamba": {**MAMBA_2, "attn_layer_indices": [1, 2]},
+    "nemotron_h": NEMOTRON_H,
+    "kimi_linear": {"head_dim": 16, "num_key_value_heads": 4, "layer_types": MIXED},
+    "lfm2": {"layer_types": CONV},
+    "lfm2_moe": {"moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2, "num_dense_layers": 1,
+                 "layer_types": CONV},
+    "falcon_h1": {"head_dim": 16, **MAMBA_2, "mamba_d_ssm": 128},  # every layer: attention and Mamba-2 side by side
+}  # fmt: skip
+EDITABLE = {**SUPPORTED, **HYBRID}
+# Zamba2's hybrid layers share one attention block (layer_idx -1), so intervene cannot tell its layers apart
+ZAMBA_2 = dict(
+    layers_block_type=["mamba", "hybrid", "hybrid", "mamba"], mamba_d_state=16, n_mamba_heads=4, mamba_headdim=32,
+    attention_head_dim=16,
 )  # fmt: skip
 SPARSE = dict(MLA, index_topk=4, index_n_heads=2, index_head_dim=16)
 
@@ -90,15 +110,7 @@ REFUSED = {
     "bloom": ({}, "eager", r"BloomForCausalLM does not compute attention through"),
     "deepseek_v32": (SPARSE, "sdpa", r"`indices` \(the keys a sparse indexer selected"),
     "glm_moe_dsa": (SPARSE, "sdpa", r"GlmMoeDsaForCausalLM passes .*`indices`"),
-    "qwen3_next": (HYBRID_NEXT, "sdpa", r"Qwen3NextForCausalLM is a hybrid: layers \[0, 1, 2\] are linear_attention"),
-    "jamba": (JAMBA, "sdpa", r"JambaForCausalLM is a hybrid: layers \[0, 2\]"),
-    "granitemoehybrid": (GRANITE_4, "sdpa", r"GraniteMoeHybridForCausalLM is a hybrid: layers \[0, 2\]"),
-    "kimi_linear": (KIMI_LINEAR, "sdpa", r"KimiLinearForCausalLM is a hybrid: layers \[0, 2\] are linear_attention"),
-    "lfm2": (
-        {"layer_types": ["conv", "full_attention", "conv", "full_attention"]},
-        "sdpa",
-        r"Lfm2ForCausalLM is a hybrid: layers \[0, 2\] are conv layers",
-    ),
+    "zamba2": (ZAMBA_2, "sdpa", r"Zamba2Attention is called for more than one layer"),
     "xlstm": (
         {"num_heads": 4, "qk_dim_factor": 1.0, "v_dim_factor": 1.0},
         "eager",
@@ -133,9 +145,9 @@ def batch():
     return left_padded([prompt(12, 1), prompt(8, 2)])
 
 
-@pytest.mark.parametrize("family", list(SUPPORTED))
+@pytest.mark.parametrize("family", list(EDITABLE))
 def test_neutral_parameters_and_remove_are_exact_and_edits_change_the_logits(family, batch):
-    model = tiny(family, SUPPORTED[family])
+    model = tiny(family, EDITABLE[family])
     ids, mask = batch
     plain = logits(model, ids, mask)
     settings = (("act", {"beta": 1.0}, {"beta": 0.2}), ("zerotuning", {"gamma": 1.0}, {"gamma": 4.0}))
@@ -148,24 +160,24 @@ def test_neutral_parameters_and_remove_are_exact_and_edits_change_the_logits(fam
         assert torch.equal(logits(model, ids, mask), plain)  # after remove()
 
 
-@pytest.mark.parametrize("family", list(SUPPORTED))
+@pytest.mark.parametrize("family", list(EDITABLE))
 def test_the_edited_path_with_nothing_to_move_equals_the_models_own_attention(family, batch):
-    """ACT with a threshold no key's mean attention passes finds no sink: every layer runs intervene's attention
-    (its soft-capping and learned sinks included) and leaves every row as it is. Compared at real tokens: a
-    padding row sees no key, which eager attention averages over every key and intervene's gives zero."""
-    model = tiny(family, SUPPORTED[family])
+    """ACT with a threshold no key's mean attention passes finds no sink: every attention layer runs intervene's
+    attention (its soft-capping and learned sinks included) and leaves every row as it is. Compared at real
+    tokens: a padding row sees no key, which eager attention averages over every key and intervene's gives zero."""
+    model = tiny(family, EDITABLE[family])
     ids, mask = batch
     plain = logits(model, ids, mask)
     with intervene.apply(model, "act", threshold=1.0, layers="all") as handle:
         edited = logits(model, ids, mask)
-    assert handle.active_layers == set(range(model.config.num_hidden_layers))
+    assert handle.active_layers == set(model_spec(model).attention_layers)
     real = mask.bool()
     torch.testing.assert_close(edited[real], plain[real], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", list(SUPPORTED))
+@pytest.mark.parametrize("family", list(EDITABLE))
 def test_zerotuning_cached_generation_equals_one_full_forward(family, batch):
-    model = tiny(family, SUPPORTED[family])
+    model = tiny(family, EDITABLE[family])
     ids, mask = batch
     new = 6
     kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, output_logits=True,
@@ -185,9 +197,9 @@ def test_zerotuning_cached_generation_equals_one_full_forward(family, batch):
             torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5, msg=lambda m, c=cache: f"{c} cache: {m}")
 
 
-@pytest.mark.parametrize("family", list(SUPPORTED))
+@pytest.mark.parametrize("family", list(EDITABLE))
 def test_act_generates_on_a_left_padded_batch_as_each_row_alone(family, batch):
-    model = tiny(family, SUPPORTED[family])
+    model = tiny(family, EDITABLE[family])
     ids, mask = batch
     kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
                   return_dict_in_generate=True)  # fmt: skip
@@ -244,3 +256,42 @@ def test_zerotuning_on_learned_sinks_is_refused_where_there_are_none():
         intervene.apply(model, "zerotuning", gamma=2.0, target="learned_sink")
     with pytest.raises(ValueError, match=r"target='sink' is not one of 'initial', 'learned_sink'"):
         intervene.apply(model, "zerotuning", gamma=2.0, target="sink")
+
+
+def test_a_hybrid_resolves_layers_to_its_softmax_attention_layers_and_refuses_the_others_by_name(tmp_path):
+    def resolved(model, method, **params):
+        with intervene.apply(model, method, **params) as handle:
+            return handle.config
+
+    model = tiny("lfm2", {"num_hidden_layers": 6, "layer_types": ["conv", "conv", "full_attention", "conv",
+                                                                  "full_attention", "conv"]})  # fmt: skip
+    assert resolved(model, "act").layers == (2, 4)  # 2..L-2 = [2, 3, 4], attention layers only
+    assert resolved(model, "zerotuning", gamma=2.0).layers == (2, 4)  # "all"
+    assert resolved(model, "act", heads=[1]).heads == {2: (1,), 4: (1,)}
+    with pytest.raises(ValueError, match=r"act: layer 3 of Lfm2ForCausalLM is a conv layer, not softmax attention; "
+                                         r"its attention layers are \[2, 4\]"):  # fmt: skip
+        intervene.apply(model, "act", layers=[2, 3])
+    with pytest.raises(ValueError, match=r"zerotuning: layer 0 of Lfm2ForCausalLM is a conv layer"):
+        intervene.apply(model, "zerotuning", gamma=2.0, heads={0: [1], 2: [1]})
+    with pytest.raises(ValueError, match=r"out of range; this model has layers 0..5"):
+        intervene.apply(model, "act", layers=[6])
+    with intervene.apply(model, "zerotuning", gamma=2.0) as handle:
+        handle.save(tmp_path / "zerotuning.json")
+    saved = intervene.load_config(tmp_path / "zerotuning.json")
+    assert saved.saved_for["attention_layers"] == [2, 4]
+    assert resolved(model, saved) == handle.config
+    other = tiny("lfm2", {"num_hidden_layers": 6, "layer_types": ["full_attention", *["conv"] * 5]})
+    with pytest.raises(ValueError, match=r"6 layers x 4 heads, attention layers \[2, 4\]\), not for"):
+        intervene.apply(other, saved)
+    with pytest.raises(ValueError, match=r"act: layers='auto' means layers \[2, 3, 4\] of Lfm2ForCausalLM, none of"):
+        intervene.apply(other, "act")
+    assert implementation(model.config) == implementation(other.config) == "sdpa"  # every refusal left no trace
+
+
+def test_a_layer_that_runs_no_attention_is_refused_unless_the_config_declares_it_another_kind():
+    model = tiny("lfm2", HYBRID["lfm2"])
+    model.config.layer_types[0] = "full_attention"  # the model still has its convolution there
+    declared = r"\[0\] ran no attention through AttentionInterface \(config.layer_types declares them \['full_att"
+    with pytest.raises(intervene.UnsupportedModelError, match=declared):
+        intervene.apply(model, "act")
+    assert implementation(model.config) == "sdpa"

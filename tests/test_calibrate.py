@@ -207,3 +207,21 @@ def test_the_gamma_can_be_chosen_without_labels_by_entropy(tiny_checkpoint, smal
     assert all(t["scores"]["entropy"] > 0 for t in tried)
     with pytest.raises(ValueError, match="gamma_by='loss' is not one of accuracy, entropy"):
         run_calibration(tiny_checkpoint, small_task, tmp_path / "other", gamma_by="loss")
+
+
+def test_a_hybrid_is_calibrated_on_its_softmax_attention_layers_only(smollm2_tokenizer, small_task, tmp_path):
+    from transformers import Lfm2Config, Lfm2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Lfm2Config(
+        vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=5,
+        num_attention_heads=4, num_key_value_heads=2, layer_types=["conv", "full_attention", "conv", "full_attention",
+                                                                   "conv"],
+    )  # fmt: skip
+    model = Lfm2ForCausalLM(config).eval()
+    artifact = engine.calibrate(model, smollm2_tokenizer, "zerotuning", {"gamma": 4.0}, [small_task],
+                                granularity="layer", batch_size=4, output=tmp_path / "cal")  # fmt: skip
+    assert [c["label"] for c in artifact["calibration"]["profile"]] == ["layer 1", "layer 3"]
+    assert artifact["model"]["attention_layers"] == [1, 3]
+    with intervene.apply(model, intervene.load_config(tmp_path / "cal" / "config.json")) as handle:
+        assert set(handle.config.layers) <= {1, 3}

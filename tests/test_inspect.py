@@ -111,6 +111,25 @@ def test_inspect_shows_a_learned_sink_apart_from_the_tokens(tmp_path, smollm2_to
         assert picture.width > 400
 
 
+def test_inspect_on_a_hybrid_reports_its_attention_layers_by_their_index(tmp_path, smollm2_tokenizer):
+    from transformers import Lfm2Config, Lfm2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Lfm2Config(
+        vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=5,
+        num_attention_heads=4, num_key_value_heads=2, layer_types=["conv", "full_attention", "conv", "full_attention",
+                                                                   "conv"],
+    )  # fmt: skip
+    model = Lfm2ForCausalLM(config).eval()
+    with intervene.apply(model, "zerotuning", gamma=4.0) as handle:
+        text, _ = inspect(model, smollm2_tokenizer, "The cat sat on the mat.", handle=handle, output=tmp_path)
+        with pytest.raises(ValueError, match=r"--layers \[2\]: not softmax-attention layers of Lfm2ForCausalLM"):
+            inspect(model, smollm2_tokenizer, "The cat sat.", handle=handle, layers=[2], output=tmp_path)
+    document = json.loads((tmp_path / "sinks.json").read_text())
+    assert document["layers"] == [1, 3] and len(document["before"]["first_token_attention"]) == 2
+    assert "| 1 |" in text and "| 3 |" in text and "| 2 |" not in text
+
+
 def test_inspect_draws_the_image_attention_of_a_vision_language_model(tmp_path):
     model, processor = intervene.load_model("tiny-llava", device="cpu")
     with intervene.apply(model, "pai", alpha=0.5) as handle:

@@ -190,6 +190,15 @@ def test_prune_combinations_are_refused():
         intervene.apply(model, "prune")
 
 
+def test_hybrids_are_refused():
+    from intervene.interventions import ModelSpec
+    from intervene.interventions.prune import Prune
+
+    spec = ModelSpec(4, 4, 2, image_token_id=IMAGE_TOKEN, attention_layers=(1, 3), model_class="Lfm2VlModel")
+    with pytest.raises(ValueError, match=r"prune: Lfm2VlModel is a hybrid \(its attention layers are \[1, 3\]\)"):
+        Prune().resolve(spec)
+
+
 def pruned_logits(vlm: TinyVLM, params: dict, inputs: dict) -> torch.Tensor:
     """The logits `[B, steps, V]` of 3 greedy steps generated with `prune(**params)` applied."""
     with torch.no_grad(), intervene.apply(vlm.model, "prune", **params):
