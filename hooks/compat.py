@@ -251,7 +251,7 @@ def probe(model: nn.Module, name: str, text_key: str | None) -> Probe:
     A hybrid's layers of other kinds (linear attention, state-space, convolution) are accepted where its config
     declares them as such, and left alone. Refuses, with the reason, a model with another layer that runs no
     softmax attention through AttentionInterface (falcon, xLSTM), whose attention takes a keyword the edited
-    path does not implement (learned sinks, soft-capping, a sparse indexer's keys), or whose output changes
+    path does not implement (a sparse indexer's keys), or whose output changes
     with the implementation's name alone, so that the layers intervene leaves alone would not be exact."""
     label = type(model).__name__
     config = model.config
