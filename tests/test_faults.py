@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,18 +22,45 @@ def eval_args(checkpoint, output: Path) -> list[str]:
             "--output-path", str(output)]  # fmt: skip
 
 
+# Loaded by the eval's interpreter at start-up (sitecustomize): its scorer waits, at the call that begins the
+# batch after PAUSE_AT scored variants, for the test's signal. A tiny model scores a batch in milliseconds, so a
+# signal sent when the logs are seen to hold enough samples could land after the run has ended.
+PAUSE = """
+import os, time
+from pathlib import Path
+import intervene.evals.scorers as scorers
+
+score, calls = scorers.score, [0]
+
+def paused_score(*args, **kwargs):
+    if calls[0] == int(os.environ["PAUSE_AT"]):
+        Path(os.environ["PAUSED"]).touch()
+        time.sleep(300)  # the signal arrives here
+    calls[0] += 1
+    return score(*args, **kwargs)
+
+scorers.score = paused_score
+"""
+
+
 def start_and_stop(args, stop_signal, lines: int) -> tuple[subprocess.Popen, Path]:
-    """Start an eval, wait until its logs hold `lines` samples, then send `stop_signal`."""
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """Start an eval, let it log the batches that hold at least `lines` samples (each batch is scored twice,
+    baseline and intervened), and send `stop_signal` as it begins the next batch."""
+    batch = int(args[args.index("--batch-size") + 1])
     output = Path(args[args.index("--output-path") + 1])
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        logged = sum(p.read_text().count("\n") for p in output.glob("*/samples_*.jsonl"))
-        if logged >= lines:
-            process.send_signal(stop_signal)
-            break
-        time.sleep(0.01)
-    process.wait(timeout=120)
+    with tempfile.TemporaryDirectory() as hook:
+        (Path(hook) / "sitecustomize.py").write_text(PAUSE)
+        paused = Path(hook) / "paused"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([hook, os.environ.get("PYTHONPATH", "")]),
+               "PAUSE_AT": str(2 * -(-lines // batch)), "PAUSED": str(paused)}  # fmt: skip
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None and not paused.exists():
+            time.sleep(0.01)
+        process.send_signal(stop_signal)
+        process.wait(timeout=120)
+    logged = sum(p.read_text().count("\n") for p in output.glob("*/samples_*.jsonl"))
+    assert logged >= lines, f"stopped after {logged} samples, not {lines}"
     (run,) = output.iterdir()
     return process, run
 
