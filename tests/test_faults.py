@@ -53,7 +53,10 @@ def start_and_stop(args, stop_signal, lines: int) -> tuple[subprocess.Popen, Pat
         paused = Path(hook) / "paused"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([hook, os.environ.get("PYTHONPATH", "")]),
                "PAUSE_AT": str(2 * -(-lines // batch)), "PAUSED": str(paused)}  # fmt: skip
-        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        process = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal's: not inherited SIG_IGN
+        )  # fmt: skip
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and process.poll() is None and not paused.exists():
             time.sleep(0.01)
