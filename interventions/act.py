@@ -61,19 +61,20 @@ class ACT(Method):
     def edit(self, call: LayerCall, state: dict) -> AttentionEdit | None:
         if call.decode and self.decode == "off":
             return None
+        heads = head_mask(self.heads, call.layer, call.query.shape[1], call.query.device)  # [Hq]
         if call.decode and self.decode == "frozen":
             if "sinks" not in state:
                 return None  # the prompt was run without this intervention: nothing was detected
             sinks = self._frozen(state["sinks"], call.key_positions)  # [B, Hq, Nk]
         else:
-            sums, counts = call.column_stats()  # [B, Hq, Nk] each
+            sums, counts = call.column_stats(heads=heads)  # [B, Hq, Nk] each, zero outside `heads`
             positions = call.key_positions
             if not call.decode:  # prompt chunks accumulate: every query that sees a key counts
                 sums, counts = _accumulate(state, sums, counts, positions)
             sinks = hidden_sinks(sums / counts.clamp_min(1.0), self.threshold)
             if not call.decode:
                 state["sinks"] = (sinks, positions)
-        sinks = sinks & head_mask(self.heads, call.layer, sinks.shape[1], sinks.device)[None, :, None]
+        sinks = sinks & heads[None, :, None]
         return AttentionEdit(redistribute=Redistribute(source=sinks, target=~sinks, p_move=1.0 - self.beta))
 
     @staticmethod

@@ -116,20 +116,34 @@ class LayerCall:
         """[B, Nq] True where the query is an image token."""
         return self.image_keys[:, self.key.shape[2] - self.query.shape[2] :]
 
-    def column_stats(self, query_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def column_stats(
+        self, query_mask: torch.Tensor | None = None, heads: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Unmodified attention summed per key over the rows of `query_mask` `[B, Nq]` (default: this
-        call's real queries), and how many of them see each key. With learned sinks these are the model's
-        probabilities, normalised with the sinks, which are no keys."""
-        return kernels.column_stats(
-            self.query,
-            self.key,
+        call's real queries), and how many of them see each key, `[B, Hq, Nk]` each. With learned sinks these
+        are the model's probabilities, normalised with the sinks, which are no keys. With `heads` `[Hq]` bool,
+        only those query heads are computed (the others read zero): a method that edits a few heads pays for
+        those."""
+        query, key, sinks = self.query, self.key, self.sinks
+        chosen = None if heads is None or bool(heads.all()) else heads.nonzero().flatten()
+        if chosen is not None:  # each chosen query head with its own key/value head
+            query = query[:, chosen]
+            key = key[:, chosen // (self.query.shape[1] // self.key.shape[1])]
+            sinks = None if sinks is None else sinks[chosen]
+        sums, counts = kernels.column_stats(
+            query,
+            key,
             attention_mask=self.attention_mask,
             scale=self.scale,
             causal=self.causal,
             query_mask=self.query_valid if query_mask is None else query_mask,
-            sinks=self.sinks,
+            sinks=sinks,
             softcap=self.softcap,
         )
+        if chosen is None:
+            return sums, counts
+        every = sums.new_zeros(sums.shape[0], self.query.shape[1], sums.shape[2])  # [B, Hq, Nk]
+        return every.index_copy(1, chosen, sums), every.index_copy(1, chosen, counts.expand_as(sums))
 
 
 class Method:

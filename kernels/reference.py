@@ -1,5 +1,8 @@
 """Pure-PyTorch reference backend: the specification, the CPU path and the test oracle.
 
+Attention whose edit needs probabilities (a key gain, a redistribution) is computed explicitly below; heads
+whose edit is at most a key bias and a head scale go through torch's SDPA, which computes the same softmax.
+
 Softmax runs in fp32 and rows are processed in chunks, so memory stays bounded by
 `_CHUNK_SCORES` scores whatever the sequence length. A row sees the keys whose final logit is finite:
 masked keys, and keys a -inf `key_bias` hides, get probability exactly 0, and a row that sees no key
@@ -11,8 +14,10 @@ before their mask; a learned sink joins the softmax as one more logit and is dro
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 
 from .edit import AttentionEdit, Redistribute
 
@@ -20,6 +25,28 @@ _CHUNK_SCORES = 1 << 24  # fp32 scores held at once: 64 MiB
 
 
 def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, return_lse, sinks, softcap):
+    """Heads whose edit is at most a key bias and a head scale run through torch's SDPA with the bias (the same
+    softmax, at SDPA's speed: `_sdpa`); heads a gain or a redistribution touches are computed here, from their
+    probabilities. The LSE, learned sinks and soft-capping take the explicit path for every head."""
+    if return_lse or sinks is not None or softcap is not None:
+        return _explicit(q, k, v, edit, attention_mask, scale, causal, return_lse, sinks, softcap)
+    explicit = _probability_heads(edit, q.shape[1])  # [Hq] bool
+    if bool(explicit.all()):
+        return _explicit(q, k, v, edit, attention_mask, scale, causal, False, None, None)
+    out = _sdpa(q, k, v, edit.key_bias, attention_mask, scale, causal)  # [B, Nq, Hq, Dv]
+    if bool(explicit.any()):
+        heads = explicit.nonzero().flatten()
+        kv = heads // (q.shape[1] // k.shape[1])  # each chosen query head's key/value head
+        chosen = _of_heads(replace(edit, head_scale=None), heads)
+        out[:, :, heads] = _explicit(q[:, heads], k[:, kv], v[:, kv], chosen, attention_mask, scale, causal, False,
+                                     None, None)  # fmt: skip
+    if edit.head_scale is not None:
+        out = out * edit.head_scale.to(out.dtype)[:, None, :, None]  # [B|1, 1, Hq, 1]
+    return out
+
+
+def _explicit(q, k, v, edit: AttentionEdit, attention_mask, scale, causal, return_lse, sinks, softcap):
+    """Attention from its materialised probabilities (fp32), a chunk of rows at a time."""
     B, Hq, Hkv = q.shape[0], q.shape[1], k.shape[1]
     v = v.float()
     outputs, lses = [], []
@@ -35,6 +62,75 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
         out = out * edit.head_scale.float()[:, :, None, None]  # [B|1, Hq, 1, 1]
     out = out.transpose(1, 2).to(q.dtype)  # [B, Nq, Hq, Dv]
     return (out, torch.cat(lses, dim=2)) if return_lse else out
+
+
+def _probability_heads(edit: AttentionEdit, num_heads: int) -> torch.Tensor:
+    """[Hq] bool: the heads whose edit needs their probabilities (a key gain: all; a redistribution: those with
+    a source key)."""
+    if edit.key_gain is not None:
+        return torch.ones(num_heads, dtype=torch.bool)
+    if edit.redistribute is None:
+        return torch.zeros(num_heads, dtype=torch.bool)
+    return edit.redistribute.source.any(dim=-1).any(dim=0).cpu().expand(num_heads)  # [Hq]
+
+
+def _of_heads(edit: AttentionEdit, heads: torch.Tensor) -> AttentionEdit:
+    """`edit` restricted to the query heads `heads`: every per-head tensor indexed along its head dimension."""
+
+    def pick(t, dim):
+        return t if t is None or t.shape[dim] == 1 else t.index_select(dim, heads.to(t.device))
+
+    rd = edit.redistribute
+    if rd is not None:
+        p_move = rd.p_move
+        if isinstance(p_move, torch.Tensor) and p_move.numel() > 1:
+            p_move = p_move.reshape(-1).index_select(0, heads.to(p_move.device))
+        rd = replace(rd, source=pick(rd.source, 1), target=pick(rd.target, 1), row_gate=pick(rd.row_gate, 1),
+                     p_move=p_move)  # fmt: skip
+    return replace(edit, key_bias=pick(edit.key_bias, 1), redistribute=rd, head_scale=pick(edit.head_scale, 1))
+
+
+def _sdpa(q, k, v, key_bias, attention_mask, scale, causal) -> torch.Tensor:
+    """`[B, Nq, Hq, Dv]`: torch's SDPA on the mask the model gave (bottom-right causal without one), the key bias
+    added to the logits; a row that sees no key gives zero, as the explicit path does.
+
+    A finite bias that is the same on every row rides in `q @ k` as one more dimension, a weight in each query
+    against `bias / scale` in each key (`v` padded alike), so SDPA keeps the kernel it runs on a plain mask; an
+    additive float mask would make it read an `[B, Hq, Nq, Nk]` tensor. One row of biases on some heads
+    (ZeroTuning) is weight 1 on those heads and 0 on the others, keys shared as the model shares them; biases
+    that differ by head give each query head its own keys."""
+    B, Hq, Nq, D = q.shape
+    Nk, Dv = k.shape[2], v.shape[3]
+    keep, additive = _mask_rows(attention_mask, 0, Nq, Nq, Nk, causal, q.device)  # [B|1, 1, Nq|1, Nk]
+    if key_bias is not None and key_bias.shape[2] == 1 and Dv == D and bool(key_bias.isfinite().all()):
+        rows = key_bias[:, :, 0].to(q.dtype)  # [B|1, Hq|1, Nk]
+        heads = rows.ne(0).any(dim=-1, keepdim=True)  # [B|1, Hq|1, 1]: the heads it biases
+        common = (rows * heads).sum(dim=1) / heads.sum(dim=1).clamp_min(1)  # [B|1, Nk]
+        if torch.equal(rows, heads * common[:, None]):  # weight [B|1, Hq|1, 1, 1], column [B|1, 1, Nk, 1]
+            weight, column = heads.to(q.dtype)[..., None], common[:, None, :, None]
+        else:
+            k, v = (t.repeat_interleave(Hq // t.shape[1], dim=1) for t in (k, v))
+            weight, column = q.new_ones(1, 1, 1, 1), rows[..., None]  # [B|1, Hq, Nk, 1]
+        q = torch.cat([q, weight.expand(B, Hq, Nq, 1)], dim=-1)
+        k = torch.cat([k.expand(B, -1, -1, -1), (column / scale).expand(B, k.shape[1], Nk, 1)], dim=-1)
+        v = torch.cat([v.expand(B, -1, -1, -1), v.new_zeros(B, v.shape[1], Nk, 1)], dim=-1)
+        key_bias = None
+    mask, is_causal = keep, False
+    if additive is not None or key_bias is not None:  # a float mask carrying what is added to the logits
+        mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, float("-inf"))
+        mask = mask + (0.0 if additive is None else additive.to(q.dtype))
+        mask = mask + (0.0 if key_bias is None else key_bias.to(q.dtype))  # [B|1, Hq|1, Nq|1, Nk]
+    elif attention_mask is None and (not causal or Nq == 1):
+        mask = None  # every key visible
+    elif attention_mask is None and Nq == Nk:
+        mask, is_causal = None, True  # SDPA's own causal mask, top-left aligned, is the bottom-right one here
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )[..., :Dv]  # [B, Hq, Nq, Dv]
+    if mask is not None:
+        blind = ~(mask if mask.dtype == torch.bool else mask > float("-inf")).any(dim=-1, keepdim=True)
+        out = out.masked_fill(blind, 0.0)  # [B|1, Hq|1, Nq, 1] rows that see nothing
+    return out.transpose(1, 2)  # [B, Nq, Hq, Dv]
 
 
 def probabilities(q, k, edit: AttentionEdit, *, attention_mask, scale, causal, sinks, softcap) -> torch.Tensor:
