@@ -132,6 +132,18 @@ def tiny_checkpoint(tmp_path_factory, smollm2_tokenizer):
     return directory
 
 
+def tiny_lfm2(vocab_size: int):
+    """A tiny random LFM2, a hybrid: softmax attention at layers 1 and 3, convolutions at layers 0, 2 and 4."""
+    from transformers import Lfm2Config, Lfm2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Lfm2Config(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=5, num_attention_heads=4,
+        num_key_value_heads=2, layer_types=["conv", "full_attention", "conv", "full_attention", "conv"],
+    )  # fmt: skip
+    return Lfm2ForCausalLM(config).eval()
+
+
 # --- tiny vision-language models ------------------------------------------------------------------
 
 IMAGE_TOKEN = 90

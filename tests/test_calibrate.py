@@ -14,7 +14,7 @@ from intervene.evals.tasks import resolve_task
 from intervene.interventions.act import ACT
 from intervene.interventions.zerotuning import ZeroTuning
 
-from conftest import build, left_padded, positions, prompt
+from conftest import build, left_padded, positions, prompt, tiny_lfm2
 
 
 def profile(*deltas):
@@ -210,15 +210,7 @@ def test_the_gamma_can_be_chosen_without_labels_by_entropy(tiny_checkpoint, smal
 
 
 def test_a_hybrid_is_calibrated_on_its_softmax_attention_layers_only(smollm2_tokenizer, small_task, tmp_path):
-    from transformers import Lfm2Config, Lfm2ForCausalLM
-
-    torch.manual_seed(0)
-    config = Lfm2Config(
-        vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=5,
-        num_attention_heads=4, num_key_value_heads=2, layer_types=["conv", "full_attention", "conv", "full_attention",
-                                                                   "conv"],
-    )  # fmt: skip
-    model = Lfm2ForCausalLM(config).eval()
+    model = tiny_lfm2(len(smollm2_tokenizer))
     artifact = engine.calibrate(model, smollm2_tokenizer, "zerotuning", {"gamma": 4.0}, [small_task],
                                 granularity="layer", batch_size=4, output=tmp_path / "cal")  # fmt: skip
     assert [c["label"] for c in artifact["calibration"]["profile"]] == ["layer 1", "layer 3"]

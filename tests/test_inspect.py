@@ -15,7 +15,7 @@ from intervene.cli import app
 from intervene.evals.inspect import inspect
 from intervene.hooks.compat import implementation
 
-from conftest import build, left_padded, prompt
+from conftest import build, left_padded, prompt, tiny_lfm2
 
 PICTURE = "evals/data/pope-photos/astronaut.jpg"
 
@@ -112,15 +112,7 @@ def test_inspect_shows_a_learned_sink_apart_from_the_tokens(tmp_path, smollm2_to
 
 
 def test_inspect_on_a_hybrid_reports_its_attention_layers_by_their_index(tmp_path, smollm2_tokenizer):
-    from transformers import Lfm2Config, Lfm2ForCausalLM
-
-    torch.manual_seed(0)
-    config = Lfm2Config(
-        vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=5,
-        num_attention_heads=4, num_key_value_heads=2, layer_types=["conv", "full_attention", "conv", "full_attention",
-                                                                   "conv"],
-    )  # fmt: skip
-    model = Lfm2ForCausalLM(config).eval()
+    model = tiny_lfm2(len(smollm2_tokenizer))
     with intervene.apply(model, "zerotuning", gamma=4.0) as handle:
         text, _ = inspect(model, smollm2_tokenizer, "The cat sat on the mat.", handle=handle, output=tmp_path)
         with pytest.raises(ValueError, match=r"--layers \[2\]: not softmax-attention layers of Lfm2ForCausalLM"):
