@@ -71,11 +71,14 @@ def test_neutral_parameters_and_remove_leave_the_model_bit_for_bit(vlm_family, m
     baseline = forward_logits(vlm.model, inputs)
     with intervene.apply(vlm.model, method, **NEUTRAL[method]):
         assert torch.equal(forward_logits(vlm.model, inputs), baseline)
-    handle = intervene.apply(vlm.model, method)
+    # VAR's defaults find no sink in a random model (its logits then differed only by rounding): the settings
+    # under which the official-code test below sees it edit every family
+    editing = {"tau": TAU, "sink_dims": sink_dims(vlm), "layers": [2, 3], "rho": 0.1} if method == "var" else {}
+    handle = intervene.apply(vlm.model, method, **editing)
     config = vlm.model.config
     assert implementation(config.get_text_config()) == "intervene"
     assert implementation(config.vision_config) == "sdpa"  # the vision tower keeps its backend
-    assert not torch.equal(forward_logits(vlm.model, inputs), baseline)
+    assert not torch.allclose(forward_logits(vlm.model, inputs), baseline, atol=1e-4)  # an edit, not rounding
     handle.remove()
     assert implementation(config.get_text_config()) == "sdpa"
     assert torch.equal(forward_logits(vlm.model, inputs), baseline)
