@@ -722,13 +722,14 @@ def _decode(q, k, v, common: dict, redistribute: Redistribute | None):
     weight = torch.exp2(part_max - torch.where(torch.isinf(top), 0.0, top))  # empty chunks weigh 0
     sums = (part_sum * weight[..., None]).sum(dim=2)  # [B, Hq, 1 | 5]
     outs = (part_out * weight[..., None, None]).sum(dim=2)  # [B, Hq, 1 | 3, D]
-    sink_mass = 0.0 if sinks is None else torch.exp2(sinks - top[..., 0])  # [B, Hq]: in the normaliser only
+    sink_mass = top.new_zeros(()) if sinks is None else torch.exp2(sinks - top[..., 0])  # [B, Hq]: normaliser only
     if codes is None:
         total, out = sums[..., 0] + sink_mass, outs[:, :, 0]
     else:  # each group's part scaled by its bias; the row's normaliser is unchanged by construction
         source, target, other, gate, gate_source = (m[..., None] for m in sums.unbind(-1))  # [B, Hq, 1]
-        everything = source + target + other + (sink_mass if sinks is None else sink_mass[..., None])
-        biases = redistribute.row_biases(everything, source, target, gate, gate_source)
+        biases = redistribute.row_biases(
+            source + target + other + sink_mass[..., None], source, target, gate, gate_source
+        )
         factors = biases[:, :, 0].exp()  # [B, Hq, 2]: source, target
         total = factors[..., 0] * sums[..., 0] + factors[..., 1] * sums[..., 1] + sums[..., 2] + sink_mass
         out = factors[..., :1] * outs[:, :, 0] + factors[..., 1:] * outs[:, :, 1] + outs[:, :, 2]
