@@ -22,24 +22,31 @@ import torch.nn.functional as F
 from .edit import AttentionEdit, Redistribute
 
 _CHUNK_SCORES = 1 << 24  # fp32 scores held at once: 64 MiB
+_HIDDEN = 1e4  # a logit bias that leaves exp() exactly 0 beside any score of a real model
 
 
 def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, return_lse, sinks, softcap):
     """Heads whose edit is at most a key bias and a head scale run through torch's SDPA with the bias (the same
-    softmax, at SDPA's speed: `_sdpa`); heads a gain or a redistribution touches are computed here, from their
-    probabilities. The LSE, learned sinks and soft-capping take the explicit path for every head."""
+    softmax, at SDPA's speed: `_sdpa`). A redistribution away from a few source keys (ACT's sinks) is, on the CPU,
+    one SDPA pass with those keys hidden, combined with their columns (`_moved_from_sources`); the other heads a
+    gain or a redistribution touches are computed here, from their probabilities. The LSE, learned sinks and
+    soft-capping take the explicit path for every head."""
     if return_lse or sinks is not None or softcap is not None:
         return _explicit(q, k, v, edit, attention_mask, scale, causal, return_lse, sinks, softcap)
     explicit = _probability_heads(edit, q.shape[1])  # [Hq] bool
-    if bool(explicit.all()):
+    heads = explicit.nonzero().flatten()
+    out = None
+    if heads.numel() and _moves_from_few_keys(edit, q, k.shape[2]):
+        out = _moved_from_sources(q, k, v, edit, heads, attention_mask, scale, causal)
+    elif bool(explicit.all()):
         return _explicit(q, k, v, edit, attention_mask, scale, causal, False, None, None)
-    out = _sdpa(q, k, v, edit.key_bias, attention_mask, scale, causal)  # [B, Nq, Hq, Dv]
-    if bool(explicit.any()):
-        heads = explicit.nonzero().flatten()
-        kv = heads // (q.shape[1] // k.shape[1])  # each chosen query head's key/value head
-        chosen = _of_heads(replace(edit, head_scale=None), heads)
-        out[:, :, heads] = _explicit(q[:, heads], k[:, kv], v[:, kv], chosen, attention_mask, scale, causal, False,
-                                     None, None)  # fmt: skip
+    else:
+        out = _sdpa(q, k, v, edit.key_bias, attention_mask, scale, causal)  # [B, Nq, Hq, Dv]
+        if heads.numel():
+            kv = heads // (q.shape[1] // k.shape[1])  # each chosen query head's key/value head
+            chosen = _of_heads(replace(edit, head_scale=None), heads)
+            out[:, :, heads] = _explicit(q[:, heads], k[:, kv], v[:, kv], chosen, attention_mask, scale, causal,
+                                         False, None, None)  # fmt: skip
     if edit.head_scale is not None:
         out = out * edit.head_scale.to(out.dtype)[:, None, :, None]  # [B|1, 1, Hq, 1]
     return out
@@ -90,9 +97,73 @@ def _of_heads(edit: AttentionEdit, heads: torch.Tensor) -> AttentionEdit:
     return replace(edit, key_bias=pick(edit.key_bias, 1), redistribute=rd, head_scale=pick(edit.head_scale, 1))
 
 
-def _sdpa(q, k, v, key_bias, attention_mask, scale, causal) -> torch.Tensor:
+def _moves_from_few_keys(edit: AttentionEdit, q, num_keys: int) -> bool:
+    """Whether the edit's redistribution can be carried out from its source keys' columns alone: on the CPU
+    (torch's flash kernel gives the rows' LSE there), without a gain or a mass gate, every key a source or a
+    target, and few enough sources that their scores fit the chunk budget."""
+    rd = edit.redistribute
+    if q.device.type != "cpu" or edit.key_gain is not None or rd is None or rd.mass_gate is not None:
+        return False
+    if not bool((rd.source | rd.target).all()):
+        return False
+    most = int(rd.source.sum(dim=-1).max())
+    return q.shape[0] * q.shape[1] * q.shape[2] * most <= _CHUNK_SCORES
+
+
+def _moved_from_sources(q, k, v, edit, heads, attention_mask, scale, causal) -> torch.Tensor:
+    """`[B, Nq, Hq, Dv]`: the redistribution of `edit` (every key a source or a target) on the query heads `heads`,
+    from one SDPA pass with the sources hidden and the source keys' columns.
+
+    The pass gives each row's output `O_T` and LSE over its targets alone; a source key's weight relative to them
+    is `a_j = exp(s_j - lse_T)`. With `W = 1` for the targets and `A = sum a_j`, the plain row is
+    `(sum a_j v_j + W O_T) / (W + A)`, and moving `p` of the source mass to the targets in proportion is
+    `((1 - p) sum a_j v_j + (W + p A) O_T) / (W + A)`: every term positive, so nothing cancels. (Both weights are
+    taken relative to the larger of the two, so a row whose targets the sources dwarf cannot overflow.)"""
+    rd = edit.redistribute
+    B, Hq, Nq, D = q.shape
+    Nk = k.shape[2]
+    hide = torch.where(rd.source, -_HIDDEN, 0.0).to(q.device)[:, :, None, :]  # [B, Hq|1, 1, Nk]
+    bias = hide if edit.key_bias is None else edit.key_bias + hide
+    out, lse = _sdpa(q, k, v, bias, attention_mask, scale, causal, lse=True)  # [B, Nq, Hq, Dv], [B, Hq, Nq]
+    kv = heads // (Hq // k.shape[1])
+    h = heads.numel()
+    source = rd.source.expand(B, Hq, Nk)[:, heads]  # [B, h, Nk]
+    count = int(source.sum(dim=-1).max())
+    keys = source.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :count]  # [B, h, S] sources first
+    real = source.gather(-1, keys)[:, :, None, :]  # [B, h, 1, S]: False on the padding of heads with fewer
+    k_s = k[:, kv].gather(2, keys[..., None].expand(-1, -1, -1, D)).float()  # [B, h, S, D]
+    v_s = v[:, kv].gather(2, keys[..., None].expand(-1, -1, -1, v.shape[3])).float()  # [B, h, S, Dv]
+    columns = keys[:, :, None, :].expand(B, h, Nq, count)  # [B, h, Nq, S]
+    keep, additive = _mask_rows(attention_mask, 0, Nq, Nq, Nk, causal, q.device)  # [B|1, 1, Nq|1, Nk]
+    s = (q[:, heads].float() * scale) @ k_s.transpose(-1, -2)  # [B, h, Nq, S]
+    if additive is not None:
+        s += additive.expand(B, h, Nq, Nk).gather(-1, columns)
+    if edit.key_bias is not None:
+        key_bias = edit.key_bias if edit.key_bias.shape[1] == 1 else edit.key_bias.index_select(1, heads)
+        s += key_bias.float().expand(B, h, Nq, Nk).gather(-1, columns)
+    s.masked_fill_(~(keep.expand(B, h, Nq, Nk).gather(-1, columns) & real), float("-inf"))
+    lse = lse[:, heads]  # [B, h, Nq]
+    top = torch.maximum(lse, s.amax(dim=-1))
+    top = top.masked_fill(top == float("-inf"), 0.0)  # a row that sees nothing
+    target = torch.exp(lse - top)  # [B, h, Nq]: W relative to the larger; 0 where the row sees no target
+    a = torch.exp(s - top[..., None])  # [B, h, Nq, S]
+    total = a.sum(dim=-1)  # [B, h, Nq]
+    active = (total > 0) & (target > 0)
+    if rd.row_gate is not None:
+        active &= rd.row_gate.expand(B, Hq, Nq)[:, heads]
+    p_move = torch.as_tensor(rd.p_move, dtype=torch.float32).reshape(-1).expand(Hq)[heads.cpu()].to(q.device)
+    moved = torch.where(active, p_move[:, None], 0.0)  # [B, h, Nq]
+    o_t = out[:, :, heads].transpose(1, 2).float()  # [B, h, Nq, Dv]
+    o = (1.0 - moved)[..., None] * (a @ v_s) + (target + moved * total)[..., None] * o_t
+    o = o / (target + total).masked_fill(target + total == 0, 1.0)[..., None]
+    out[:, :, heads] = o.transpose(1, 2).to(out.dtype)
+    return out
+
+
+def _sdpa(q, k, v, key_bias, attention_mask, scale, causal, lse=False):
     """`[B, Nq, Hq, Dv]`: torch's SDPA on the mask the model gave (bottom-right causal without one), the key bias
-    added to the logits; a row that sees no key gives zero, as the explicit path does.
+    added to the logits; a row that sees no key gives zero, as the explicit path does. With `lse` (CPU only),
+    also the rows' log-sum-exp `[B, Hq, Nq]`, -inf on a row that sees nothing.
 
     A finite bias that is the same on every row rides in `q @ k` as one more dimension, a weight in each query
     against `bias / scale` in each key (`v` padded alike), so SDPA keeps the kernel it runs on a plain mask; an
@@ -106,14 +177,14 @@ def _sdpa(q, k, v, key_bias, attention_mask, scale, causal) -> torch.Tensor:
         rows = key_bias[:, :, 0].to(q.dtype)  # [B|1, Hq|1, Nk]
         heads = rows.ne(0).any(dim=-1, keepdim=True)  # [B|1, Hq|1, 1]: the heads it biases
         common = (rows * heads).sum(dim=1) / heads.sum(dim=1).clamp_min(1)  # [B|1, Nk]
+        kv_heads = k.shape[1]
         if torch.equal(rows, heads * common[:, None]):  # weight [B|1, Hq|1, 1, 1], column [B|1, 1, Nk, 1]
             weight, column = heads.to(q.dtype)[..., None], common[:, None, :, None]
         else:
-            k, v = (t.repeat_interleave(Hq // t.shape[1], dim=1) for t in (k, v))
-            weight, column = q.new_ones(1, 1, 1, 1), rows[..., None]  # [B|1, Hq, Nk, 1]
-        q = torch.cat([q, weight.expand(B, Hq, Nq, 1)], dim=-1)
-        k = torch.cat([k.expand(B, -1, -1, -1), (column / scale).expand(B, k.shape[1], Nk, 1)], dim=-1)
-        v = torch.cat([v.expand(B, -1, -1, -1), v.new_zeros(B, v.shape[1], Nk, 1)], dim=-1)
+            weight, column, kv_heads = q.new_ones(1, 1, 1, 1), rows[..., None], Hq  # column [B|1, Hq, Nk, 1]
+        q = _with_column(q, B, Hq, weight)
+        k = _with_column(k, B, kv_heads, column / scale)
+        v = _with_column(v, B, kv_heads, v.new_zeros(1, 1, 1, 1))
         key_bias = None
     mask, is_causal = keep, False
     if additive is not None or key_bias is not None:  # a float mask carrying what is added to the logits
@@ -124,13 +195,47 @@ def _sdpa(q, k, v, key_bias, attention_mask, scale, causal) -> torch.Tensor:
         mask = None  # every key visible
     elif attention_mask is None and Nq == Nk:
         mask, is_causal = None, True  # SDPA's own causal mask, top-left aligned, is the bottom-right one here
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-    )[..., :Dv]  # [B, Hq, Nq, Dv]
+    if lse:
+        out, row_lse = _flash(q, k, v, mask, is_causal, scale)
+    else:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )  # [B, Hq, Nq, Dv]
+    out = out[..., :Dv]
     if mask is not None:
         blind = ~(mask if mask.dtype == torch.bool else mask > float("-inf")).any(dim=-1, keepdim=True)
         out = out.masked_fill(blind, 0.0)  # [B|1, Hq|1, Nq, 1] rows that see nothing
-    return out.transpose(1, 2)  # [B, Nq, Hq, Dv]
+        row_lse = row_lse.masked_fill(blind[..., 0], float("-inf")) if lse else None
+    return (out.transpose(1, 2), row_lse) if lse else out.transpose(1, 2)  # [B, Nq, Hq, Dv]
+
+
+def _with_column(t, batch: int, heads: int, column) -> torch.Tensor:
+    """`t` `[B|1, H, N, D]` as `[B, heads, N, D + 1]`, `column` (broadcast to `[B, heads, N, 1]`) the last entry,
+    each head of `t` repeated for the `heads // H` heads that share it: one copy, where a repeat and a cat take
+    two."""
+    _, H, N, D = t.shape
+    out = t.new_empty(batch, heads, N, D + 1)
+    out.view(batch, H, heads // H, N, D + 1)[..., :D].copy_(t[:, :, None])
+    out[..., D:] = column
+    return out
+
+
+def _flash(q, k, v, mask, is_causal, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's CPU flash attention, which returns the rows' LSE: `(out [B, Hq, Nq, Dv], lse [B, Hq, Nq])` (fp32).
+    It wants as many key as query heads, one head size and an additive mask; `is_causal` is top-left aligned."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    Dv = v.shape[-1]
+    if Dv != q.shape[-1]:  # zeros in the narrower of q, k and v change no score and no output
+        width = max(Dv, q.shape[-1])
+        q, k, v = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.where(mask, torch.tensor(0.0, dtype=q.dtype), torch.tensor(float("-inf"), dtype=q.dtype))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, is_causal, attn_mask=None if mask is None else mask.to(q.dtype), scale=scale
+    )
+    return out[..., :Dv], lse
 
 
 def probabilities(q, k, edit: AttentionEdit, *, attention_mask, scale, causal, sinks, softcap) -> torch.Tensor:
@@ -142,6 +247,9 @@ def probabilities(q, k, edit: AttentionEdit, *, attention_mask, scale, causal, s
 
 
 def column_stats(q, k, *, attention_mask, scale, causal, query_mask, key_bias, sinks, softcap):
+    plain = key_bias is None and sinks is None and softcap is None
+    if plain and q.device.type == "cpu" and not _has_additive_part(attention_mask):
+        return _column_stats_by_flash(q, k, attention_mask, scale, causal, query_mask)
     B, Hq, _, _ = q.shape
     Nk = k.shape[2]
     sums = q.new_zeros(B, Hq, Nk, dtype=torch.float32)
@@ -155,6 +263,41 @@ def column_stats(q, k, *, attention_mask, scale, causal, query_mask, key_bias, s
         sums += p.sum(dim=2)
         counts += seen.sum(dim=2, dtype=torch.float32)
     return sums, counts
+
+
+def _column_stats_by_flash(q, k, attention_mask, scale, causal, query_mask):
+    """`column_stats` from two flash passes, no probabilities held: the first gives each row's LSE; in the second
+    the keys ask the rows, `sum_i exp(scale q_i.k_j - lse_i)` being the LSE of key j's row of the transposed
+    scores `[k_j, 1] . [scale q_i, -lse_i]` over the rows that see it."""
+    B, Hq, Nq, _ = q.shape
+    Nk = k.shape[2]
+    k = k.repeat_interleave(Hq // k.shape[1], dim=1)  # [B, Hq, Nk, D]
+    _, lse = _sdpa(q, k, k, None, attention_mask, scale, causal, lse=True)  # [B, Hq, Nq]
+    keep, _ = _mask_rows(attention_mask, 0, Nq, Nq, Nk, causal, q.device)  # [B|1, 1, Nq|1, Nk]
+    rows = keep.any(dim=-1)  # [B|1, 1, Nq|1]: the rows that see a key
+    if query_mask is not None:
+        rows = rows & query_mask[:, None, :]
+    seen = (keep & rows[..., None]).expand(-1, -1, Nq, -1)  # [B|1, 1, Nq, Nk]
+    counts = seen.sum(dim=2, dtype=torch.float32).expand(B, Hq, Nk)  # [B, Hq, Nk]
+    asking = torch.cat([k, k.new_ones(B, Hq, Nk, 1)], dim=-1)  # [B, Hq, Nk, D + 1]
+    rows_lse = lse.masked_fill(~rows.expand(B, Hq, Nq), 0.0).to(q.dtype)  # finite: the mask drops those rows
+    answering = torch.cat([q * scale, -rows_lse[..., None]], dim=-1)  # [B, Hq, Nq, D + 1]
+    if attention_mask is None and bool(rows.all()):  # every row sees the keys at and before its own position
+        # reversed, key j (now Nk-1-j) is seen by the rows at and after it, now at and before it: top-left causal
+        _, column_lse = _flash(asking.flip(2), answering.flip(2), answering.flip(2), None, causal, 1.0)
+        column_lse = column_lse.flip(2)
+    else:
+        _, column_lse = _flash(asking, answering, answering, seen.transpose(-1, -2), False, 1.0)
+    sums = torch.exp(column_lse).masked_fill_(counts == 0, 0.0)  # [B, Hq, Nk]
+    return sums, counts.contiguous()
+
+
+def _has_additive_part(attention_mask) -> bool:
+    """Whether a float mask adds anything but 0 and "masked" (finfo.min) to the logits."""
+    if attention_mask is None or attention_mask.dtype == torch.bool:
+        return False
+    keep = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    return bool((attention_mask.masked_fill(~keep, 0) != 0).any())
 
 
 def _probability_rows(q, k, edit, attention_mask, scale, causal, sinks, softcap, lse=False) -> Iterator:
