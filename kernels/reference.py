@@ -231,9 +231,11 @@ def _flash(q, k, v, mask, is_causal, scale) -> tuple[torch.Tensor, torch.Tensor]
         width = max(Dv, q.shape[-1])
         q, k, v = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
     if mask is not None and mask.dtype == torch.bool:
-        mask = torch.where(mask, torch.tensor(0.0, dtype=q.dtype), torch.tensor(float("-inf"), dtype=q.dtype))
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    if mask is not None:
+        mask = mask.to(q.dtype).contiguous()  # torch 2.6's kernel misreads a transposed mask
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, is_causal, attn_mask=None if mask is None else mask.to(q.dtype), scale=scale
+        q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale
     )
     return out[..., :Dv], lse
 

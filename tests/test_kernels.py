@@ -550,7 +550,7 @@ def _masks(n, nk):
     return {"none": None, "padding": pad, "window": window, "float padding": as_float}
 
 
-@pytest.mark.parametrize("n, nk", [(9, 9), (4, 9), (1, 9)])
+@pytest.mark.parametrize("n, nk", [(19, 19), (7, 19), (1, 19)])
 def test_the_sdpa_path_of_a_redistribution_equals_its_probabilities(n, nk):
     """A redistribution whose every key is a source or a target (ACT's) runs on the CPU as one SDPA pass with the
     sources hidden, combined with the source keys' columns: it equals the materialised redistributed
@@ -580,10 +580,11 @@ def test_the_sdpa_path_of_a_redistribution_equals_its_probabilities(n, nk):
                 )
 
 
-@pytest.mark.parametrize("n, nk, causal", [(9, 9, True), (4, 9, True), (1, 9, True), (9, 9, False)])
+@pytest.mark.parametrize("n, nk, causal", [(19, 19, True), (7, 19, True), (1, 19, True), (19, 19, False)])
 def test_column_stats_from_two_flash_passes_equal_the_summed_probabilities(n, nk, causal):
     """Column statistics run on the CPU as two flash passes (the rows' LSE, then the keys asking the rows): they
-    equal the materialised probabilities summed over the chosen rows, and the counts of rows that see each key."""
+    equal the materialised probabilities summed over the chosen rows, and the counts of rows that see each key.
+    (At 19 keys, more than one of the flash kernel's blocks: torch 2.6's misread a transposed mask there.)"""
     q, k, _ = qkv(n=n, nk=nk)
     masks = _masks(n, nk) if causal else {"none": None}
     for mask_name, mask in masks.items():
