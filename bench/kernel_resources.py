@@ -123,6 +123,11 @@ def launches(head_dim: int, n: int = 4096, heads: int = 32, kv_heads: int = 8):
                 yield stage, name + suffix, call
     no_edit = {"attention_mask": None, "query_mask": None, "key_bias": None, "sinks": None, "softcap": None}
     yield "prefill", "column statistics", lambda: fused.column_stats(q, k, scale=head_dim**-0.5, causal=True, **no_edit)
+    yield (
+        "prefill",
+        "column statistics + padding mask",
+        lambda: fused.column_stats(q, k, scale=head_dim**-0.5, causal=True, **{**no_edit, "attention_mask": padding}),
+    )
 
 
 def report(arch: int, head_dim: int) -> list[dict]:

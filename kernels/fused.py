@@ -18,7 +18,11 @@ the interpreter's bf16 `tl.dot` is wrong).
 
 from __future__ import annotations
 
+import functools
+import math
 import os
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -27,7 +31,12 @@ import triton.language as tl
 from .edit import AttentionEdit, Redistribute
 from .reference import visible_keys
 
-LOG2E = 1.4426950408889634
+LOG2E = math.log2(math.e)  # logits run in base 2 (exp2): natural ones are multiplied by this
+_LOG2E: tl.constexpr = tl.constexpr(LOG2E)  # the same, for the kernels
+_LN2: tl.constexpr = tl.constexpr(math.log(2.0))
+_SOURCE: tl.constexpr = tl.constexpr(Redistribute.SOURCE)  # the bits of a key's group code
+_TARGET: tl.constexpr = tl.constexpr(Redistribute.TARGET)
+_GATE: tl.constexpr = tl.constexpr(Redistribute.GATE)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # as kernels/__init__ reads it (triton.knobs is 3.4+)
 
 
@@ -36,11 +45,32 @@ def _tanh(x):
     """tanh from exp2 (Triton has no tanh its interpreter runs): odd, with its series near 0, where
     `1 - exp(-2|x|)` would cancel."""
     a = tl.abs(x)
-    e = tl.exp2(a * -2.8853900817779268)  # exp(-2|x|)
+    e = tl.exp2(a * (-2.0 * _LOG2E))  # exp(-2|x|)
     a2 = a * a
     series = a * (1.0 + a2 * (-0.3333333333333333 + a2 * (0.13333333333333333 - a2 * 0.05396825396825397)))
     t = tl.where(a < 0.125, series, (1.0 - e) / (1.0 + e))
     return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _groups(code):
+    """A key's group code as (source, target, gate) booleans; a key in both counts as a source."""
+    code = code.to(tl.int32)
+    return (code & _SOURCE) != 0, ((code & _TARGET) != 0) & ((code & _SOURCE) == 0), (code & _GATE) != 0
+
+
+@triton.jit
+def _narrowed(Extent, seb, b, offs, count, lo, hi, HAS_EXTENT: tl.constexpr, BLOCK: tl.constexpr):
+    """`[lo, hi)` narrowed to what the rows (or keys) `offs` can see: `Extent[b, i]` holds each one's first
+    visible index and one past its last (a mask's extent: causal, padded, windowed), the start aligned down
+    to a tile."""
+    if HAS_EXTENT:
+        at = Extent + b * seb + offs * 2
+        first = tl.min(tl.load(at, mask=offs < count, other=hi), axis=0)
+        end = tl.max(tl.load(at + 1, mask=offs < count, other=0), axis=0)
+        lo = tl.maximum(lo, first // BLOCK * BLOCK)
+        hi = tl.minimum(hi, end)
+    return lo, hi
 
 
 @triton.jit
@@ -127,18 +157,17 @@ def _scores(
             bias = tl.load(bias_at + rows[:, None] * sbm, mask=visible, other=0.0)  # [BLOCK_M, BLOCK_N]
         else:
             bias = tl.load(bias_at, mask=offs_n[None, :] < Nk, other=0.0)  # [1, BLOCK_N]
-        qk = qk + bias.to(tl.float32) * 1.4426950408889634
+        qk = qk + bias.to(tl.float32) * _LOG2E
     if HAS_GROUPS:
         code_at = Codes + b * scb + h * sch + offs_n[None, :] * scn
-        code = tl.load(code_at, mask=offs_n[None, :] < Nk, other=0).to(tl.int32)  # [1, BLOCK_N]
+        code = tl.load(code_at, mask=offs_n[None, :] < Nk, other=0)  # [1, BLOCK_N]
         row = GroupBias + b * sgb_b + h * sgb_h + offs_m * sgb_m
         bias_source = tl.load(row, mask=offs_m < Nq, other=0.0)
         bias_target = tl.load(row + 1, mask=offs_m < Nq, other=0.0)
-        is_source = (code & 1) != 0
-        is_target = ((code & 2) != 0) & ((code & 1) == 0)
+        is_source, is_target, _ = _groups(code)
         group = tl.where(is_target, bias_target[:, None], 0.0)
         group = tl.where(is_source, bias_source[:, None], group)
-        qk = qk + group * 1.4426950408889634
+        qk = qk + group * _LOG2E
     return tl.where(visible, qk, float("-inf"))
 
 
@@ -197,6 +226,8 @@ def _forward(
     smb,
     smm,
     smn,
+    Extent,
+    seb,
     Bias,
     sbb,
     sbh,
@@ -230,6 +261,7 @@ def _forward(
     qk_scale,
     softcap,
     CAUSAL: tl.constexpr,
+    HAS_EXTENT: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BIAS_ROWS: tl.constexpr,
@@ -264,7 +296,8 @@ def _forward(
     end = Nk
     if CAUSAL:
         end = tl.minimum(Nk, (start_m + 1) * BLOCK_M + Nk - Nq)
-    for start_n in range(0, end, BLOCK_N):
+    start, end = _narrowed(Extent, seb, b, offs_m, Nq, 0, end, HAS_EXTENT, BLOCK_N)  # a mask's extent
+    for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_offsets = offs_n[:, None] * skn + offs_d[None, :] * skd
         k_mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
@@ -287,7 +320,7 @@ def _forward(
         out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D),
     )  # fmt: skip
     if STORE_LSE:
-        lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * _LN2, float("-inf"))
         tl.store(Lse + (b * Hq + h) * Nq + offs_m, lse, mask=offs_m < Nq)
 
 
@@ -308,6 +341,8 @@ def _statistics(
     smb,
     smm,
     smn,
+    Extent,
+    seb,
     Bias,
     sbb,
     sbh,
@@ -334,6 +369,7 @@ def _statistics(
     qk_scale,
     softcap,
     CAUSAL: tl.constexpr,
+    HAS_EXTENT: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BIAS_ROWS: tl.constexpr,
@@ -370,7 +406,8 @@ def _statistics(
     end = Nk
     if CAUSAL:
         end = tl.minimum(Nk, (start_m + 1) * BLOCK_M + Nk - Nq)
-    for start_n in range(0, end, BLOCK_N):
+    start, end = _narrowed(Extent, seb, b, offs_m, Nq, 0, end, HAS_EXTENT, BLOCK_N)  # a mask's extent
+    for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_offsets = offs_n[:, None] * skn + offs_d[None, :] * skd
         k_mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
@@ -383,10 +420,8 @@ def _statistics(
         p, rescale, m_i = _softmax_step(qk, m_i)
         l_all = l_all * rescale + tl.sum(p, 1)
         if HAS_CODES:
-            code = tl.load(Codes + b * scb + h * sch + offs_n * scn, mask=offs_n < Nk, other=0).to(tl.int32)
-            source = (code & 1) != 0
-            target = ((code & 2) != 0) & ((code & 1) == 0)
-            gate = (code & 4) != 0
+            code = tl.load(Codes + b * scb + h * sch + offs_n * scn, mask=offs_n < Nk, other=0)
+            source, target, gate = _groups(code)
             l_source = l_source * rescale + tl.sum(tl.where(source[None, :], p, 0.0), 1)
             l_target = l_target * rescale + tl.sum(tl.where(target[None, :], p, 0.0), 1)
             l_gate = l_gate * rescale + tl.sum(tl.where(gate[None, :], p, 0.0), 1)
@@ -424,6 +459,8 @@ def _column_sums(
     smb,
     smm,
     smn,
+    Extent,
+    seb,
     Bias,
     sbb,
     sbh,
@@ -436,6 +473,7 @@ def _column_sums(
     qk_scale,
     softcap,
     CAUSAL: tl.constexpr,
+    HAS_EXTENT: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BIAS_ROWS: tl.constexpr,
@@ -464,7 +502,8 @@ def _column_sums(
     start = 0
     if CAUSAL:  # rows before start_n - (Nk - Nq) cannot see this block
         start = tl.maximum(0, start_n * BLOCK_N - (Nk - Nq)) // BLOCK_M * BLOCK_M
-    for start_m in range(start, Nq, BLOCK_M):
+    start, end = _narrowed(Extent, seb, b, offs_n, Nk, start, Nq, HAS_EXTENT, BLOCK_M)  # rows that see these keys
+    for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = tl.load(
             Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
@@ -476,7 +515,7 @@ def _column_sums(
             Mask, 0, 0, 0, Mask, 0, 0, 0,
             CAUSAL, HAS_MASK, HAS_BIAS, BIAS_ROWS, False, False, False, HAS_SOFTCAP, UPCAST, IEEE,
         )  # fmt: skip
-        lse = tl.load(Lse + (b * Hq + h) * Nq + offs_m, mask=offs_m < Nq, other=float("-inf")) * 1.4426950408889634
+        lse = tl.load(Lse + (b * Hq + h) * Nq + offs_m, mask=offs_m < Nq, other=float("-inf")) * _LOG2E
         take = lse > float("-inf")
         if HAS_ROWS:
             take = take & (tl.load(Rows + b * srb + offs_m * srm, mask=offs_m < Nq, other=0) != 0)
@@ -601,10 +640,7 @@ def _decode_split(
                 code = tl.load(code_at + offs_m[:, None] * sch, mask=heads_keys, other=0)  # [BLOCK_M, BLOCK_N]
             else:
                 code = tl.load(code_at, mask=offs_n[None, :] < end, other=0)  # [1, BLOCK_N]
-            code = code.to(tl.int32)
-            source = (code & 1) != 0
-            target = ((code & 2) != 0) & ((code & 1) == 0)
-            gate = (code & 4) != 0
+            source, target, gate = _groups(code)
             p_source = tl.where(source, p, 0.0)
             p_target = tl.where(target, p, 0.0)
             p_other = tl.where(source | target, 0.0, p)
@@ -641,6 +677,52 @@ def _decode_split(
 # --- launchers ----------------------------------------------------------------------------------
 
 
+class Operand(NamedTuple):
+    """A tensor a kernel reads, with its strides (0 along a broadcast dimension): `*operand.args` is what the
+    kernel's signature lists for it. Absent, a None pointer and zero strides, behind a compile-time switch."""
+
+    tensor: torch.Tensor | None
+    strides: tuple[int, ...]
+
+    @classmethod
+    def of(cls, t: torch.Tensor | None, dims: int) -> Operand:
+        if t is None:
+            return cls(None, (0,) * dims)
+        strides = tuple(0 if size == 1 else stride for size, stride in zip(t.shape, t.stride(), strict=True))
+        return cls(t, strides[:dims])  # the leading `dims`: a kernel steps inside the rest itself
+
+    @property
+    def args(self) -> tuple:
+        return (self.tensor, *self.strides)
+
+    @property
+    def given(self) -> bool:
+        return self.tensor is not None
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What every kernel of one call reads besides q, k and v."""
+
+    mask: Operand  # [B|1, Nq, Nk] bool, True = visible
+    extent: Operand  # [B|1, Nq, 2] int32: each row's first visible key and one past its last
+    bias: Operand  # [B, Hq, Nq, Nk] the edit's key bias (broadcast)
+    gain_keys: Operand  # [B, Nk] int8
+    gain_rows: Operand  # [B, Nq] int8
+    gain: float
+    sinks: Operand  # [B, Hq] base 2
+    causal: bool  # the causal bound from the shapes (without a mask; a mask brings its extent)
+    qk_scale: float  # base 2
+    softcap: float  # base 2; 0 without
+    upcast: bool  # bf16 under the interpreter: computed in fp32
+    ieee: bool  # fp32 inputs: fp32 products
+
+    @property
+    def bias_rows(self) -> bool:
+        """Whether the bias differs from row to row."""
+        return self.bias.given and self.bias.strides[2] != 0
+
+
 def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, return_lse, sinks, softcap):
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -649,12 +731,12 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
             f"the triton backend needs value heads of the query/key head size; got q/k head size {D} and v head "
             f"size {v.shape[-1]} (as in MLA models): use backend='reference' (or 'auto', which picks it)"
         )
-    common = _common(q, k, edit, attention_mask, scale, causal, sinks, softcap)
+    inputs = _inputs(q, k, edit, attention_mask, scale, causal, sinks, softcap)
     head_scale = None
     if edit.head_scale is not None:
         head_scale = edit.head_scale.to(device=q.device, dtype=torch.float32).expand(B, Hq)
     if Nq == 1:
-        out, lse = _decode(q, k, v, common, edit.redistribute)
+        out, lse = _decode(q, k, v, inputs, edit.redistribute)
         if head_scale is not None:
             out = out * head_scale[:, None, :, None]
         out = out.to(q.dtype)
@@ -662,28 +744,29 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
     codes, group_bias = None, None
     if edit.redistribute is not None:
         codes = edit.redistribute.key_codes(B, Nk, q.device)
-        _, *masses = _run_statistics(q, k, common, codes)
+        _, *masses = _run_statistics(q, k, inputs, codes)
         group_bias = edit.redistribute.row_biases(*masses)  # [B, Hq, Nq, 2]
     out = torch.empty(B, Nq, Hq, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device) if return_lse else out
+    codes, group_bias, head_scale = Operand.of(codes, 3), Operand.of(group_bias, 3), Operand.of(head_scale, 2)
     BLOCK_M, BLOCK_N, BLOCK_D, warps = _blocks(Nq, Nk, D)
     grid = (triton.cdiv(Nq, BLOCK_M), B * Hq)
     _forward[grid](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *common["mask"], *common["bias"], *common["gain_keys"], *common["gain_rows"], common["gain"],
-        *_strided(codes, 3), *_strided(group_bias, 3), *_strided(head_scale, 2), *common["sinks"],
-        Hq, Hq // Hkv, Nq, Nk, common["qk_scale"], common["softcap"],
-        CAUSAL=common["causal"], HAS_MASK=common["has_mask"], HAS_BIAS=common["has_bias"],
-        BIAS_ROWS=common["bias_rows"], HAS_GAIN=common["has_gain"], GAIN_ROWS=common["gain_rows_given"],
-        HAS_GROUPS=codes is not None, HAS_HEAD_SCALE=head_scale is not None, HAS_SINKS=common["has_sinks"],
-        HAS_SOFTCAP=common["has_softcap"], STORE_LSE=return_lse,
-        UPCAST=common["upcast"], IEEE=common["ieee"], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, D=D,
-        num_warps=warps, num_stages=2 if common["bias_rows"] else 3,  # a bias tile per stage: A100's limit
+        *inputs.mask.args, *inputs.extent.args, *inputs.bias.args, *inputs.gain_keys.args, *inputs.gain_rows.args,
+        inputs.gain, *codes.args, *group_bias.args, *head_scale.args, *inputs.sinks.args,
+        Hq, Hq // Hkv, Nq, Nk, inputs.qk_scale, inputs.softcap,
+        CAUSAL=inputs.causal, HAS_EXTENT=inputs.extent.given, HAS_MASK=inputs.mask.given,
+        HAS_BIAS=inputs.bias.given, BIAS_ROWS=inputs.bias_rows, HAS_GAIN=inputs.gain_keys.given,
+        GAIN_ROWS=inputs.gain_rows.given, HAS_GROUPS=codes.given, HAS_HEAD_SCALE=head_scale.given,
+        HAS_SINKS=inputs.sinks.given, HAS_SOFTCAP=inputs.softcap != 0, STORE_LSE=return_lse,
+        UPCAST=inputs.upcast, IEEE=inputs.ieee, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, D=D,
+        num_warps=warps, num_stages=2 if inputs.bias_rows else 3,  # a bias tile per stage: A100's limit
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
 
-def _decode(q, k, v, common: dict, redistribute: Redistribute | None):
+def _decode(q, k, v, inputs: _Inputs, redistribute: Redistribute | None):
     """Split-KV decoding: `_decode_split` over chunks of the cache, then the chunks combined (fp32), with the
     learned sinks' mass. A redistribution is applied in the combine, from the per-group sums, so the cache is
     read once."""
@@ -691,8 +774,7 @@ def _decode(q, k, v, common: dict, redistribute: Redistribute | None):
     Hkv, Nk = k.shape[1], k.shape[2]
     G = Hq // Hkv
     BLOCK_N = 16 if INTERPRET else 64
-    programs = 2 * 132  # enough for every SM of an H100 twice over
-    n_splits = max(1, min(triton.cdiv(Nk, BLOCK_N), triton.cdiv(programs, B * Hkv)))
+    n_splits = max(1, min(triton.cdiv(Nk, BLOCK_N), triton.cdiv(2 * _processors(q.device), B * Hkv)))
     if INTERPRET:
         n_splits = triton.cdiv(Nk, BLOCK_N)  # exercise the combine on toy sizes
     chunk = triton.cdiv(triton.cdiv(Nk, n_splits), BLOCK_N) * BLOCK_N
@@ -702,28 +784,29 @@ def _decode(q, k, v, common: dict, redistribute: Redistribute | None):
     part_max = torch.empty(B, Hq, n_splits, dtype=torch.float32, device=q.device)
     part_sum = torch.empty(B, Hq, n_splits, sums, dtype=torch.float32, device=q.device)
     part_out = torch.empty(B, Hq, n_splits, outs, D, dtype=torch.float32, device=q.device)
-    mask, bias, gain_keys, gain_rows = common["mask"], common["bias"], common["gain_keys"], common["gain_rows"]
+    mask, bias, gain_rows = inputs.mask.args, inputs.bias.args, inputs.gain_rows.args
+    codes = Operand.of(codes, 3)
     _decode_split[(B * Hkv, n_splits)](
         q, k, v, part_max, part_sum, part_out, q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(),
-        mask[0], mask[1], mask[3], bias[0], bias[1], bias[2], bias[4], *gain_keys, gain_rows[0], gain_rows[1],
-        common["gain"], *_strided(codes, 3), Hq, G, Nk, chunk, n_splits, common["qk_scale"], common["softcap"],
-        HAS_MASK=common["has_mask"], HAS_BIAS=common["has_bias"],
+        mask[0], mask[1], mask[3], bias[0], bias[1], bias[2], bias[4], *inputs.gain_keys.args, gain_rows[0],
+        gain_rows[1], inputs.gain, *codes.args, Hq, G, Nk, chunk, n_splits, inputs.qk_scale, inputs.softcap,
+        HAS_MASK=inputs.mask.given, HAS_BIAS=inputs.bias.given,
         BIAS_ROWS=bias[2] != 0,  # the tile's rows are the query heads: a per-head bias differs along them
-        HAS_GAIN=common["has_gain"], GAIN_ROWS=common["gain_rows_given"],
-        GROUP_SUMS=codes is not None, CODE_ROWS=codes is not None and codes.shape[1] > 1,
-        HAS_SOFTCAP=common["has_softcap"], UPCAST=common["upcast"], IEEE=common["ieee"],
+        HAS_GAIN=inputs.gain_keys.given, GAIN_ROWS=inputs.gain_rows.given,
+        GROUP_SUMS=codes.given, CODE_ROWS=codes.given and codes.tensor.shape[1] > 1,
+        HAS_SOFTCAP=inputs.softcap != 0, UPCAST=inputs.upcast, IEEE=inputs.ieee,
         BLOCK_M=max(16, triton.next_power_of_2(G)), BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)), D=D,
-        num_warps=8 if codes is not None and D > 128 else 4,  # three [G, 256] accumulators spill on 4 warps
+        num_warps=8 if codes.given and D > 128 else 4,  # three [G, 256] accumulators spill on 4 warps
     )  # fmt: skip
     top = part_max.amax(dim=-1, keepdim=True)  # [B, Hq, 1], base 2
-    sinks = common["sinks"][0]  # [B, Hq] base 2, or None
+    sinks = inputs.sinks.tensor  # [B, Hq] base 2, or None
     if sinks is not None:
         top = torch.maximum(top, sinks[..., None])
     weight = torch.exp2(part_max - torch.where(torch.isinf(top), 0.0, top))  # empty chunks weigh 0
     sums = (part_sum * weight[..., None]).sum(dim=2)  # [B, Hq, 1 | 5]
     outs = (part_out * weight[..., None, None]).sum(dim=2)  # [B, Hq, 1 | 3, D]
     sink_mass = top.new_zeros(()) if sinks is None else torch.exp2(sinks - top[..., 0])  # [B, Hq]: normaliser only
-    if codes is None:
+    if not codes.given:
         total, out = sums[..., 0] + sink_mass, outs[:, :, 0]
     else:  # each group's part scaled by its bias; the row's normaliser is unchanged by construction
         source, target, other, gate, gate_source = (m[..., None] for m in sums.unbind(-1))  # [B, Hq, 1]
@@ -741,26 +824,30 @@ def _decode(q, k, v, common: dict, redistribute: Redistribute | None):
 def column_stats(q, k, *, attention_mask, scale, causal, query_mask, key_bias, sinks, softcap):
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    common = _common(q, k, AttentionEdit(key_bias=key_bias), attention_mask, scale, causal, sinks, softcap)
-    stats = _run_statistics(q, k, common, None)
+    inputs = _inputs(q, k, AttentionEdit(key_bias=key_bias), attention_mask, scale, causal, sinks, softcap)
+    stats = _run_statistics(q, k, inputs, None)
     lse = torch.where(stats[1] > 0, (stats[0] + stats[1].log2()) / LOG2E, float("-inf")).contiguous()
     sums = torch.empty(B, Hq, Nk, dtype=torch.float32, device=q.device)
     counts = torch.empty_like(sums)
     rows = None if query_mask is None else query_mask.to(device=q.device, dtype=torch.int8)
+    key_extent = None  # [B|1, Nk, 2]: the first row that sees each key and one past the last
+    if inputs.mask.given:
+        seen = inputs.mask.tensor if rows is None else inputs.mask.tensor & rows.bool()[:, :, None]
+        key_extent = _extent(seen.transpose(1, 2))
+    rows, key_extent = Operand.of(rows, 2), Operand.of(key_extent, 1)
     BLOCK_M, BLOCK_N, BLOCK_D, warps = _blocks(Nq, Nk, D)
     _column_sums[(triton.cdiv(Nk, BLOCK_N), B * Hq)](
-        q, k, lse, sums, counts, *q.stride(), *k.stride(), *_strided(rows, 2),
-        *common["mask"], *common["bias"], Hq, Hq // Hkv, Nq, Nk, common["qk_scale"], common["softcap"],
-        CAUSAL=common["causal"], HAS_MASK=common["has_mask"], HAS_BIAS=common["has_bias"],
-        BIAS_ROWS=common["bias_rows"], HAS_ROWS=rows is not None, HAS_SOFTCAP=common["has_softcap"],
-        UPCAST=common["upcast"], IEEE=common["ieee"], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, D=D,
-        num_warps=warps,
+        q, k, lse, sums, counts, *q.stride(), *k.stride(), *rows.args,
+        *inputs.mask.args, *key_extent.args, *inputs.bias.args, Hq, Hq // Hkv, Nq, Nk, inputs.qk_scale,
+        inputs.softcap, CAUSAL=inputs.causal, HAS_EXTENT=key_extent.given, HAS_MASK=inputs.mask.given,
+        HAS_BIAS=inputs.bias.given, BIAS_ROWS=inputs.bias_rows, HAS_ROWS=rows.given,
+        HAS_SOFTCAP=inputs.softcap != 0, UPCAST=inputs.upcast, IEEE=inputs.ieee,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, D=D, num_warps=warps,
     )  # fmt: skip
     return sums, counts
 
 
-def _common(q, k, edit: AttentionEdit, attention_mask, scale, causal, sinks, softcap) -> dict:
-    """Kernel arguments shared by the kernels: masks, bias, gain and sinks, each as (tensor, *strides), the cap."""
+def _inputs(q, k, edit: AttentionEdit, attention_mask, scale, causal, sinks, softcap) -> _Inputs:
     B, Hq, Nq, _ = q.shape
     Nk = k.shape[2]
     mask = visible_keys(attention_mask, "triton")
@@ -769,44 +856,53 @@ def _common(q, k, edit: AttentionEdit, attention_mask, scale, causal, sinks, sof
     gain = edit.key_gain
     gain_keys = None if gain is None else gain.keys.to(device=q.device, dtype=torch.int8)
     gain_rows = None if gain is None or gain.rows is None else gain.rows.to(device=q.device, dtype=torch.int8)
-    bias_args = _strided(bias, 4)
     sinks = None if sinks is None else (sinks * LOG2E).expand(B, Hq)  # base 2, like the logits
-    return {
-        "mask": _strided(mask, 3), "bias": bias_args, "bias_rows": bias_args[3] != 0,  # the bias differs by row
-        "gain_keys": _strided(gain_keys, 2), "gain_rows": _strided(gain_rows, 2),
-        "gain": 0.0 if gain is None else float(gain.alpha),
-        "causal": bool(causal and attention_mask is None), "has_mask": mask is not None, "has_bias": bias is not None,
-        "has_gain": gain is not None, "gain_rows_given": gain_rows is not None,
-        "upcast": bool(INTERPRET and q.dtype == torch.bfloat16), "ieee": q.dtype == torch.float32,
-        "qk_scale": scale * LOG2E, "sinks": _strided(sinks, 2), "has_sinks": sinks is not None,
-        "softcap": 0.0 if softcap is None else softcap * LOG2E, "has_softcap": softcap is not None,
-    }  # fmt: skip
+    return _Inputs(
+        mask=Operand.of(mask, 3), extent=Operand.of(None if mask is None else _extent(mask), 1),
+        bias=Operand.of(bias, 4), gain_keys=Operand.of(gain_keys, 2), gain_rows=Operand.of(gain_rows, 2),
+        gain=0.0 if gain is None else float(gain.alpha), sinks=Operand.of(sinks, 2),
+        causal=bool(causal and attention_mask is None), qk_scale=scale * LOG2E,
+        softcap=0.0 if softcap is None else softcap * LOG2E,
+        upcast=bool(INTERPRET and q.dtype == torch.bfloat16), ieee=q.dtype == torch.float32,
+    )  # fmt: skip
 
 
-def _run_statistics(q, k, common: dict, codes) -> torch.Tensor:
+def _extent(visible: torch.Tensor) -> torch.Tensor:
+    """`[B, R, 2]` int32 from `[B, R, C]` bool: each row's first visible column and one past its last, so that a
+    kernel visits only the tiles a mask shows (causal, padded, windowed alike); `(C, 0)` for a row that sees
+    nothing."""
+    C = visible.shape[-1]
+    any_visible = visible.any(dim=-1)
+    first = visible.to(torch.uint8).argmax(dim=-1)  # the first maximum: the first True
+    end = C - visible.flip(-1).to(torch.uint8).argmax(dim=-1)
+    return torch.stack([first.where(any_visible, C), end.where(any_visible, 0)], dim=-1).to(torch.int32).contiguous()
+
+
+def _run_statistics(q, k, inputs: _Inputs, codes) -> torch.Tensor:
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     stats = torch.empty(6, B, Hq, Nq, dtype=torch.float32, device=q.device)
+    codes = Operand.of(codes, 3)
     BLOCK_M, BLOCK_N, BLOCK_D, warps = _blocks(Nq, Nk, D)
     _statistics[(triton.cdiv(Nq, BLOCK_M), B * Hq)](
-        q, k, stats, *q.stride(), *k.stride(),
-        *common["mask"], *common["bias"], *common["gain_keys"], *common["gain_rows"], common["gain"],
-        *_strided(codes, 3), *common["sinks"], Hq, Hq // Hkv, Nq, Nk, common["qk_scale"], common["softcap"],
-        CAUSAL=common["causal"], HAS_MASK=common["has_mask"], HAS_BIAS=common["has_bias"],
-        BIAS_ROWS=common["bias_rows"], HAS_GAIN=common["has_gain"], GAIN_ROWS=common["gain_rows_given"],
-        HAS_CODES=codes is not None, HAS_SINKS=common["has_sinks"], HAS_SOFTCAP=common["has_softcap"],
-        UPCAST=common["upcast"], IEEE=common["ieee"], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, D=D,
-        num_warps=warps,
+        q, k, stats, *q.stride(), *k.stride(), *inputs.mask.args, *inputs.extent.args, *inputs.bias.args,
+        *inputs.gain_keys.args, *inputs.gain_rows.args, inputs.gain, *codes.args, *inputs.sinks.args,
+        Hq, Hq // Hkv, Nq, Nk, inputs.qk_scale, inputs.softcap,
+        CAUSAL=inputs.causal, HAS_EXTENT=inputs.extent.given, HAS_MASK=inputs.mask.given,
+        HAS_BIAS=inputs.bias.given, BIAS_ROWS=inputs.bias_rows, HAS_GAIN=inputs.gain_keys.given,
+        GAIN_ROWS=inputs.gain_rows.given, HAS_CODES=codes.given, HAS_SINKS=inputs.sinks.given,
+        HAS_SOFTCAP=inputs.softcap != 0, UPCAST=inputs.upcast, IEEE=inputs.ieee,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, D=D, num_warps=warps,
     )  # fmt: skip
     return stats
 
 
-def _strided(t, dims: int):
-    """(tensor, its strides) with broadcast dimensions given stride 0; (None-placeholder, zeros) if absent."""
-    if t is None:
-        return (None, *([0] * dims))
-    strides = [0 if size == 1 else stride for size, stride in zip(t.shape, t.stride(), strict=True)]
-    return (t, *strides[:dims])
+@functools.cache
+def _processors(device: torch.device) -> int:
+    """The GPU's streaming multiprocessors: split-KV decoding gives each about two programs."""
+    if device.type != "cuda":
+        return 132  # the interpreter: any count does
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _blocks(Nq: int, Nk: int, D: int) -> tuple[int, int, int, int]:

@@ -390,3 +390,36 @@ def test_column_statistics_with_sinks_and_caps_match_the_reference(model):
     ref_sums, ref_counts = kernels.column_stats(q, k, scale=0.3, backend="reference", **kwargs, **MODELS[model])
     torch.testing.assert_close(sums, ref_sums, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(counts, ref_counts.expand_as(counts))
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # the poisoned rows' own statistics, by design
+def test_a_masked_prefill_visits_no_key_tile_its_rows_cannot_see():
+    """A mask (padding, a window) bounds the key loop by what it shows, as the causal bound does without one: the
+    interpreter's tiles are 32 x 32, so NaN keys and values in a tile that no row of a block can see would turn
+    that block's rows into NaN if the kernels visited it (0 * NaN is NaN). The first row block never reaches
+    the keys past 32 under a padded causal mask; under a window of 4 keys the third never reaches keys 0-31.
+    Column statistics: the key block past 32 never reaches the rows before it (NaN queries there)."""
+    q, k, v, g = tensors(96, 96, 4, 2, 16)
+    padded = padded_mask(2, 96, 96, [0, 5])
+    windowed = padded & ~torch.ones(96, 96, dtype=torch.bool).tril(-4)
+    source = torch.rand(2, 1, 96, generator=g) < 0.2
+    cases = {
+        "plain": AttentionEdit(),
+        "key bias": AttentionEdit(key_bias=torch.randn(1, 4, 1, 96, generator=g)),
+        "redistribution (statistics pass)": AttentionEdit(redistribute=Redistribute(source, ~source, 0.5)),
+    }
+    for mask, unseen, rows in ((padded, slice(32, 96), slice(0, 32)), (windowed, slice(0, 32), slice(64, 96))):
+        poisoned_k, poisoned_v = k.clone(), v.clone()
+        poisoned_k[:, :, unseen], poisoned_v[:, :, unseen] = float("nan"), float("nan")
+        for name, edit in cases.items():
+            clean = kernels.modified_attention(q, k, v, edit, attention_mask=mask, scale=0.3, backend="triton")
+            out = kernels.modified_attention(
+                q, poisoned_k, poisoned_v, edit, attention_mask=mask, scale=0.3, backend="triton"
+            )
+            torch.testing.assert_close(out[:, rows], clean[:, rows], msg=lambda m, name=name: f"{name}: {m}")
+    poisoned_q = q.clone()
+    poisoned_q[:, :, :32] = float("nan")
+    sums, counts = kernels.column_stats(poisoned_q, k, attention_mask=padded, scale=0.3, backend="triton")
+    clean_sums, clean_counts = kernels.column_stats(q, k, attention_mask=padded, scale=0.3, backend="triton")
+    torch.testing.assert_close(sums[..., 32:], clean_sums[..., 32:])
+    torch.testing.assert_close(counts[..., 32:], clean_counts[..., 32:])
