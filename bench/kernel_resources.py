@@ -25,8 +25,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-
-from intervene.kernels import AttentionEdit, KeyGain, Redistribute, fused
+from triton.runtime.autotuner import Autotuner
 
 SHARED_LIMIT_KIB = {90: 227, 80: 163}  # the most one block may opt into: H100, A100
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -53,27 +52,44 @@ class TargetOnly:
     def is_active(self):
         return True
 
+    def get_benchmarker(self):  # Triton 3.2's autotuner asks for it when a kernel is decorated
+        return None
+
+
+triton.runtime.driver.set_active(TargetOnly(90))  # before the kernels are decorated (see get_benchmarker)
+from intervene.kernels import AttentionEdit, KeyGain, Redistribute, fused  # noqa: E402
+
 
 class CompileOnly:
-    """While active: every kernel launch compiles for `arch` and is recorded instead of running. The stand-in
-    driver stays afterwards (there is no real one to go back to: this process never runs a kernel)."""
+    """While active: every kernel launch compiles for `arch` and is recorded instead of running, an autotuned one
+    for each tile its pruning keeps. The stand-in driver stays afterwards (there is no real one to go back to:
+    this process never runs a kernel)."""
 
     def __init__(self, arch: int):
         self.arch, self.kernels = arch, []
 
     def __enter__(self):
-        self.run = triton.runtime.jit.JITFunction.run
+        self.run, self.tune = triton.runtime.jit.JITFunction.run, Autotuner.run
         triton.runtime.driver.set_active(TargetOnly(self.arch))
         kernels, run = self.kernels, self.run
 
         def compile_only(jit, *args, grid, warmup, **kwargs):
-            kernels.append((jit.__name__, run(jit, *args, grid=grid, warmup=True, **kwargs)))
+            tile = f"{kwargs['BLOCK_M']}x{kwargs['BLOCK_N']}, {kwargs.get('num_warps', 4)} warps"
+            if "num_stages" in kwargs:
+                tile += f", {kwargs['num_stages']} stages"
+            kernels.append((jit.__name__, tile, run(jit, *args, grid=grid, warmup=True, **kwargs)))
+
+        def compile_each_tile(tuner, *args, **kwargs):
+            tuner.nargs = dict(zip(tuner.arg_names, args, strict=False))
+            for config in tuner.prune_configs(kwargs):
+                tuner.fn.run(*args, **kwargs, **config.all_kwargs())
 
         triton.runtime.jit.JITFunction.run = compile_only
+        Autotuner.run = compile_each_tile
         return self
 
     def __exit__(self, *exc):
-        triton.runtime.jit.JITFunction.run = self.run
+        triton.runtime.jit.JITFunction.run, Autotuner.run = self.run, self.tune
 
 
 def resources(kernel) -> dict:
@@ -136,9 +152,10 @@ def report(arch: int, head_dim: int) -> list[dict]:
     for stage, edit, call in launches(head_dim):
         with CompileOnly(arch) as compiled:
             call()
-        for kernel_name, kernel in compiled.kernels:
+        for kernel_name, tile, kernel in compiled.kernels:
             rows.append({"arch": arch, "head_dim": head_dim, "stage": stage, "edit": edit, "kernel": kernel_name,
-                         **resources(kernel), "shared_limit_kib": SHARED_LIMIT_KIB.get(arch)})  # fmt: skip
+                         "tile": tile, **resources(kernel),
+                         "shared_limit_kib": SHARED_LIMIT_KIB.get(arch)})  # fmt: skip
     return rows
 
 
@@ -150,8 +167,8 @@ def main() -> None:
     args = parser.parse_args()
     if not args.json:
         print(f"triton {triton.__version__}; bf16, Hq 32, Hkv 8, N 4096 (decode: 1 row); per thread\n")
-        print("| sm | D | stage | edit | kernel | registers | spilled bytes | shared KiB |")
-        print("|---|---:|---|---|---|---:|---:|---:|")
+        print("| sm | D | stage | edit | kernel | tile | registers | spilled bytes | shared KiB |")
+        print("|---|---:|---|---|---|---|---:|---:|---:|")
     for arch in map(int, args.arch.split(",")):
         for head_dim in map(int, args.head_dim.split(",")):
             for row in report(arch, head_dim):
@@ -159,7 +176,8 @@ def main() -> None:
                     print(json.dumps(row))
                     continue
                 over = " (over the limit)" if row["shared_kib"] > (row["shared_limit_kib"] or float("inf")) else ""
-                print(f"| {arch} | {head_dim} | {row['stage']} | {row['edit']} | {row['kernel']} | {row['registers']} "
+                print(f"| {arch} | {head_dim} | {row['stage']} | {row['edit']} | {row['kernel']} | {row['tile']} "
+                      f"| {row['registers']} "
                       f"| {row['spill_bytes']} | {row['shared_kib']:.0f}{over} |")  # fmt: skip
 
 

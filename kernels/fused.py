@@ -52,6 +52,38 @@ def _tanh(x):
     return tl.where(x < 0, -t, t)
 
 
+# (BLOCK_M, BLOCK_N, warps, stages, the largest BLOCK_D): the tiles autotuning tries on a GPU, each compiled without
+# register spills in the shared memory of an A100 and an H100 (`bench/kernel_resources.py`)
+_TILES = [
+    (128, 64, 8, 3, 128), (64, 64, 4, 3, 128), (128, 32, 8, 3, 128), (64, 32, 4, 3, 256),
+    (128, 64, 8, 2, 128), (64, 32, 4, 2, 256),  # for a bias that differs by row: a bias tile per stage
+]  # fmt: skip
+# the interpreter runs one tile: its cost grows with programs x iterations, not with tile size (and Triton 3.2's
+# autotuner asks for a GPU driver as soon as it decorates a kernel)
+_FIXED_TILE = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4} if INTERPRET else {}
+
+
+def _fitting(configs, named_args, **kwargs) -> list:
+    """The configs whose tiles hold this head size, with 2 stages when the bias differs by row (a bias tile per
+    stage: an A100's shared memory) and 3 otherwise."""
+    return [
+        config for config, (*_, largest) in zip(configs, _TILES, strict=True)
+        if kwargs["BLOCK_D"] <= largest and (config.num_stages == 2) == bool(kwargs.get("BIAS_ROWS"))
+    ]  # fmt: skip
+
+
+def _autotuned(*features: str):
+    """`triton.autotune` over `_TILES`, keyed on the head size, the length bucket and the kernel's `features`;
+    nothing under the interpreter, whose launches pass `_FIXED_TILE`."""
+    if INTERPRET:
+        return lambda kernel: kernel
+    return triton.autotune(
+        configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st, _ in _TILES],
+        key=["BLOCK_D", "length_bucket", *features],
+        prune_configs_by={"early_config_prune": _fitting},
+    )
+
+
 @triton.jit
 def _groups(code):
     """A key's group code as (source, target, gate) booleans; a key in both counts as a source."""
@@ -199,6 +231,7 @@ def _weighted_values(p, v, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     return tl.dot(p.to(v.dtype), v)
 
 
+@_autotuned("HAS_MASK", "HAS_BIAS", "BIAS_ROWS", "HAS_GAIN", "HAS_GROUPS", "HAS_SOFTCAP")
 @triton.jit
 def _forward(
     Q,
@@ -260,6 +293,7 @@ def _forward(
     Nk,
     qk_scale,
     softcap,
+    length_bucket,
     CAUSAL: tl.constexpr,
     HAS_EXTENT: tl.constexpr,
     HAS_MASK: tl.constexpr,
@@ -324,6 +358,7 @@ def _forward(
         tl.store(Lse + (b * Hq + h) * Nq + offs_m, lse, mask=offs_m < Nq)
 
 
+@_autotuned("HAS_MASK", "HAS_BIAS", "BIAS_ROWS", "HAS_GAIN", "HAS_CODES", "HAS_SOFTCAP")
 @triton.jit
 def _statistics(
     Q,
@@ -368,6 +403,7 @@ def _statistics(
     Nk,
     qk_scale,
     softcap,
+    length_bucket,
     CAUSAL: tl.constexpr,
     HAS_EXTENT: tl.constexpr,
     HAS_MASK: tl.constexpr,
@@ -437,6 +473,7 @@ def _statistics(
     tl.store(row + 5 * plane, l_gate_source, mask=valid)
 
 
+@_autotuned("HAS_MASK", "HAS_BIAS", "BIAS_ROWS", "HAS_SOFTCAP")
 @triton.jit
 def _column_sums(
     Q,
@@ -472,6 +509,7 @@ def _column_sums(
     Nk,
     qk_scale,
     softcap,
+    length_bucket,
     CAUSAL: tl.constexpr,
     HAS_EXTENT: tl.constexpr,
     HAS_MASK: tl.constexpr,
@@ -749,19 +787,16 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
     out = torch.empty(B, Nq, Hq, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device) if return_lse else out
     codes, group_bias, head_scale = Operand.of(codes, 3), Operand.of(group_bias, 3), Operand.of(head_scale, 2)
-    BLOCK_M, BLOCK_N, BLOCK_D, warps = _blocks(Nq, Nk, D)
-    grid = (triton.cdiv(Nq, BLOCK_M), B * Hq)
-    _forward[grid](
+    _forward[lambda tile: (triton.cdiv(Nq, tile["BLOCK_M"]), B * Hq)](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *inputs.mask.args, *inputs.extent.args, *inputs.bias.args, *inputs.gain_keys.args, *inputs.gain_rows.args,
         inputs.gain, *codes.args, *group_bias.args, *head_scale.args, *inputs.sinks.args,
-        Hq, Hq // Hkv, Nq, Nk, inputs.qk_scale, inputs.softcap,
+        Hq, Hq // Hkv, Nq, Nk, inputs.qk_scale, inputs.softcap, _length_bucket(Nq, Nk),
         CAUSAL=inputs.causal, HAS_EXTENT=inputs.extent.given, HAS_MASK=inputs.mask.given,
         HAS_BIAS=inputs.bias.given, BIAS_ROWS=inputs.bias_rows, HAS_GAIN=inputs.gain_keys.given,
         GAIN_ROWS=inputs.gain_rows.given, HAS_GROUPS=codes.given, HAS_HEAD_SCALE=head_scale.given,
         HAS_SINKS=inputs.sinks.given, HAS_SOFTCAP=inputs.softcap != 0, STORE_LSE=return_lse,
-        UPCAST=inputs.upcast, IEEE=inputs.ieee, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, D=D,
-        num_warps=warps, num_stages=2 if inputs.bias_rows else 3,  # a bias tile per stage: A100's limit
+        UPCAST=inputs.upcast, IEEE=inputs.ieee, BLOCK_D=_tile_width(D), D=D, **_FIXED_TILE,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
@@ -795,7 +830,7 @@ def _decode(q, k, v, inputs: _Inputs, redistribute: Redistribute | None):
         HAS_GAIN=inputs.gain_keys.given, GAIN_ROWS=inputs.gain_rows.given,
         GROUP_SUMS=codes.given, CODE_ROWS=codes.given and codes.tensor.shape[1] > 1,
         HAS_SOFTCAP=inputs.softcap != 0, UPCAST=inputs.upcast, IEEE=inputs.ieee,
-        BLOCK_M=max(16, triton.next_power_of_2(G)), BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)), D=D,
+        BLOCK_M=_tile_width(G), BLOCK_N=BLOCK_N, BLOCK_D=_tile_width(D), D=D,
         num_warps=8 if codes.given and D > 128 else 4,  # three [G, 256] accumulators spill on 4 warps
     )  # fmt: skip
     top = part_max.amax(dim=-1, keepdim=True)  # [B, Hq, 1], base 2
@@ -835,14 +870,13 @@ def column_stats(q, k, *, attention_mask, scale, causal, query_mask, key_bias, s
         seen = inputs.mask.tensor if rows is None else inputs.mask.tensor & rows.bool()[:, :, None]
         key_extent = _extent(seen.transpose(1, 2))
     rows, key_extent = Operand.of(rows, 2), Operand.of(key_extent, 1)
-    BLOCK_M, BLOCK_N, BLOCK_D, warps = _blocks(Nq, Nk, D)
-    _column_sums[(triton.cdiv(Nk, BLOCK_N), B * Hq)](
+    _column_sums[lambda tile: (triton.cdiv(Nk, tile["BLOCK_N"]), B * Hq)](
         q, k, lse, sums, counts, *q.stride(), *k.stride(), *rows.args,
         *inputs.mask.args, *key_extent.args, *inputs.bias.args, Hq, Hq // Hkv, Nq, Nk, inputs.qk_scale,
-        inputs.softcap, CAUSAL=inputs.causal, HAS_EXTENT=key_extent.given, HAS_MASK=inputs.mask.given,
-        HAS_BIAS=inputs.bias.given, BIAS_ROWS=inputs.bias_rows, HAS_ROWS=rows.given,
-        HAS_SOFTCAP=inputs.softcap != 0, UPCAST=inputs.upcast, IEEE=inputs.ieee,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, D=D, num_warps=warps,
+        inputs.softcap, _length_bucket(Nq, Nk), CAUSAL=inputs.causal, HAS_EXTENT=key_extent.given,
+        HAS_MASK=inputs.mask.given, HAS_BIAS=inputs.bias.given, BIAS_ROWS=inputs.bias_rows, HAS_ROWS=rows.given,
+        HAS_SOFTCAP=inputs.softcap != 0, UPCAST=inputs.upcast, IEEE=inputs.ieee, BLOCK_D=_tile_width(D), D=D,
+        **_FIXED_TILE,
     )  # fmt: skip
     return sums, counts
 
@@ -883,16 +917,15 @@ def _run_statistics(q, k, inputs: _Inputs, codes) -> torch.Tensor:
     Hkv, Nk = k.shape[1], k.shape[2]
     stats = torch.empty(6, B, Hq, Nq, dtype=torch.float32, device=q.device)
     codes = Operand.of(codes, 3)
-    BLOCK_M, BLOCK_N, BLOCK_D, warps = _blocks(Nq, Nk, D)
-    _statistics[(triton.cdiv(Nq, BLOCK_M), B * Hq)](
+    _statistics[lambda tile: (triton.cdiv(Nq, tile["BLOCK_M"]), B * Hq)](
         q, k, stats, *q.stride(), *k.stride(), *inputs.mask.args, *inputs.extent.args, *inputs.bias.args,
         *inputs.gain_keys.args, *inputs.gain_rows.args, inputs.gain, *codes.args, *inputs.sinks.args,
-        Hq, Hq // Hkv, Nq, Nk, inputs.qk_scale, inputs.softcap,
+        Hq, Hq // Hkv, Nq, Nk, inputs.qk_scale, inputs.softcap, _length_bucket(Nq, Nk),
         CAUSAL=inputs.causal, HAS_EXTENT=inputs.extent.given, HAS_MASK=inputs.mask.given,
         HAS_BIAS=inputs.bias.given, BIAS_ROWS=inputs.bias_rows, HAS_GAIN=inputs.gain_keys.given,
         GAIN_ROWS=inputs.gain_rows.given, HAS_CODES=codes.given, HAS_SINKS=inputs.sinks.given,
-        HAS_SOFTCAP=inputs.softcap != 0, UPCAST=inputs.upcast, IEEE=inputs.ieee,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, D=D, num_warps=warps,
+        HAS_SOFTCAP=inputs.softcap != 0, UPCAST=inputs.upcast, IEEE=inputs.ieee, BLOCK_D=_tile_width(D), D=D,
+        **_FIXED_TILE,
     )  # fmt: skip
     return stats
 
@@ -905,12 +938,13 @@ def _processors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _blocks(Nq: int, Nk: int, D: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps), chosen from ptxas's resource report (`bench/kernel_resources.py`,
-    sm_80 and sm_90), not yet from timings: every kernel and edit then runs without register spills, in the
-    shared memory of an A100 as of an H100. Up to D = 128, 4 warps spill the 128-row accumulator; at D = 256 the
-    128 x 64 tiles need more shared memory than an H100 has."""
-    block_d = max(16, triton.next_power_of_2(D))
-    if INTERPRET:  # the interpreter's cost grows with programs x iterations, not with block size
-        return 32, 32, block_d, 4
-    return (128, 64, block_d, 8) if block_d <= 128 else (64, 32, block_d, 4)
+def _tile_width(n: int) -> int:
+    """A tile side holding `n` (the head size; decoding's query heads per KV head): a power of 2, at least 16,
+    as `tl.dot` wants."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _length_bucket(Nq: int, Nk: int) -> int:
+    """Autotuning's length key: the bit length of the longer side, so that a run of prompts of every length
+    tunes once per doubling."""
+    return max(Nq, Nk).bit_length()

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("triton")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "kernel_resources.py"
-PATHS = 20  # (stage, edit, kernel) rows per target and head size: see `launches` in the script
+PATHS = 20  # (stage, edit, kernel) per target and head size, each compiled for every tile autotuning may pick
 
 
 def test_every_kernel_path_compiles_for_hopper_and_ampere_within_their_shared_memory():
@@ -30,7 +30,7 @@ def test_every_kernel_path_compiles_for_hopper_and_ampere_within_their_shared_me
     for arch in (90, 80):
         for head_dim in (96, 256):
             ours = [row for row in rows if row["arch"] == arch and row["head_dim"] == head_dim]
-            assert len(ours) == PATHS, (arch, head_dim, ours)
+            assert len({(row["stage"], row["edit"], row["kernel"]) for row in ours}) == PATHS, (arch, head_dim, ours)
             assert {row["kernel"] for row in ours} == {"_forward", "_decode_split", "_statistics", "_column_sums"}
             for row in ours:
                 assert row["shared_kib"] <= row["shared_limit_kib"], row  # more would not launch
