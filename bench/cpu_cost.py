@@ -1,7 +1,8 @@
 """What an intervention costs a prefill, relative to the unwrapped model, measured in one run.
 
     python bench/cpu_cost.py                          # the default model, 300 tokens x 8 and 2k tokens x 1
-    python bench/cpu_cost.py --lengths 300,1000,4000 --repeats 7
+    python bench/cpu_cost.py --lengths 300,1000,4000 --batch-sizes 8,1,1 --repeats 7
+    python bench/cpu_cost.py --model smollm2-llava    # PAI and VAR: SmolLM2 behind a random CLIP, a photo a prompt
 
 For each prompt length, the variants run interleaved, round after round, on the same left-padded batch of real
 text; the first round warms up and is dropped. The table gives the median milliseconds of one forward and its
@@ -30,6 +31,8 @@ TEXT = (
 
 def variants(model_name: str) -> dict:
     """name -> (method or config, params); None: the unwrapped model."""
+    if model_name == "smollm2-llava":
+        return {"unwrapped": None, "pai (defaults)": ("pai", {}), "var (defaults)": ("var", {})}
     shipped = {
         f"{method} (shipped config)": (intervene.load_config(CONFIGS / model_name / method / "config.json"), {})
         for method in ("zerotuning", "act")
@@ -55,6 +58,17 @@ def batch_of(tokenizer, length: int, size: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
+def image_batch_of(processor, length: int, size: int) -> dict:
+    """`size` prompts of a photo (256 tokens) and text, `length` tokens down to 3/4 of it, left-padded."""
+    from overhead import image_batch
+
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    ids = tokenizer(TEXT * (length // 40 + 1)).input_ids
+    texts = [tokenizer.decode(ids[: max(8, length - 300 - (length // 4) * i // max(size - 1, 1))]) for i in range(size)]
+    return dict(image_batch(processor, texts))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -63,7 +77,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    model, tokenizer = intervene.load_model(args.model, device="cpu")
+    if args.model == "smollm2-llava":
+        from overhead import smollm2_llava
+
+        model, processor = smollm2_llava("cpu")
+        batch_of_length = lambda length, size: image_batch_of(processor, length, size)
+    else:
+        model, tokenizer = intervene.load_model(args.model, device="cpu")
+        batch_of_length = lambda length, size: batch_of(tokenizer, length, size)
     lengths = [int(n) for n in args.lengths.split(",")]
     sizes = [int(n) for n in args.batch_sizes.split(",")]
     chosen = variants(args.model)
@@ -71,7 +92,7 @@ def main() -> None:
     print("| tokens x batch | " + " | ".join(chosen) + " |")
     print("|---|" + "---:|" * len(chosen))
     for length, size in zip(lengths, sizes, strict=True):
-        batch = batch_of(tokenizer, length, size)
+        batch = batch_of_length(length, size)
         times = {name: [] for name in chosen}
         for repeat in range(args.repeats + 1):
             for name, variant in chosen.items():
@@ -87,7 +108,8 @@ def main() -> None:
         base = statistics.median(times["unwrapped"])
         cells = [f"{statistics.median(times[name]) * 1e3:.0f} ms ({statistics.median(times[name]) / base:.2f}x)"
                  for name in chosen]  # fmt: skip
-        print(f"| {length} x {size} | " + " | ".join(cells) + " |")
+        tokens = batch["attention_mask"].sum(-1)
+        print(f"| {int(tokens.max())} x {size} (shortest {int(tokens.min())}) | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     python bench/overhead.py --model /path/to/ckpt --device cuda --batch-size 16
     python bench/overhead.py --model tiny-llava    # a VLM: pai, var and vhr on photos with a question
     python bench/overhead.py --model smollm2-llava # SmolLM2 behind a random CLIP: a real language model's cost
+    python bench/overhead.py --random llama-3-8b --device cuda   # random weights in a real model's shape (GPU)
 
 Variants run interleaved, repeat after repeat, on the same left-padded batch of prompts; the table
 gives median times and their ratio to the unwrapped model (machines are noisy: compare ratios).
@@ -43,6 +44,10 @@ VLM_VARIANTS = {
     "vhr (defaults, + no-image branch)": ("vhr", {}),
 }
 PHOTOS = Path(intervene.__file__).parent / "evals" / "data" / "pope-photos"
+REAL_SHAPES = {  # Llama configs of real sizes, for `--random`: what a GPU's timings are about
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32),
+}
 
 
 def prompts(batch_size: int) -> list[str]:
@@ -88,6 +93,25 @@ def smollm2_llava(device: str | None, image_size: int = 224):
     return model.eval().to(device or "cpu"), processor
 
 
+def random_llama(shape: str, device: str | None, prompt_tokens: int, batch_size: int):
+    """A Llama of a real model's shape with random weights (bf16 on a GPU), and a left-padded batch of random
+    tokens from `prompt_tokens` down to 3/4 of it: timings of a real size, outputs that mean nothing."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    device = device or "cpu"
+    config = LlamaConfig(**REAL_SHAPES[shape], num_key_value_heads=8, vocab_size=128256, pad_token_id=0,
+                         max_position_embeddings=2 * prompt_tokens + 1024)  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16 if device.startswith("cuda") else torch.float32).eval()
+    lengths = [prompt_tokens - (prompt_tokens // 4) * i // max(batch_size - 1, 1) for i in range(batch_size)]
+    ids = torch.randint(1, config.vocab_size, (batch_size, prompt_tokens))
+    mask = torch.zeros(batch_size, prompt_tokens, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, prompt_tokens - length :] = 1
+    return model, {"input_ids": ids * mask, "attention_mask": mask}
+
+
 def image_batch(processor, texts: list[str]):
     """One bundled photo per prompt, with the prompt as a question about it, in the model's chat format."""
     from PIL import Image
@@ -121,21 +145,29 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--random", choices=list(REAL_SHAPES), help="random weights in this shape, instead of --model")
+    parser.add_argument("--prompt-tokens", type=int, default=1024, help="with --random: the longest prompt")
     args = parser.parse_args()
 
-    if args.model == "smollm2-llava":
-        model, processor = smollm2_llava(args.device)
+    vision = False
+    if args.random:
+        model, batch = random_llama(args.random, args.device, args.prompt_tokens, args.batch_size)
+        pad_token_id = 0
     else:
-        model, processor = intervene.load_model(args.model, device=args.device)
+        if args.model == "smollm2-llava":
+            model, processor = smollm2_llava(args.device)
+        else:
+            model, processor = intervene.load_model(args.model, device=args.device)
+        vision = hasattr(processor, "image_processor")
+        tokenizer = processor.tokenizer if vision else processor
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        texts = prompts(args.batch_size)
+        batch = image_batch(processor, texts) if vision else tokenizer(texts, return_tensors="pt", padding=True)
+        pad_token_id = tokenizer.pad_token_id
     device = str(model.device)
-    vision = hasattr(processor, "image_processor")
-    tokenizer = processor.tokenizer if vision else processor
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    texts = prompts(args.batch_size)
-    batch = image_batch(processor, texts) if vision else tokenizer(texts, return_tensors="pt", padding=True)
-    batch = batch.to(device)
+    batch = {name: tensor.to(device) for name, tensor in batch.items()}
     variants = VLM_VARIANTS if vision else VARIANTS
 
     def prefill():
@@ -146,7 +178,7 @@ def main() -> None:
         with torch.no_grad():
             model.generate(
                 **batch, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                do_sample=False, pad_token_id=pad_token_id,
             )  # fmt: skip
 
     times = {name: {"prefill": [], "generate": []} for name in variants}
@@ -162,7 +194,8 @@ def main() -> None:
 
     lengths = batch["attention_mask"].sum(-1)
     print(
-        f"model {args.model} on {device}, {torch.get_num_threads()} threads; batch {args.batch_size}, prompt tokens "
+        f"model {args.random or args.model} on {device}, {torch.get_num_threads()} threads; batch {args.batch_size}, "
+        f"prompt tokens "
         f"{int(lengths.min())}-{int(lengths.max())}; generate = prefill + {args.new_tokens} decode steps; "
         f"median of {args.repeats}\n"
     )

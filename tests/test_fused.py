@@ -352,6 +352,69 @@ def test_real_sizes_in_bf16_on_the_gpu(n):
     torch.testing.assert_close(decode, prefill[:, -1:], atol=2e-2, rtol=0)
 
 
+def gpu_edits(n: int, Hq: int, g) -> dict:
+    """Every edit at real size on the GPU: 4 sink keys, an image span of 1000 keys, biases per key."""
+    source = torch.zeros(1, 1, n, dtype=torch.bool, device="cuda")
+    source[:, :, :4] = True
+    image = torch.zeros_like(source)
+    image[:, :, 100:1100] = True
+    rows = torch.rand(1, 1, n, generator=g, device="cuda") < 0.7
+    return {
+        "key bias": AttentionEdit(key_bias=torch.randn(1, Hq, 1, n, generator=g, device="cuda")),
+        "key gain (PAI)": AttentionEdit(key_gain=KeyGain(image[:, 0], 0.5)),
+        "redistribution (ACT)": AttentionEdit(redistribute=Redistribute(source, ~source, 0.6)),
+        "redistribution, gated rows": AttentionEdit(redistribute=Redistribute(source, image, 0.4, row_gate=rows)),
+        "redistribution, mass gate (VAR)": AttentionEdit(
+            redistribute=Redistribute(source, image, 0.5, mass_gate=MassGate(image[:, 0], 0.05, 0.9))
+        ),
+        "head scale": AttentionEdit(head_scale=torch.linspace(0.5, 2.0, Hq, device="cuda")[None]),
+    }
+
+
+def last_rows(edit: AttentionEdit, rows: int) -> AttentionEdit:
+    """`edit` for the last `rows` query rows only: its row gate sliced (the other GPU edits hold no rows)."""
+    rd = edit.redistribute
+    if rd is None or rd.row_gate is None:
+        return edit
+    return replace(edit, redistribute=replace(rd, row_gate=rd.row_gate[..., -rows:]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the same cases at real sizes")
+@pytest.mark.parametrize("n", GPU_LENGTHS)
+@pytest.mark.parametrize("model", ["plain", "padding mask", "learned sinks and soft-capping"])
+def test_every_edit_at_real_sizes_in_bf16_on_the_gpu(n, model):
+    """Each edit, prefill and decode, in bf16 at real sizes, against the fp32 reference on the last rows (RMS-
+    relative 5e-3, as flash-linear-attention checks), with a left-padded mask or a model's own sinks and cap;
+    column statistics against the reference's."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, Hq, Hkv, D = 1, 32, 8, 128
+    q, k, v = (torch.randn(B, h, n, D, generator=g, device="cuda", dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
+    kwargs = {}
+    if model == "padding mask":
+        kwargs["attention_mask"] = padded_mask(B, n, n, [37]).cuda()
+    if model == "learned sinks and soft-capping":
+        kwargs.update(sinks=torch.linspace(-2.0, 4.0, Hq, device="cuda"), softcap=30.0)
+
+    def last(rows: int):  # the model's arguments and the edit for the last `rows` query rows
+        mask = kwargs.get("attention_mask")
+        return {**kwargs, "attention_mask": mask[:, :, -rows:]} if mask is not None else kwargs
+
+    for name, edit in gpu_edits(n, Hq, g).items():
+        ours = kernels.modified_attention(q, k, v, edit, backend="triton", **kwargs)[:, -ROWS:].float()
+        tail = q[:, :, -ROWS:].float()
+        exact = kernels.modified_attention(
+            tail, k.float(), v.float(), last_rows(edit, ROWS), backend="reference", **last(ROWS)
+        )
+        assert (ours - exact).norm() / exact.norm() < 5e-3, (name, model)
+        decode = kernels.modified_attention(q[:, :, -1:], k, v, last_rows(edit, 1), backend="triton", **last(1))
+        assert (decode.float() - exact[:, -1:]).norm() / exact[:, -1:].norm() < 5e-3, (name, model, "decode")
+    sums, counts = kernels.column_stats(q, k, backend="triton", **kwargs)
+    ref_sums, ref_counts = kernels.column_stats(q.float(), k.float(), backend="reference", **kwargs)
+    assert (sums - ref_sums).norm() / ref_sums.norm() < 5e-3, model
+    assert torch.equal(counts, ref_counts.expand_as(counts)), model
+
+
 MODELS = {  # a model's own attention around the edits: learned sinks (gpt-oss), soft-capping (Gemma-2), both
     "learned sinks": {"sinks": torch.tensor([-1.0, 0.5, 2.0, 4.0])},
     "soft-capping": {"softcap": 3.0},
