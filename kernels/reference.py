@@ -134,14 +134,18 @@ def _moved_from_sources(q, k, v, edit, heads, attention_mask, scale, causal) -> 
     k_s = k[:, kv].gather(2, keys[..., None].expand(-1, -1, -1, D)).float()  # [B, h, S, D]
     v_s = v[:, kv].gather(2, keys[..., None].expand(-1, -1, -1, v.shape[3])).float()  # [B, h, S, Dv]
     columns = keys[:, :, None, :].expand(B, h, Nq, count)  # [B, h, Nq, S]
-    keep, additive = _mask_rows(attention_mask, 0, Nq, Nq, Nk, causal, q.device)  # [B|1, 1, Nq|1, Nk]
     s = (q[:, heads].float() * scale) @ k_s.transpose(-1, -2)  # [B, h, Nq, S]
-    if additive is not None:
-        s += additive.expand(B, h, Nq, Nk).gather(-1, columns)
+    if attention_mask is None:  # bottom-right causal, or every key: from the positions, no N x N mask
+        keep = columns <= torch.arange(Nq, device=q.device)[:, None] + (Nk - Nq) if causal else torch.ones_like(real)
+    else:
+        keep, additive = _mask_rows(attention_mask, 0, Nq, Nq, Nk, causal, q.device)  # [B|1, 1, Nq|1, Nk]
+        keep = keep.expand(B, h, Nq, Nk).gather(-1, columns)
+        if additive is not None:
+            s += additive.expand(B, h, Nq, Nk).gather(-1, columns)
     if edit.key_bias is not None:
         key_bias = edit.key_bias if edit.key_bias.shape[1] == 1 else edit.key_bias.index_select(1, heads)
         s += key_bias.float().expand(B, h, Nq, Nk).gather(-1, columns)
-    s.masked_fill_(~(keep.expand(B, h, Nq, Nk).gather(-1, columns) & real), float("-inf"))
+    s.masked_fill_(~(keep & real), float("-inf"))
     lse = lse[:, heads]  # [B, h, Nq]
     top = torch.maximum(lse, s.amax(dim=-1))
     top = top.masked_fill(top == float("-inf"), 0.0)  # a row that sees nothing
@@ -172,7 +176,6 @@ def _sdpa(q, k, v, key_bias, attention_mask, scale, causal, lse=False):
     that differ by head give each query head its own keys."""
     B, Hq, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
-    keep, additive = _mask_rows(attention_mask, 0, Nq, Nq, Nk, causal, q.device)  # [B|1, 1, Nq|1, Nk]
     if key_bias is not None and key_bias.shape[2] == 1 and Dv == D and bool(key_bias.isfinite().all()):
         rows = key_bias[:, :, 0].to(q.dtype)  # [B|1, Hq|1, Nk]
         heads = rows.ne(0).any(dim=-1, keepdim=True)  # [B|1, Hq|1, 1]: the heads it biases
@@ -186,15 +189,17 @@ def _sdpa(q, k, v, key_bias, attention_mask, scale, causal, lse=False):
         k = _with_column(k, B, kv_heads, column / scale)
         v = _with_column(v, B, kv_heads, v.new_zeros(1, 1, 1, 1))
         key_bias = None
-    mask, is_causal = keep, False
-    if additive is not None or key_bias is not None:  # a float mask carrying what is added to the logits
-        mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, float("-inf"))
-        mask = mask + (0.0 if additive is None else additive.to(q.dtype))
-        mask = mask + (0.0 if key_bias is None else key_bias.to(q.dtype))  # [B|1, Hq|1, Nq|1, Nk]
-    elif attention_mask is None and (not causal or Nq == 1):
-        mask = None  # every key visible
-    elif attention_mask is None and Nq == Nk:
-        mask, is_causal = None, True  # SDPA's own causal mask, top-left aligned, is the bottom-right one here
+    mask, is_causal = None, False
+    if attention_mask is None and key_bias is None and (not causal or Nq == 1):
+        pass  # every key visible
+    elif attention_mask is None and key_bias is None and Nq == Nk:
+        is_causal = True  # SDPA's own causal mask, top-left aligned, is the bottom-right one here
+    else:
+        mask, additive = _mask_rows(attention_mask, 0, Nq, Nq, Nk, causal, q.device)  # [B|1, 1, Nq|1, Nk] bool
+        if additive is not None or key_bias is not None:  # a float mask carrying what is added to the logits
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+            mask = mask + (0.0 if additive is None else additive.to(q.dtype))
+            mask = mask + (0.0 if key_bias is None else key_bias.to(q.dtype))  # [B|1, Hq|1, Nq|1, Nk]
     if lse:
         out, row_lse = _flash(q, k, v, mask, is_causal, scale)
     else:
@@ -270,25 +275,37 @@ def column_stats(q, k, *, attention_mask, scale, causal, query_mask, key_bias, s
 def _column_stats_by_flash(q, k, attention_mask, scale, causal, query_mask):
     """`column_stats` from two flash passes, no probabilities held: the first gives each row's LSE; in the second
     the keys ask the rows, `sum_i exp(scale q_i.k_j - lse_i)` being the LSE of key j's row of the transposed
-    scores `[k_j, 1] . [scale q_i, -lse_i]` over the rows that see it."""
+    scores `[k_j, 1] . [scale q_i, -lse_i]` over the rows that see it. Without a mask, nothing N x N is built: a
+    row left out gets `-_HIDDEN` in that last entry, and reversing both sides makes the transposed causal
+    pattern (key j seen by the rows at and after it) torch's own top-left causal one."""
     B, Hq, Nq, _ = q.shape
     Nk = k.shape[2]
-    k = k.repeat_interleave(Hq // k.shape[1], dim=1)  # [B, Hq, Nk, D]
+    if k.shape[1] != Hq:
+        k = k.repeat_interleave(Hq // k.shape[1], dim=1)  # [B, Hq, Nk, D]
     _, lse = _sdpa(q, k, k, None, attention_mask, scale, causal, lse=True)  # [B, Hq, Nq]
-    keep, _ = _mask_rows(attention_mask, 0, Nq, Nq, Nk, causal, q.device)  # [B|1, 1, Nq|1, Nk]
-    rows = keep.any(dim=-1)  # [B|1, 1, Nq|1]: the rows that see a key
-    if query_mask is not None:
-        rows = rows & query_mask[:, None, :]
-    seen = (keep & rows[..., None]).expand(-1, -1, Nq, -1)  # [B|1, 1, Nq, Nk]
-    counts = seen.sum(dim=2, dtype=torch.float32).expand(B, Hq, Nk)  # [B, Hq, Nk]
     asking = torch.cat([k, k.new_ones(B, Hq, Nk, 1)], dim=-1)  # [B, Hq, Nk, D + 1]
-    rows_lse = lse.masked_fill(~rows.expand(B, Hq, Nq), 0.0).to(q.dtype)  # finite: the mask drops those rows
-    answering = torch.cat([q * scale, -rows_lse[..., None]], dim=-1)  # [B, Hq, Nq, D + 1]
-    if attention_mask is None and bool(rows.all()):  # every row sees the keys at and before its own position
-        # reversed, key j (now Nk-1-j) is seen by the rows at and after it, now at and before it: top-left causal
-        _, column_lse = _flash(asking.flip(2), answering.flip(2), answering.flip(2), None, causal, 1.0)
+    if attention_mask is None:
+        rows = torch.ones(B, Nq, dtype=torch.bool, device=q.device) if query_mask is None else query_mask  # [B, Nq]
+        if causal:  # key j is seen by the rows from j - (Nk - Nq) on: a suffix sum of the chosen rows
+            after = rows.flip(-1).cumsum(-1, dtype=torch.float32).flip(-1)  # [B, Nq]: chosen rows from i on
+            first = (torch.arange(Nk, device=q.device) - (Nk - Nq)).clamp(0, Nq)  # [Nk]
+            counts = F.pad(after, (0, 1)).index_select(-1, first)  # [B, Nk] (Nq: none left)
+        else:
+            counts = rows.sum(-1, dtype=torch.float32)[:, None].expand(B, Nk)
+        counts = counts[:, None].expand(B, Hq, Nk)
+        answering = torch.cat([q * scale, (-lse).masked_fill(~rows[:, None], -_HIDDEN)[..., None].to(q.dtype)], -1)
+        answering = answering.flip(2)  # also the values, whose output is not used
+        _, column_lse = _flash(asking.flip(2), answering, answering, None, causal, 1.0)
         column_lse = column_lse.flip(2)
     else:
+        keep, _ = _mask_rows(attention_mask, 0, Nq, Nq, Nk, causal, q.device)  # [B|1, 1, Nq, Nk]
+        rows = keep.any(dim=-1)  # [B|1, 1, Nq]: the rows that see a key
+        if query_mask is not None:
+            rows = rows & query_mask[:, None, :]
+        seen = keep & rows[..., None]  # [B, 1, Nq, Nk]
+        counts = seen.sum(dim=2, dtype=torch.float32).expand(B, Hq, Nk)  # [B, Hq, Nk]
+        rows_lse = lse.masked_fill(~rows.expand(B, Hq, Nq), 0.0).to(q.dtype)  # finite: the mask drops those rows
+        answering = torch.cat([q * scale, -rows_lse[..., None]], dim=-1)  # [B, Hq, Nq, D + 1]
         _, column_lse = _flash(asking, answering, answering, seen.transpose(-1, -2), False, 1.0)
     sums = torch.exp(column_lse).masked_fill_(counts == 0, 0.0)  # [B, Hq, Nk]
     return sums, counts.contiguous()
