@@ -35,8 +35,7 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
         return _explicit(q, k, v, edit, attention_mask, scale, causal, return_lse, sinks, softcap)
     explicit = _probability_heads(edit, q.shape[1])  # [Hq] bool
     heads = explicit.nonzero().flatten()
-    out = None
-    if heads.numel() and _moves_from_few_keys(edit, q, k.shape[2]):
+    if heads.numel() and _moves_from_few_keys(edit, q):
         out = _moved_from_sources(q, k, v, edit, heads, attention_mask, scale, causal)
     elif bool(explicit.all()):
         return _explicit(q, k, v, edit, attention_mask, scale, causal, False, None, None)
@@ -97,7 +96,7 @@ def _of_heads(edit: AttentionEdit, heads: torch.Tensor) -> AttentionEdit:
     return replace(edit, key_bias=pick(edit.key_bias, 1), redistribute=rd, head_scale=pick(edit.head_scale, 1))
 
 
-def _moves_from_few_keys(edit: AttentionEdit, q, num_keys: int) -> bool:
+def _moves_from_few_keys(edit: AttentionEdit, q) -> bool:
     """Whether the edit's redistribution can be carried out from its source keys' columns alone: on the CPU
     (torch's flash kernel gives the rows' LSE there), without a gain or a mass gate, every key a source or a
     target, and few enough sources that their scores fit the chunk budget."""
@@ -302,7 +301,7 @@ def _column_stats_by_flash(q, k, attention_mask, scale, causal, query_mask):
         rows = keep.any(dim=-1)  # [B|1, 1, Nq]: the rows that see a key
         if query_mask is not None:
             rows = rows & query_mask[:, None, :]
-        seen = keep & rows[..., None]  # [B, 1, Nq, Nk]
+        seen = (keep & rows[..., None]).expand(-1, -1, Nq, -1)  # [B|1, 1, Nq, Nk]: a mask shared by all rows too
         counts = seen.sum(dim=2, dtype=torch.float32).expand(B, Hq, Nk)  # [B, Hq, Nk]
         rows_lse = lse.masked_fill(~rows.expand(B, Hq, Nq), 0.0).to(q.dtype)  # finite: the mask drops those rows
         answering = torch.cat([q * scale, -rows_lse[..., None]], dim=-1)  # [B, Hq, Nq, D + 1]
