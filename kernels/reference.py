@@ -196,8 +196,7 @@ def _sdpa(q, k, v, key_bias, attention_mask, scale, causal, lse=False):
     else:
         mask, additive = _mask_rows(attention_mask, 0, Nq, Nq, Nk, causal, q.device)  # [B|1, 1, Nq|1, Nk] bool
         if additive is not None or key_bias is not None:  # a float mask carrying what is added to the logits
-            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-            mask = mask + (0.0 if additive is None else additive.to(q.dtype))
+            mask = _additive(mask, q.dtype) + (0.0 if additive is None else additive.to(q.dtype))
             mask = mask + (0.0 if key_bias is None else key_bias.to(q.dtype))  # [B|1, Hq|1, Nq|1, Nk]
     if lse:
         out, row_lse = _flash(q, k, v, mask, is_causal, scale)
@@ -211,6 +210,11 @@ def _sdpa(q, k, v, key_bias, attention_mask, scale, causal, lse=False):
         out = out.masked_fill(blind, 0.0)  # [B|1, Hq|1, Nq, 1] rows that see nothing
         row_lse = row_lse.masked_fill(blind[..., 0], float("-inf")) if lse else None
     return (out.transpose(1, 2), row_lse) if lse else out.transpose(1, 2)  # [B, Nq, Hq, Dv]
+
+
+def _additive(keep: torch.Tensor, dtype) -> torch.Tensor:
+    """A boolean mask as the additive one SDPA adds to the logits: 0 where visible, -inf elsewhere."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
 
 
 def _with_column(t, batch: int, heads: int, column) -> torch.Tensor:
@@ -234,10 +238,8 @@ def _flash(q, k, v, mask, is_causal, scale) -> tuple[torch.Tensor, torch.Tensor]
     if Dv != q.shape[-1]:  # zeros in the narrower of q, k and v change no score and no output
         width = max(Dv, q.shape[-1])
         q, k, v = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
-    if mask is not None and mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-    if mask is not None:
-        mask = mask.to(q.dtype).contiguous()  # torch 2.6's kernel misreads a transposed mask
+    if mask is not None:  # contiguous: torch 2.6's kernel misreads a transposed mask
+        mask = (_additive(mask, q.dtype) if mask.dtype == torch.bool else mask.to(q.dtype)).contiguous()
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale
     )
@@ -366,13 +368,12 @@ def visible_keys(attention_mask, backend: str) -> torch.Tensor | None:
     m = attention_mask[:, 0]
     if m.dtype == torch.bool:
         return m
-    keep = m > torch.finfo(m.dtype).min / 2
-    if bool((m.masked_fill(~keep, 0) != 0).any()):
+    if _has_additive_part(m):
         raise NotImplementedError(
             f"the {backend} backend takes boolean masks; this float mask carries an additive bias "
             "(pass it as key_bias, or use backend='reference')"
         )
-    return keep
+    return m > torch.finfo(m.dtype).min / 2
 
 
 def _mask_rows(attention_mask, r0, r1, Nq, Nk, causal, device):
