@@ -178,13 +178,16 @@ def trend_weights(trend: Mapping, length: int) -> torch.Tensor:
 
 def fit_trend(mean_attention: torch.Tensor) -> dict:
     """Least-squares fit of f(x) = mu * exp(sigma * x), x = i / L, to the mean attention `[L]` that each
-    image position receives (on log values: log f is linear in x)."""
+    image position receives (on log values: log f is linear in x). The line's closed form, summed exactly
+    (`math.fsum`), so the same values give the same trend to the last bit: LAPACK's solver did not (once, two
+    calls on the same values differed in sigma's last digit)."""
     L = mean_attention.numel()
-    x = torch.arange(L, dtype=torch.float64) / L
-    y = mean_attention.double().clamp_min(1e-30).log()
-    design = torch.stack([torch.ones_like(x), x], dim=1)  # [L, 2]
-    log_mu, sigma = torch.linalg.lstsq(design, y[:, None]).solution[:, 0]
-    return {"mu": float(log_mu.exp()), "sigma": float(sigma)}
+    x = [i / L for i in range(L)]
+    y = [math.log(max(value, 1e-30)) for value in mean_attention.double().flatten().tolist()]
+    mean_x, mean_y = math.fsum(x) / L, math.fsum(y) / L
+    spread = math.fsum((a - mean_x) ** 2 for a in x)
+    sigma = math.fsum((a - mean_x) * (b - mean_y) for a, b in zip(x, y, strict=True)) / spread if spread else 0.0
+    return {"mu": math.exp(mean_y - sigma * mean_x), "sigma": sigma}
 
 
 def padding_patches(width: int, height: int, grid: int, threshold: float = 0.5) -> torch.Tensor:
