@@ -20,6 +20,7 @@ _EXPORTS = {
     "apply": "hooks",
     "load_config": "hooks",
     "load_model": "evals.model",
+    "model_spec": "hooks",
     "record_attention": "hooks",
     "Method": "interventions",
     "register": "interventions",
@@ -32,6 +33,7 @@ __all__ = [
     "load_config",
     "load_model",
     "methods",
+    "model_spec",
     "record_attention",
     "register",
 ]

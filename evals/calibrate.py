@@ -128,8 +128,6 @@ def calibrate(
     """Profile, select and return the artifact (also written to `output/config.json`). The gamma grid
     is judged `by` calibration accuracy, or by the lowest entropy over choices (no labels needed)."""
     import intervene
-    from intervene.hooks import model_spec
-    from intervene.interventions import method_class
 
     if split == "test":
         raise ValueError("calibrating on the test split would tune on the numbers you report; use the calib split")
@@ -137,8 +135,9 @@ def calibrate(
         raise ValueError(f"gamma_by={gamma_by!r} is not one of accuracy, entropy")
     if gamma_by == "entropy" and all(task.output_type == "generate_until" for task in tasks):
         raise ValueError("gamma_by='entropy' needs a multiple_choice or classification task")
-    spec = model_spec(model)
-    layers = list(method_class(method).from_dict(params).resolve(spec).layers)
+    spec = intervene.model_spec(model)
+    with intervene.apply(model, method, **params) as profiled:  # checked and resolved against the model
+        layers = list(profiled.config.layers)
     items = {task.name: (task, task.items(split, limit)) for task in tasks}
     settings = {
         "model": spec.name_or_path, "method": method, "params": params, "tasks": sorted(items), "split": split,
@@ -185,9 +184,8 @@ def calibrate(
         final["gamma"] = pick(tried, key=lambda t: t["scores"][key])["gamma"]
     selected = log.get_or_run("selected", scored(final))["scores"]
 
-    config = method_class(method).from_dict(final).resolve(spec)
     artifact = _artifact(
-        config, spec,
+        model, method, final,
         {
             "split": split,
             "tasks": {name: {"items": len(i), "files": t.data_files[t.split(split)]} for name, (t, i) in items.items()},
@@ -209,11 +207,12 @@ def calibrate(
     return artifact
 
 
-def _artifact(config, spec, calibration: dict) -> dict:
+def _artifact(model, method: str, params: dict, calibration: dict) -> dict:
     """A config file that `intervene.load_config` replays, plus how it was found."""
-    from intervene.hooks.handle import config_document
+    import intervene
 
-    return {**config_document(config, spec), "calibration": calibration}
+    with intervene.apply(model, method, **params) as handle:  # the document `handle.save` writes
+        return {**handle.to_dict(), "calibration": calibration}
 
 
 def fit_prune_trend(model, processor, params: dict, tasks: list, *, split="calib", limit=None, batch_size=8,
@@ -224,15 +223,13 @@ def fit_prune_trend(model, processor, params: dict, tasks: list, *, split="calib
     import torch
 
     import intervene
-    from intervene.hooks import model_spec
-    from intervene.interventions import method_class
     from intervene.interventions.prune import fit_trend
 
     if split == "test":
         raise ValueError("calibrating on the test split would tune on the numbers you report; use the calib split")
-    spec = model_spec(model)
+    spec = intervene.model_spec(model)
     scoring = {**params, "keep": 1.0, "debias": "none", "trend": None, "select": None}  # score, drop nothing
-    method_class("prune").from_dict(scoring).resolve(spec)
+    intervene.apply(model, "prune", **scoring).remove()  # its parameters checked before any prompt is read
     layer = scoring.get("layer", 2) - 1
     items = [item for task in tasks for item in task.items(split, limit) if item.image is not None]
     if not items:
@@ -246,7 +243,7 @@ def fit_prune_trend(model, processor, params: dict, tasks: list, *, split="calib
             device = scorers.input_device(model)
             model(**{k: v.to(device) for k, v in inputs.items()})
             image = inputs["input_ids"].to(device) == spec.image_token_id
-            scores = handle.state[layer]["scores"][image].view(image.shape[0], -1)  # [B, L]
+            scores = handle.state.scores[image].view(image.shape[0], -1)  # [B, L] at layer `layer`
             total = scores.sum(0) if total is None else total + scores.sum(0)
             count += scores.shape[0]
             progress.advance(bar, scores.shape[0])
@@ -254,9 +251,8 @@ def fit_prune_trend(model, processor, params: dict, tasks: list, *, split="calib
     trend = fit_trend(mean)
     debias = {"none": "position", "padding": "both"}.get(params.get("debias", "none"), params.get("debias"))
     final = {**params, "debias": debias, "trend": trend}
-    config = method_class("prune").from_dict(final).resolve(spec)
     artifact = _artifact(
-        config, spec,
+        model, "prune", final,
         {
             "split": split,
             "tasks": {t.name: t.data_files[t.split(split)] for t in tasks},

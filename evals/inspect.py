@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 import intervene
-from intervene.hooks import model_spec
 from intervene.interventions.act import hidden_sinks
 
 SINK_RATE_EPSILON = 0.3  # Gu et al.'s ε
@@ -53,8 +52,7 @@ def inspect(
     """Record, measure and draw into `output`; return the summary text and the files written. The maps drawn
     are the mean over `heads` (query heads; all when None) of each of `layers`."""
     plt = require_matplotlib()
-    config = model.config.get_text_config()
-    spec = model_spec(model)
+    spec = intervene.model_spec(model)
     recorded = spec.attention_layers  # a hybrid's other layers have no attention maps
     chosen = sorted(set(layers)) if layers else _default_layers(handle, recorded)
     if bad := [layer for layer in chosen if not 0 <= layer < spec.num_layers]:
@@ -64,8 +62,8 @@ def inspect(
             f"--layers {bad}: not softmax-attention layers of {spec.label}, a hybrid; its attention layers "
             f"are {list(recorded)}"
         )
-    if bad := [head for head in heads or () if not 0 <= head < config.num_attention_heads]:
-        raise ValueError(f"--heads {bad} out of range: this model has heads 0..{config.num_attention_heads - 1}")
+    if bad := [head for head in heads or () if not 0 <= head < spec.num_heads]:
+        raise ValueError(f"--heads {bad} out of range: this model has heads 0..{spec.num_heads - 1}")
     inputs, tokens, image_positions = _inputs(model, processor, prompt, image)
     learned = spec.learned_sinks
     before, after = _record(model, inputs, handle)
@@ -105,7 +103,7 @@ def _inputs(model, processor, prompt: str, image):
     """The model's inputs for one prompt, its tokens as text, and the image tokens' positions (VLMs)."""
     from PIL import Image
 
-    from .scorers import _prompt, input_device
+    from .scorers import input_device, prompt_text
 
     vision = hasattr(processor, "image_processor")
     if vision != (image is not None):
@@ -118,7 +116,7 @@ def _inputs(model, processor, prompt: str, image):
                 picture = opened.convert("RGB")
         except OSError as error:
             raise ValueError(f"--image {image} cannot be read ({error})") from None
-        inputs = processor(images=[picture], text=[_prompt(processor, prompt)], return_tensors="pt")
+        inputs = processor(images=[picture], text=[prompt_text(processor, prompt)], return_tensors="pt")
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         tokenizer = processor.tokenizer
         image_token = tokenizer.convert_tokens_to_ids(processor.image_token)

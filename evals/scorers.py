@@ -239,13 +239,13 @@ def _image_inputs(items, processor, dtype) -> dict:
                 images.append(image.convert("RGB"))
         except OSError as error:
             raise TaskError(f"image {item.image} cannot be read ({error})") from None
-    prompts = [_prompt(processor, item.query) for item in items]
+    prompts = [prompt_text(processor, item.query) for item in items]
     inputs = processor(images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt")
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     return dict(inputs)
 
 
-def _prompt(processor, query: str) -> str:
+def prompt_text(processor, query: str) -> str:
     """The processor's chat template around one user turn (image, then query); without a template, the
     image placeholder on a line before the query."""
     if getattr(processor, "chat_template", None):

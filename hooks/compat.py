@@ -24,6 +24,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 from transformers.utils.generic import TransformersKwargs
 
+from ..interventions import LayerInputs
+
 __all__ = [
     "CACHE_ARGUMENTS",
     "WRAPPABLE",
@@ -32,19 +34,25 @@ __all__ = [
     "Probe",
     "UnsupportedModelError",
     "cache_argument",
+    "decoder_layers",
     "fall_through",
     "find_cache",
+    "follow_reorders",
     "implementation",
     "is_image_text_to_text",
+    "layer_inputs",
     "mask_function",
     "name_or_path",
     "output_cache",
+    "output_hidden",
     "past_length",
     "probe",
     "real_tokens",
     "register",
     "set_implementation",
     "unimplemented_keywords",
+    "with_layer_inputs",
+    "with_output_hidden",
 ]
 
 # The implementations whose masks and fall-through we reproduce exactly.
@@ -165,10 +173,63 @@ def output_cache(outputs) -> Cache | None:
 
 
 def past_length(cache: Cache | None, layer: int | None = None) -> int:
-    """Tokens held by `cache` before this call (of one layer's cache, if `layer`; a pruned one may be shorter)."""
+    """Tokens held by `cache` before this call (by one layer's cache, if `layer`: fewer where a method removed
+    tokens)."""
     if cache is None:
         return 0
     return int(cache.get_seq_length() if layer is None else cache.get_seq_length(layer))
+
+
+def decoder_layers(decoder: nn.Module, count: int) -> list[nn.Module]:
+    """The decoder's `count` layers in order: its module list of that length (`layers` in most families, `h` in
+    GPT-2's); empty when it has none."""
+    lists = [child for child in decoder.children() if isinstance(child, nn.ModuleList) and len(child) == count]
+    return list(lists[0]) if len(lists) == 1 else []
+
+
+def follow_reorders(cache: Cache, follow: Callable[[torch.Tensor], None]) -> None:
+    """Make `follow(rows)` run each time `generate` reorders the rows of `cache` (beam search)."""
+    reorder = cache.reorder_cache
+
+    def reorder_and_follow(beam_idx: torch.Tensor) -> None:
+        reorder(beam_idx)
+        follow(beam_idx)
+
+    cache.reorder_cache = reorder_and_follow
+
+
+def layer_inputs(args: tuple, kwargs: dict) -> LayerInputs:
+    """What a decoder layer was called with, by meaning."""
+    return LayerInputs(
+        hidden_states=args[0] if args else kwargs["hidden_states"],
+        attention_mask=kwargs.get("attention_mask"),
+        position_ids=kwargs.get("position_ids"),
+        position_embeddings=kwargs.get("position_embeddings"),
+    )
+
+
+def with_layer_inputs(args: tuple, kwargs: dict, inputs: LayerInputs) -> tuple[tuple, dict]:
+    """A decoder layer's call arguments carrying `inputs` (each where the model had put it)."""
+    if args:
+        args = (inputs.hidden_states, *args[1:])
+    else:
+        kwargs = {**kwargs, "hidden_states": inputs.hidden_states}
+    for name in ("attention_mask", "position_ids", "position_embeddings"):
+        if (value := getattr(inputs, name)) is not None or name in kwargs:
+            kwargs = {**kwargs, name: value}
+    return args, kwargs
+
+
+def output_hidden(outputs) -> torch.Tensor:
+    """The language model's output hidden states `[B, N, hidden]` (after its final norm)."""
+    return outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state
+
+
+def with_output_hidden(outputs, hidden: torch.Tensor):
+    if isinstance(outputs, tuple):
+        return (hidden, *outputs[1:])
+    outputs.last_hidden_state = hidden
+    return outputs
 
 
 def real_tokens(mask, past: int, earlier: torch.Tensor | None) -> torch.Tensor | None:

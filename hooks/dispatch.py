@@ -6,11 +6,12 @@ The mask function builds exactly the mask the model's previous implementation wo
 layers that no active intervention edits fall through to that implementation, so neutral parameters
 give the unwrapped model's logits bit for bit. Every name of transformers we touch is in `compat`.
 
-A forward pre-hook on the decoder records what a layer cannot see: how long the cache was before the
-call and which tokens are padding. On a vision-language model only the language model's attention is
-switched; a pre-hook on the model itself reads `input_ids` to find the image tokens, pre-hooks on the
-decoder layers hand their input hidden states to the methods, and when a method asks for it (VHR) the
-prompt is also run without its image, with its own cache, just before the main pass.
+Hooks on the language model build one `Forward` per forward (how long the cache was, which tokens are
+padding, where the images are) and call the methods' own hooks (`Method`): at its start, on each decoder
+layer's input, in each attention call, on its output, and when `generate` reorders the cache. On a
+vision-language model only the language model's attention is switched; a pre-hook on the model itself reads
+`input_ids` to find the image tokens. A method may run the language model again on other inputs, with no
+intervention acting (`Forward.run_branch`).
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 import weakref
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from .. import kernels
-from ..interventions import LayerCall, ModelSpec
+from ..interventions import Forward, LayerCall, ModelSpec, overrides
 from . import compat
 from .adapters import image_token_id, text_config, text_config_key
 from .compat import UnsupportedModelError
@@ -34,24 +35,6 @@ NAME = "intervene"  # no "flash", "sdpa", "flex_attention" or "/": transformers 
 # id(text config) -> the dispatcher attached to that model. Weak: the decoder's hooks keep a dispatcher
 # alive exactly as long as its model, and a collected model leaves no entry behind (nor a reused id).
 _ATTACHED: weakref.WeakValueDictionary[int, Dispatcher] = weakref.WeakValueDictionary()
-
-
-@dataclass
-class CallContext:
-    past_length: int
-    padding_mask: torch.Tensor | None  # [B, past + new] bool
-    image_mask: torch.Tensor | None = None  # [B, past + new] bool
-    layer_input: tuple[int, torch.Tensor] | None = None  # (layer, its input hidden states)
-    pruned_mask: torch.Tensor | None = None  # after pruning: the mask over the kept keys
-
-
-@dataclass
-class NoImageBranch:
-    """The prompt without its image tokens, run through the decoder with its own cache (VHR)."""
-
-    cache: compat.DynamicCache
-    padding_mask: torch.Tensor  # [B, tokens so far] of the branch
-    outputs: dict  # layer -> [B, Hq, D] head outputs of the latest token
 
 
 def model_spec(model: nn.Module) -> ModelSpec:
@@ -86,16 +69,13 @@ class Dispatcher:
         # id(attention module) -> its layer. By module, not by config: models may share one config object.
         self.layers = {id(module): layer for layer, module in self.probe.layers.items()}
         self.handles: list = []  # active Intervention handles, in order of application
-        self.context: CallContext | None = None
+        self.forward: Forward | None = None  # the forward in progress
         self._image_mask: torch.Tensor | None = None  # [B, tokens so far] of the current sequence (VLMs)
         self._input_ids: torch.Tensor | None = None  # handed from the model's pre-hook to the decoder's
-        self.branch: NoImageBranch | None = None
-        self.in_branch = False
+        self._pixels: torch.Tensor | None = None  # the prompt's pixel values
         self._real: torch.Tensor | None = None  # [B, tokens so far] True at real tokens; None: no padding
-        self._pixels: torch.Tensor | None = None  # the prompt's pixel values (pruning's padding debias)
-        self.kept: torch.Tensor | None = None  # [B, T'] positions that go on past the pruning layer
-        self.filler: torch.Tensor | None = None  # [B, T'] kept slots no query may see (see `kept_positions`)
-        self.kept_total = 0
+        self.in_branch = False  # running a method's branch: no intervention acts
+        self._observe: Callable | None = None  # what the branch hands each layer's head outputs to
         self.recorded: dict[int, torch.Tensor] | None = None  # layer -> probabilities, while recording
         self._model = weakref.ref(model)
         self._config_id = id(config)
@@ -122,18 +102,19 @@ class Dispatcher:
             decoder.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             decoder.register_forward_hook(self._after_forward, always_call=True),
         ]
+        for index, layer in enumerate(compat.decoder_layers(decoder, self.spec.num_layers)):
+            self._hooks.append(layer.register_forward_pre_hook(self._layer_input(index), with_kwargs=True))
         if self.image_token is not None:
             self._hooks.append(model.register_forward_pre_hook(self._before_model, with_kwargs=True))
             if isinstance(tower := getattr(model.base_model, "vision_tower", None), nn.Module):
                 self._hooks.append(tower.register_forward_pre_hook(self._before_vision, with_kwargs=True))
-            for index, layer in enumerate(decoder.layers):
-                self._hooks.append(layer.register_forward_pre_hook(self._layer_input(index), with_kwargs=True))
         compat.set_implementation(model, NAME, self._text_key)
         _ATTACHED[self._config_id] = self
 
     def add(self, handle) -> None:
-        if self.handles and (handle.config.prunes or any(other.config.prunes for other in self.handles)):
-            raise ValueError("prune changes the sequence itself and cannot be combined with other interventions yet")
+        alone = next((h.config.name for h in (handle, *self.handles) if h.config.changes_sequence), None)
+        if self.handles and alone is not None:
+            raise ValueError(f"{alone} changes the sequence itself and cannot be combined with other interventions yet")
         for other in self.handles:
             clash = (handle.config.primitives & other.config.primitives) - {"key_bias", "head_scale", "sink_bias"}
             shared = handle.active_layers & other.active_layers
@@ -143,6 +124,11 @@ class Dispatcher:
                     f"{', '.join(sorted(clash))} on layers {sorted(shared)}, and those edits do not compose. "
                     "Remove the other intervention first, or give the two disjoint `layers`."
                 )
+        if overrides(handle.config, "layer_input") and not compat.decoder_layers(self._decoder(), self.spec.num_layers):
+            raise UnsupportedModelError(
+                f"{handle.config.name} acts on decoder layers' inputs, and {self.spec.label}'s decoder has no list of "
+                f"its {self.spec.num_layers} layers to hook"
+            )
         self.attach()
         self.handles.append(handle)
 
@@ -170,89 +156,6 @@ class Dispatcher:
     def _before_vision(self, module, args, kwargs):
         self._pixels = args[0] if args else kwargs.get("pixel_values")
 
-    def _layer_input(self, index: int):
-        def before_layer(module, args, kwargs):
-            if self.context is None or self.in_branch:
-                return None
-            pruner = next((h for h in self.handles if h.enabled and h.config.prunes), None)
-            changed = None
-            if pruner is not None and index >= pruner.config.layer:
-                args, kwargs = self._prune(pruner, index, args, kwargs)
-                changed = (args, kwargs)
-            self.context.layer_input = (index, args[0] if args else kwargs["hidden_states"])
-            return changed
-
-        return before_layer
-
-    def _prune(self, handle, index: int, args, kwargs):
-        """This layer's inputs restricted to the kept tokens (and, decoding, its mask to their keys)."""
-        if self.context.past_length == 0:
-            if index == handle.config.layer:  # decide once, from the scores of the layer before
-                if self._image_mask is None:
-                    raise ValueError("prune needs the VLM called with `input_ids`, to find the image tokens")
-                scores = handle.state.get(index - 1, {}).get("scores")
-                padding = self._padding(handle)
-                self.kept, self.filler = handle.config.kept_positions(self._image_mask, scores, padding)
-                self.kept_total = self._image_mask.shape[1]  # the prompt's length before pruning
-            kept = self.kept  # [B, T']
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            if hidden.shape[1] != kept.shape[1]:
-                hidden = _take(hidden, kept, dim=1)
-            args = (hidden, *args[1:])
-            if kwargs.get("position_embeddings") is not None:
-                kwargs["position_embeddings"] = tuple(_take(t, kept, dim=1) for t in kwargs["position_embeddings"])
-            if kwargs.get("position_ids") is not None:
-                kwargs["position_ids"] = _take(kwargs["position_ids"], kept, dim=1)
-            mask = kwargs.get("attention_mask")
-            if isinstance(mask, torch.Tensor):
-                mask = _take(_take(mask, kept, dim=2), kept, dim=3)  # [B, 1, T', T']
-                filler = self.filler[:, None, None, :]
-                if mask.dtype == torch.bool:
-                    kwargs["attention_mask"] = mask & ~filler
-                else:
-                    kwargs["attention_mask"] = mask.masked_fill(filler, torch.finfo(mask.dtype).min)
-            elif bool(self.filler.any()):  # no mask was needed before; one is now, to hide the filler
-                kwargs["attention_mask"] = self._pruned_mask(0, kept.shape[1], hidden.dtype)
-        elif self.kept is not None:
-            if self.context.pruned_mask is None:  # one mask serves every later layer of this call
-                hidden = args[0] if args else kwargs["hidden_states"]
-                held = compat.past_length(compat.find_cache(kwargs), index)  # kept prompt + tokens since
-                self.context.pruned_mask = self._pruned_mask(held, hidden.shape[1], hidden.dtype)
-            kwargs["attention_mask"] = self.context.pruned_mask
-        return args, kwargs
-
-    def _pruned_mask(self, held: int, new: int, dtype: torch.dtype) -> torch.Tensor:
-        """The mask of a call after the prompt was pruned: over the kept prompt keys (filler hidden), the
-        `held - T'` tokens cached since, and this call's `new` ones (at prefill: nothing held, T' new).
-        Built here, since transformers sizes its mask by the first layer's cache (itself pruned when
-        `layer=0`)."""
-        device = self.kept.device
-        since = torch.arange(self.kept_total, self.kept_total + held - self.kept.shape[1] + new, device=device)
-        keys = torch.cat([self.kept, since.expand(self.kept.shape[0], -1)], dim=1)  # [B, Nk] positions
-        visible = torch.cat([~self.filler, torch.ones_like(keys[:, self.kept.shape[1] :], dtype=torch.bool)], dim=1)
-        if self.context.padding_mask is not None:
-            visible = visible & self.context.padding_mask.gather(1, keys)
-        visible = visible[:, None, None, :]  # [B, 1, 1, Nk]
-        rows = torch.arange(new, device=device)[:, None] + keys.shape[1] - new  # bottom-right causal
-        visible = visible & (torch.arange(keys.shape[1], device=device)[None, :] <= rows)
-        if self.previous == "sdpa":
-            return visible
-        return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
-            ~visible, torch.finfo(dtype).min
-        )
-
-    def _padding(self, handle):
-        """[B, L] padded patches of the prompt's images, when the pruner's debiasing needs them."""
-        if handle.config.debias not in ("padding", "both") or self._pixels is None or self._pixels.dim() != 4:
-            return None
-        from ..interventions.prune import padding_from_pixels
-
-        count = int(self._image_mask[0].sum())
-        grid = round(count**0.5)
-        if grid * grid != count:
-            raise ValueError(f"prune: padding debias needs a square grid of image tokens per image, got {count}")
-        return padding_from_pixels(self._pixels, grid, handle.config.pad_threshold)
-
     def _before_forward(self, module, args, kwargs):
         if self.in_branch:
             return
@@ -261,23 +164,58 @@ class Dispatcher:
         given = {**kwargs, **self._signature.bind_partial(*args).arguments}
         cache = compat.find_cache(given)
         past = compat.past_length(cache)
-        if past == 0:  # a new sequence: state kept from the previous one (e.g. ACT's sinks) is stale
+        if past == 0:  # a new sequence: what the methods kept of the previous one is stale
             for handle in self.handles:
-                handle.state.clear()
-            self._image_mask, self._real, self.branch, self.kept = None, None, None, None
+                handle.new_sequence()
+            self._image_mask, self._real = None, None
         padding = self._real = compat.real_tokens(given.get("attention_mask"), past, self._real)
         ids, self._input_ids = self._input_ids, None
+        if ids is None and isinstance(given.get("input_ids"), torch.Tensor):
+            ids = given["input_ids"]
         if self.image_token is not None:
             self._track_images(ids, past, padding)
-        self.context = CallContext(past_length=past, padding_mask=padding, image_mask=self._image_mask)
-        if any(h.enabled and h.config.no_image_branch for h in self.handles):
-            self._run_no_image_branch(ids, past, padding)
-            if past == 0 and cache is not None:
-                self._follow_reorders(cache)
+        self.forward = Forward(
+            past_length=past, padding_mask=padding, image_mask=self._image_mask, input_ids=ids,
+            pixel_values=self._pixels, held=lambda layer: compat.past_length(cache, layer), run_branch=self._run_branch,
+        )  # fmt: skip
+        if past == 0 and cache is not None and any(overrides(h.config, "reorder") for h in self.handles):
+            reordered = weakref.WeakMethod(self._reordered)  # weak: a cache may outlive the model
+            compat.follow_reorders(cache, lambda rows: (follow := reordered()) is not None and follow(rows))
+        for handle in self._hooked("start"):
+            handle.config.start(self.forward, handle.state)
+
+    def _layer_input(self, index: int):
+        def before_layer(module, args, kwargs):
+            if self.forward is None or self.in_branch:
+                return None
+            hooked = self._hooked("layer_input")
+            if not hooked:
+                return None
+            inputs = given = compat.layer_inputs(args, kwargs)
+            for handle in hooked:
+                inputs = handle.config.layer_input(index, inputs, self.forward, handle.state) or inputs
+            return None if inputs is given else compat.with_layer_inputs(args, kwargs, inputs)
+
+        return before_layer
 
     def _after_forward(self, module, args, output):
-        if not self.in_branch:
-            self.context = None
+        if self.in_branch:
+            return None
+        forward, self.forward = self.forward, None
+        hooked = self._hooked("output") if output is not None and forward is not None else []
+        for handle in hooked:
+            hidden = handle.config.output(forward, compat.output_hidden(output), handle.state)
+            if hidden is not None:
+                output = compat.with_output_hidden(output, hidden)
+        return output if hooked else None
+
+    def _reordered(self, rows: torch.Tensor) -> None:
+        for handle in self._hooked("reorder"):
+            handle.config.reorder(rows, handle.state)
+
+    def _hooked(self, hook: str) -> list:
+        """The enabled handles whose method defines the optional hook `hook`."""
+        return [h for h in self.handles if h.enabled and overrides(h.config, hook)]
 
     def _track_images(self, ids, past: int, padding) -> None:
         """Extend the current sequence's image mask by this call's tokens (generated ones are text)."""
@@ -292,55 +230,22 @@ class Dispatcher:
         else:
             self._image_mask = None
 
-    def _run_no_image_branch(self, ids, past: int, padding) -> None:
-        """Advance the no-image branch by this call's text tokens, recording its head outputs."""
-        if ids is None:
-            raise ValueError("vhr needs the VLM to be called with `input_ids` (it rebuilds the prompt without image)")
-        batch, new = ids.shape
-        real = padding[:, -new:] if padding is not None else torch.ones_like(ids, dtype=torch.bool)
-        text = real & (ids != self.image_token)  # [B, Nq]
-        if past == 0:
-            width = int(text.sum(dim=1).max())
-            branch_ids = ids.new_zeros(batch, width)
-            branch_mask = torch.zeros(batch, width, dtype=torch.bool, device=ids.device)
-            for row in range(batch):  # left-pad each row's text tokens
-                tokens = ids[row, text[row]]
-                branch_ids[row, width - tokens.numel() :] = tokens
-                branch_mask[row, width - tokens.numel() :] = True
-            self.branch = NoImageBranch(compat.DynamicCache(), branch_mask, {})
-        elif self.branch is None:
-            return  # the prompt ran before this intervention was enabled
-        elif (ids == self.image_token).any():
-            raise NotImplementedError("vhr: image tokens after the first prompt chunk are not supported")
-        else:
-            branch_ids, branch_mask = ids, torch.cat([self.branch.padding_mask, real], dim=1)
-        self.branch.padding_mask = branch_mask
-        start = branch_mask.shape[1] - branch_ids.shape[1]
-        positions = (branch_mask.long().cumsum(-1) - 1).clamp_min(0)[:, start:]
-        self.in_branch = True
+    def _run_branch(self, *, input_ids, attention_mask, position_ids, cache=None, observe=None):
+        """`Forward.run_branch`: the language model on other inputs, no intervention acting; `observe(layer, out)`
+        gets each attention layer's head outputs `[B, N, Hq, D]`. Returns `(output hidden states, cache)`."""
+        cache = compat.DynamicCache() if cache is None else cache
+        self.in_branch, self._observe = True, observe
         try:
-            self._decoder()(
-                input_ids=branch_ids,
-                attention_mask=branch_mask.long(),
-                position_ids=positions,
-                **{self.probe.cache_argument: self.branch.cache},
+            outputs = self._decoder()(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                **{self.probe.cache_argument: cache},
                 use_cache=True,
             )
         finally:
-            self.in_branch = False
-
-    def _follow_reorders(self, cache) -> None:
-        """Make beam search, which reorders the rows of the main cache between steps, reorder the no-image
-        branch's rows alike (the branch is held weakly: the cache may outlive this prompt)."""
-        branch, reorder = weakref.ref(self.branch), cache.reorder_cache
-
-        def reorder_both(beam_idx: torch.Tensor) -> None:
-            reorder(beam_idx)
-            if (followed := branch()) is not None:
-                followed.cache.reorder_cache(beam_idx)
-                followed.padding_mask = followed.padding_mask[beam_idx.to(followed.padding_mask.device)]
-
-        cache.reorder_cache = reorder_both
+            self.in_branch, self._observe = False, None
+        return compat.output_hidden(outputs), cache
 
     # -- per layer --------------------------------------------------------------------------------
 
@@ -348,36 +253,24 @@ class Dispatcher:
         return [h for h in self.handles if h.enabled and layer in h.active_layers]
 
     def layer_call(self, layer: int, query, key, attention_mask, scale, causal, sinks, softcap) -> LayerCall:
-        context = self.context or CallContext(key.shape[2] - query.shape[2], None)
-        hidden = context.layer_input[1] if context.layer_input and context.layer_input[0] == layer else None
-        no_image = self.branch.outputs.get(layer) if self.branch is not None else None
-        here = lambda t: None if t is None else t.to(query.device)  # a device map may put layers elsewhere
-        return LayerCall(
-            layer, query, key, attention_mask, scale, causal,
-            past_length=context.past_length, padding_mask=here(context.padding_mask),
-            image_mask=here(context.image_mask), layer_input=hidden, no_image=no_image, sinks=sinks, softcap=softcap,
-        )  # fmt: skip
+        forward = self.forward or Forward(key.shape[2] - query.shape[2], None)  # a layer called on its own
+        return LayerCall(layer, query, key, attention_mask, scale, causal, forward, sinks=sinks, softcap=softcap)
 
     def edit_for(self, handles: list, call: LayerCall):
         edit = None
         for handle in handles:
-            step = handle.config.edit(call, handle.state.setdefault(call.layer, {}))
+            step = handle.config.edit(call, handle.state)
             if step is not None:
                 edit = step if edit is None else edit + step
         return edit
 
     def scale_heads(self, handles: list, call: LayerCall, out: torch.Tensor) -> torch.Tensor:
-        """`out` [B, Nq, Hq, D] with the head multipliers of methods that decide after attention (VHR)."""
+        """`out` [B, Nq, Hq, D] with the head multipliers of methods that decide after attention."""
         for handle in handles:
-            scale = handle.config.scale_heads(call, out, handle.state.setdefault(call.layer, {}))
+            scale = handle.config.scale_heads(call, out, handle.state)
             if scale is not None:
                 out = out * scale[..., None].to(out.dtype)
         return out
-
-    def record_no_image(self, layer: int, out: torch.Tensor) -> None:
-        """Keep the no-image branch's head outputs `[B, Hq, D]` of its latest token where VHR reads them."""
-        if any(layer in h.active_layers for h in self.handles if h.enabled and h.config.no_image_branch):
-            self.branch.outputs[layer] = out[:, -1]
 
     def fall_through(self, module):
         return compat.fall_through(self.previous, module)
@@ -389,8 +282,8 @@ def record_attention(model: nn.Module):
     `[B, Hq, Nq, Nk]` (fp32, on the CPU, with the active interventions' edits applied) in the yielded dict,
     keyed by layer; a later forward overwrites them. N² memory per layer: for short prompts."""
     dispatcher = Dispatcher.of(model)
-    if dispatcher.kept is not None or any(h.config.prunes for h in dispatcher.handles):
-        raise ValueError("attention maps of a pruned sequence are not recorded; remove the prune intervention")
+    if alone := next((h.config.name for h in dispatcher.handles if h.config.changes_sequence), None):
+        raise ValueError(f"attention maps of a sequence that {alone} changes are not recorded; remove {alone} first")
     dispatcher.attach()
     dispatcher.recorded = {}
     try:
@@ -399,14 +292,6 @@ def record_attention(model: nn.Module):
         dispatcher.recorded = None
         if not dispatcher.handles:  # attached only to record
             dispatcher.detach()
-
-
-def _take(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
-    """`t` at positions `index` [B, n] along `dim`, per batch element (`t` may broadcast over batch)."""
-    t = t.expand(index.shape[0], *t.shape[1:])
-    shape = [1] * t.dim()
-    shape[0], shape[dim] = index.shape
-    return t.gather(dim, index.view(shape).expand(*t.shape[:dim], index.shape[1], *t.shape[dim + 1 :]))
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -424,7 +309,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     handles = [] if dispatcher.in_branch else dispatcher.active_handles(layer)
     # With no mask, a static cache's empty slots are hidden by SDPA's top-left causal alignment, not by
     # our bottom-right one: edits see the written slots only (the fall-through keeps SDPA's own call).
-    filled = dispatcher.context.past_length + query.shape[2] if dispatcher.context else key.shape[2]
+    filled = dispatcher.forward.past_length + query.shape[2] if dispatcher.forward else key.shape[2]
     written_key, written_value = (
         (key, value) if attention_mask is not None else (key[:, :, :filled], value[:, :, :filled])
     )
@@ -452,8 +337,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         out, weights = dispatcher.fall_through(module)(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-        if dispatcher.in_branch:
-            dispatcher.record_no_image(layer, out)
+        if dispatcher._observe is not None:
+            dispatcher._observe(layer, out)
         return dispatcher.scale_heads(handles, call, out), weights
     if dropout and module.training:
         raise RuntimeError("intervene edits attention at inference only; call model.eval() first")

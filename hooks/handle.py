@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from torch import nn
@@ -19,7 +20,8 @@ class Intervention:
     """An intervention active on a model: a context manager, undone by `remove()` or on exit.
 
     `enabled` toggles it without detaching (the eval runner's before/after on one loaded model);
-    `config` is the resolved config, which `save()` writes and `intervene.load_config` reads back.
+    `config` is the resolved config, which `save()` writes and `intervene.load_config` reads back;
+    `state` is what the method kept of the latest sequence (its `State`).
     """
 
     def __init__(self, dispatcher: Dispatcher, config: Method):
@@ -27,7 +29,7 @@ class Intervention:
         self.model_spec: ModelSpec = dispatcher.spec
         self.active_layers = config.active_layers()
         self.enabled = True
-        self.state: dict[int, dict] = {}  # per-layer state of the current sequence
+        self.state = config.State()
         self._dispatcher = dispatcher
         dispatcher.add(self)  # refused before anything is attached
 
@@ -44,7 +46,11 @@ class Intervention:
         if self._dispatcher is not None:
             self._dispatcher.discard(self)
             self._dispatcher = None
-            self.state.clear()
+            self.new_sequence()
+
+    def new_sequence(self) -> None:
+        """Forget what the method kept of the previous sequence."""
+        self.state = self.config.State()
 
     def __enter__(self) -> Intervention:
         return self
@@ -110,9 +116,7 @@ def load_config(path: str | os.PathLike) -> Method:
         raise ValueError(f"{path}: not an intervene config (expected the keys 'method' and 'params')")
     if saved.get("schema", SCHEMA) > SCHEMA:
         raise ValueError(f"{path}: config schema {saved['schema']} is newer than this intervene ({SCHEMA}); upgrade")
-    method = method_class(saved["method"]).from_dict(saved["params"])
-    object.__setattr__(method, "saved_for", saved.get("model"))  # provenance, not a parameter
-    return method
+    return replace(method_class(saved["method"]).from_dict(saved["params"]), saved_for=saved.get("model"))
 
 
 def _check_model(method: Method, spec: ModelSpec) -> None:

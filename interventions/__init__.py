@@ -1,6 +1,8 @@
 """What to change: one module per method, each a frozen config dataclass plus its rule."""
 
 from . import act, heads, pai, prune, var, vhr, zerotuning  # noqa: F401  (registers the built-in methods)
-from .base import LayerCall, Method, ModelSpec, method_class, register, registry
+from .base import Forward, LayerCall, LayerInputs, Method, ModelSpec, method_class, overrides, register, registry
 
-__all__ = ["LayerCall", "Method", "ModelSpec", "method_class", "register", "registry"]
+__all__ = [
+    "Forward", "LayerCall", "LayerInputs", "Method", "ModelSpec", "method_class", "overrides", "register", "registry",
+]  # fmt: skip

@@ -6,7 +6,8 @@ query row then keeps only `beta` of its mass on the other sinks, and the freed `
 non-sink keys in proportion to their probabilities. On a prompt this is exactly the official code's
 operation, but for every batch element, with padding and KV-cache chunks counted correctly.
 
-Decoding (one new token over a cache) is well defined, unlike the official code:
+Decoding (one new token over a cache) is well defined, unlike the official code, whose decode step overwrites
+the attention to token 0 and slices the rows `[1:]`, which skips the only row a decode step has:
 - `decode="frozen"`: keep the sinks found on the prompt and calibrate each new row against them;
 - `decode="online"`: detect sinks on the new row itself (its probabilities are its column means);
 - `decode="off"`: leave generated rows alone.
@@ -14,7 +15,7 @@ Decoding (one new token over a cache) is well defined, unlike the official code:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -23,6 +24,31 @@ from ..kernels import AttentionEdit, Redistribute
 from .base import LayerCall, Method, ModelSpec, check_number, head_mask, register, resolve_scope, scoped_layers
 
 DECODE_MODES = ("frozen", "online", "off")
+
+
+@dataclass
+class Sinks:
+    """The hidden sinks one layer found on the prompt."""
+
+    mask: torch.Tensor  # [B, Hq, Nk] True at a hidden sink
+    positions: torch.Tensor  # [Nk] the position of each of those keys
+
+
+@dataclass
+class ColumnStats:
+    """The prompt's attention summed per key so far (over its chunks), and how many rows saw each key."""
+
+    sums: torch.Tensor  # [B, Hq, Nk]
+    counts: torch.Tensor  # [B, Hq, Nk]
+    positions: torch.Tensor  # [Nk]
+
+
+@dataclass
+class ACTState:
+    """What ACT keeps of one sequence, by layer."""
+
+    sinks: dict[int, Sinks] = field(default_factory=dict)
+    stats: dict[int, ColumnStats] = field(default_factory=dict)
 
 
 @register("act")
@@ -37,6 +63,7 @@ class ACT(Method):
     decode: str = "frozen"
 
     primitives = frozenset({"redistribute"})
+    State = ACTState
 
     def __post_init__(self):
         check_number("act", "beta", self.beta, low=0.0, high=1.0)
@@ -58,29 +85,31 @@ class ACT(Method):
     def active_layers(self) -> frozenset[int]:
         return frozenset() if self.beta == 1.0 else scoped_layers(self.layers, self.heads)
 
-    def edit(self, call: LayerCall, state: dict) -> AttentionEdit | None:
+    def edit(self, call: LayerCall, state: ACTState) -> AttentionEdit | None:
         if call.decode and self.decode == "off":
             return None
         heads = head_mask(self.heads, call.layer, call.query.shape[1], call.query.device)  # [Hq]
         if call.decode and self.decode == "frozen":
-            if "sinks" not in state:
+            if call.layer not in state.sinks:
                 return None  # the prompt was run without this intervention: nothing was detected
-            sinks = self._frozen(state["sinks"], call.key_positions)  # [B, Hq, Nk]
+            sinks = self._frozen(state.sinks[call.layer], call.key_positions)  # [B, Hq, Nk]
         else:
             sums, counts = call.column_stats(heads=heads)  # [B, Hq, Nk] each, zero outside `heads`
             positions = call.key_positions
             if not call.decode:  # prompt chunks accumulate: every query that sees a key counts
-                sums, counts = _accumulate(state, sums, counts, positions)
+                stats = _accumulate(state.stats.get(call.layer), ColumnStats(sums, counts, positions))
+                state.stats[call.layer] = stats
+                sums, counts = stats.sums, stats.counts
             sinks = hidden_sinks(sums / counts.clamp_min(1.0), self.threshold)
             if not call.decode:
-                state["sinks"] = (sinks, positions)
+                state.sinks[call.layer] = Sinks(sinks, positions)
         sinks = sinks & heads[None, :, None]
         return AttentionEdit(redistribute=Redistribute(source=sinks, target=~sinks, p_move=1.0 - self.beta))
 
     @staticmethod
-    def _frozen(detected, positions: torch.Tensor) -> torch.Tensor:
+    def _frozen(detected: Sinks, positions: torch.Tensor) -> torch.Tensor:
         """Prompt sinks re-indexed to this call's keys; keys generated since are never sinks."""
-        sinks, sink_positions = detected
+        sinks, sink_positions = detected.mask, detected.positions
         lookup = torch.zeros(*sinks.shape[:2], int(positions[-1]) + 1, dtype=torch.bool, device=sinks.device)
         seen = sink_positions <= positions[-1]
         lookup[:, :, sink_positions[seen]] = sinks[:, :, seen]
@@ -95,13 +124,13 @@ def hidden_sinks(column_mean: torch.Tensor, threshold: float) -> torch.Tensor:
     return detected & ~first
 
 
-def _accumulate(state: dict, sums, counts, positions):
-    """Add this prompt chunk's column statistics to those of the earlier chunks, by key position."""
-    if "sums" in state:
-        old_sums, old_counts, old_positions = state["sums"], state["counts"], state["positions"]
-        index = torch.searchsorted(positions, old_positions)  # earlier keys still held by the cache
-        held = (index < positions.numel()) & (positions[index.clamp_max(positions.numel() - 1)] == old_positions)
-        sums = sums.index_add(-1, index[held], old_sums[..., held])
-        counts = counts.index_add(-1, index[held], old_counts[..., held])
-    state.update(sums=sums, counts=counts, positions=positions)
-    return sums, counts
+def _accumulate(earlier: ColumnStats | None, chunk: ColumnStats) -> ColumnStats:
+    """This prompt chunk's column statistics added to those of the earlier chunks, by key position."""
+    if earlier is None:
+        return chunk
+    positions = chunk.positions
+    index = torch.searchsorted(positions, earlier.positions)  # earlier keys still held by the cache
+    held = (index < positions.numel()) & (positions[index.clamp_max(positions.numel() - 1)] == earlier.positions)
+    sums = chunk.sums.index_add(-1, index[held], earlier.sums[..., held])
+    counts = chunk.counts.index_add(-1, index[held], earlier.counts[..., held])
+    return ColumnStats(sums, counts, positions)

@@ -1,17 +1,18 @@
-"""What every intervention shares: the method base class, the registry, the per-call view of a layer,
-and the validation of `layers` / `heads` scopes.
+"""What every intervention shares: the method base class and its hooks, the registry, the context of a
+forward and of one attention call, and the validation of `layers` / `heads` scopes.
 
 A method is a frozen dataclass of its parameters. `resolve(model)` checks them against one model and
-fills `"auto"`; `edit(call, state)` turns one attention call of one layer into an `AttentionEdit`.
-Methods never touch a model: the hooks build the `LayerCall` and run the edit.
+fills `"auto"`; `edit(call, state)` turns one attention call of one layer into an `AttentionEdit`. A method
+never touches a model: the hooks build a `Forward` and the `LayerCall`s and call the method's hooks (`start`,
+`layer_input`, `edit`, `scale_heads`, `output`, `reorder`), each with the method's own state of the sequence.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar
 
@@ -53,6 +54,43 @@ class ModelSpec:
 
 
 @dataclass
+class Forward:
+    """One forward of the model (a prompt, a chunk of one, or a decode step): what all its layer calls share.
+    The hooks build it before the first layer and hand it to every method hook of that forward."""
+
+    past_length: int  # tokens in the cache before this forward
+    padding_mask: torch.Tensor | None  # [B, past_length + new] bool, True = real token; None = no padding
+    image_mask: torch.Tensor | None = None  # [B, past_length + new] bool, True = image token (VLMs)
+    input_ids: torch.Tensor | None = None  # [B, new] this forward's tokens, when the model was given ids
+    pixel_values: torch.Tensor | None = None  # the prompt's images as the vision tower got them (VLMs)
+    # Tokens the cache holds at a layer before this forward (after a method removed some, fewer than past_length).
+    held: Callable[[int], int] | None = None
+    # Runs the language model on other inputs, no intervention acting: `run_branch(input_ids=..., attention_mask=...,
+    # position_ids=..., cache=None | a branch's cache, observe=None | fn(layer, head outputs [B, N, Hq, D]))` returns
+    # `(output hidden states [B, N, hidden] (after the final norm), the branch's cache)`.
+    run_branch: Callable | None = None
+
+    @property
+    def prefill(self) -> bool:
+        """The first forward of a sequence: nothing cached before it."""
+        return self.past_length == 0
+
+    def cached_at(self, layer: int) -> int:
+        """Tokens the cache of `layer` holds before this forward."""
+        return self.past_length if self.held is None else self.held(layer)
+
+
+@dataclass
+class LayerInputs:
+    """A decoder layer's inputs, which a method's `layer_input` hook may replace (token removal)."""
+
+    hidden_states: torch.Tensor  # [B, N, hidden]
+    attention_mask: torch.Tensor | None  # as the model's mask function built it (None: the layer's own causal)
+    position_ids: torch.Tensor | None  # [B|1, N]
+    position_embeddings: tuple[torch.Tensor, ...] | None  # RoPE's (cos, sin), [B|1, N, D] each
+
+
+@dataclass
 class LayerCall:
     """One call of one attention layer, as the hooks saw it."""
 
@@ -62,13 +100,26 @@ class LayerCall:
     attention_mask: torch.Tensor | None  # as the model's mask function built it
     scale: float
     causal: bool
-    past_length: int  # tokens in the cache before this call
-    padding_mask: torch.Tensor | None  # [B, past_length + Nq] bool, True = real token; None = no padding
-    image_mask: torch.Tensor | None = None  # [B, past_length + Nq] bool, True = image token (VLMs)
-    layer_input: torch.Tensor | None = None  # [B, Nq, hidden] the decoder layer's input (VLMs)
-    no_image: torch.Tensor | None = None  # [B, Hq, D] this layer's head outputs for the last token, image removed
+    forward: Forward  # the forward this call belongs to
     sinks: torch.Tensor | None = None  # [Hq] the layer's learned sink logits (gpt-oss's `s_aux`), None without
     softcap: float | None = None  # the cap of the layer's logits (Gemma-2), None without
+
+    @property
+    def past_length(self) -> int:
+        """Tokens in the cache before this forward."""
+        return self.forward.past_length
+
+    @cached_property
+    def padding_mask(self) -> torch.Tensor | None:
+        """[B, past_length + Nq] bool, True = real token; None = no padding."""
+        mask = self.forward.padding_mask
+        return None if mask is None else mask.to(self.query.device)  # a device map may put layers elsewhere
+
+    @cached_property
+    def image_mask(self) -> torch.Tensor | None:
+        """[B, past_length + Nq] bool, True = image token (VLMs)."""
+        mask = self.forward.image_mask
+        return None if mask is None else mask.to(self.query.device)
 
     @property
     def decode(self) -> bool:
@@ -146,21 +197,34 @@ class LayerCall:
         return every.index_copy(1, chosen, sums), every.index_copy(1, chosen, counts.expand_as(sums))
 
 
+@dataclass(frozen=True)
 class Method:
-    """Base of every registered intervention. Subclasses are frozen dataclasses."""
+    """Base of every registered intervention. Subclasses are frozen dataclasses of their parameters.
+
+    `edit` is the one hook most methods need. The others are optional and run only for a method that defines
+    them, in this order within a forward of the model:
+    - `start(forward, state)`: before the first layer (run a second branch of the model, reset per-forward data);
+    - `layer_input(layer, inputs, forward, state)`: a decoder layer's inputs, which it may replace (remove tokens);
+    - `edit(call, state)`: an attention call of one of `active_layers()`, turned into an `AttentionEdit`;
+    - `scale_heads(call, out, state)`: multipliers for that call's head outputs, decided after attention;
+    - `output(forward, hidden, state)`: the language model's output hidden states, which it may replace;
+    - `reorder(rows, state)`: between forwards, when `generate` reorders the cache's rows (beam search).
+    `state` is one `State()` per sequence: made fresh when a prompt starts (nothing cached), kept through its
+    prompt chunks and decode steps, readable afterwards as `handle.state`."""
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     # AttentionEdit fields this method may set; two methods that set a non-composable one
     # (redistribute, key_gain) on a common layer are refused at `apply` time.
     primitives: ClassVar[frozenset[str]] = frozenset()
-    # For a config read from a file: the model it was saved or calibrated for ({name_or_path,
-    # num_layers, num_heads}); `apply` refuses to use it on a model of another shape.
-    saved_for: ClassVar[dict | None] = None
-    # Whether the hooks must run the prompt without its image alongside (VHR's no-image branch).
-    no_image_branch: ClassVar[bool] = False
-    # Whether it removes tokens (then `kept_positions` says which go on past its `layer`).
-    prunes: ClassVar[bool] = False
+    # Whether it changes which tokens the layers see (`layer_input` removes some): such a method runs alone, and
+    # attention maps of its sequences are not recorded.
+    changes_sequence: ClassVar[bool] = False
+    # What the method keeps for one sequence (a dataclass of its own; a dict by default).
+    State: ClassVar[type] = dict
+    # For a config read from a file: the model it was saved or calibrated for ({name_or_path, num_layers,
+    # num_heads}); `apply` refuses to use it on a model of another shape. Provenance, not a parameter.
+    saved_for: dict | None = field(default=None, kw_only=True, compare=False, repr=False, metadata={"provenance": True})
 
     def resolve(self, model: ModelSpec) -> Method:
         """This config checked against `model`, with every `"auto"` made explicit."""
@@ -170,22 +234,36 @@ class Method:
         """Layers this (resolved) config really edits; empty when its parameters are neutral."""
         raise NotImplementedError
 
-    def edit(self, call: LayerCall, state: dict) -> AttentionEdit | None:
-        """The edit for one call of an active layer. `state` persists per layer across the calls of
-        one sequence (prefill chunks, then decode steps) and is cleared when a new sequence starts."""
-        raise NotImplementedError
+    def start(self, forward: Forward, state) -> None:
+        """At the start of every forward of the model, before its first layer."""
 
-    def scale_heads(self, call: LayerCall, out: torch.Tensor, state: dict) -> torch.Tensor | None:
-        """Multipliers `[B, Nq, Hq]` for this layer's head outputs `out` `[B, Nq, Hq, D]`, decided
-        after attention (VHR); None leaves them. Only methods that need it override this."""
+    def layer_input(self, layer: int, inputs: LayerInputs, forward: Forward, state) -> LayerInputs | None:
+        """The inputs of decoder layer `layer`; what it returns replaces them (None leaves them)."""
         return None
 
+    def edit(self, call: LayerCall, state) -> AttentionEdit | None:
+        """The edit for one call of an active layer."""
+        raise NotImplementedError
+
+    def scale_heads(self, call: LayerCall, out: torch.Tensor, state) -> torch.Tensor | None:
+        """Multipliers `[B, Nq, Hq]` for this layer's head outputs `out` `[B, Nq, Hq, D]`, decided
+        after attention (VHR); None leaves them."""
+        return None
+
+    def output(self, forward: Forward, hidden: torch.Tensor, state) -> torch.Tensor | None:
+        """The language model's output hidden states `[B, N, hidden]` (after its final norm, so an average of
+        them is the average of the logits); what it returns replaces them (None leaves them)."""
+        return None
+
+    def reorder(self, rows: torch.Tensor, state) -> None:
+        """`generate` reordered the cache's rows (`rows` [B], beam search): reorder what `state` keeps per row."""
+
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: _jsonable(getattr(self, f.name)) for f in _parameters(self)}
 
     @classmethod
     def from_dict(cls, params: Mapping[str, Any]) -> Method:
-        fields = dataclasses.fields(cls)
+        fields = _parameters(cls)
         known = [f.name for f in fields]
         unknown = sorted(set(params) - set(known))
         if unknown:
@@ -199,11 +277,21 @@ class Method:
         return cls(**params)
 
 
+def overrides(method: Method, hook: str) -> bool:
+    """Whether `method` defines the optional hook `hook` (the hooks call only those)."""
+    return getattr(type(method), hook) is not getattr(Method, hook)
+
+
+def _parameters(method) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(method) if not f.metadata.get("provenance")]
+
+
 def register(name: str):
     """Class decorator adding a method to the registry under `name` (see `intervene.methods()`)."""
 
     def add(cls: type[Method]) -> type[Method]:
-        if not (isinstance(cls, type) and issubclass(cls, Method) and dataclasses.is_dataclass(cls)):
+        # Its own dataclass decorator: a subclass of Method without one would inherit Method's fields only.
+        if not (isinstance(cls, type) and issubclass(cls, Method) and "__dataclass_params__" in vars(cls)):
             raise TypeError(f"@register({name!r}) needs a dataclass subclassing intervene.Method, got {cls!r}")
         if not cls.__dataclass_params__.frozen:
             raise TypeError(f"@register({name!r}): {cls.__name__} must be a frozen dataclass")

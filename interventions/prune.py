@@ -12,6 +12,9 @@ The `keep` best image tokens (a count, or a fraction of the image tokens) and ev
 from layer `layer` on, the hidden states, positions, masks and KV cache hold only them, so decoding
 attends to the kept tokens only. Positions stay the original ones. `select` gives the kept image tokens
 (indices among each sample's image tokens) instead of scoring, which also works at `layer=0`.
+
+Decoding follows FastV's KV-cache implementation: the tokens are chosen once, at prefill, and every later step
+attends to that choice (FastV's mask implementation instead re-selects at every step).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .base import LayerCall, Method, ModelSpec, check_number, register, require_vision
+from .base import Forward, LayerCall, LayerInputs, Method, ModelSpec, check_number, register, require_vision
 
 DEBIAS = ("none", "position", "padding", "both")
 QUERIES = ("last", "text")
@@ -37,6 +40,17 @@ UNPRUNABLE = {
     "gemma3": "has sliding-window layers: their cache holds only the latest tokens, while pruning's decoding mask "
     "spans every kept one (and what a window over a pruned sequence should hold is not defined yet)",
 }
+
+
+@dataclass
+class PruneState:
+    """What prune keeps of one sequence."""
+
+    scores: torch.Tensor | None = None  # [B, T] each prompt token's score at layer `layer - 1`
+    kept: torch.Tensor | None = None  # [B, T'] positions that go on past layer `layer`
+    filler: torch.Tensor | None = None  # [B, T'] kept slots no query may see (see `kept_positions`)
+    total: int = 0  # the prompt's length before pruning
+    step_mask: torch.Tensor | None = None  # the mask of every pruned layer in the current decode step
 
 
 @register("prune")
@@ -53,7 +67,8 @@ class Prune(Method):
     select: Any = None  # explicit kept image-token indices, instead of scoring
 
     primitives = frozenset({"prune"})
-    prunes = True
+    changes_sequence = True
+    State = PruneState
 
     def __post_init__(self):
         if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or self.keep <= 0:
@@ -97,7 +112,7 @@ class Prune(Method):
     def active_layers(self) -> frozenset[int]:
         return frozenset() if self.select is not None else frozenset({self.layer - 1})
 
-    def edit(self, call: LayerCall, state: dict) -> None:
+    def edit(self, call: LayerCall, state: PruneState) -> None:
         """At prefill, record each key's score: its attention from the chosen query rows, mean over heads."""
         if call.decode:
             return None
@@ -109,8 +124,71 @@ class Prune(Method):
             after = call.image_queries.int().cumsum(dim=1) == call.image_queries.sum(dim=1, keepdim=True)
             rows = rows & after & ~call.image_queries  # text after (the last of) the image
         sums, counts = call.column_stats(rows)  # [B, Hq, Nk], [B, 1|Hq, Nk]
-        state["scores"] = (sums / counts.clamp_min(1.0)).mean(dim=1)  # [B, Nk]
+        state.scores = (sums / counts.clamp_min(1.0)).mean(dim=1)  # [B, Nk]
         return None
+
+    def start(self, forward: Forward, state: PruneState) -> None:
+        state.step_mask = None  # built by the first pruned layer of a decode step, for all of them
+
+    def layer_input(self, layer: int, inputs: LayerInputs, forward: Forward, state: PruneState) -> LayerInputs | None:
+        """From layer `layer` on, the inputs of the kept tokens only: at prefill, the hidden states, positions and
+        mask gathered to them (chosen at layer `layer`); decoding, a mask over the kept keys."""
+        if layer < self.layer:
+            return None
+        if forward.prefill:
+            if layer == self.layer:  # decide once, from the scores of the layer before
+                if forward.image_mask is None:
+                    raise ValueError("prune needs the VLM called with `input_ids`, to find the image tokens")
+                state.kept, state.filler = self.kept_positions(forward.image_mask, state.scores, self._padding(forward))
+                state.total = forward.image_mask.shape[1]
+            return self._gathered(inputs, state)
+        if state.kept is None:
+            return None  # the prompt ran before this intervention was enabled
+        if state.step_mask is None:
+            held = forward.cached_at(layer)  # the kept prompt and the tokens since
+            state.step_mask = self._mask(state, forward, held, inputs.hidden_states, inputs.attention_mask)
+        return LayerInputs(inputs.hidden_states, state.step_mask, inputs.position_ids, inputs.position_embeddings)
+
+    def _gathered(self, inputs: LayerInputs, state: PruneState) -> LayerInputs:
+        """A prefill layer's inputs at the kept positions `[B, T']` (filler hidden from every query)."""
+        kept, hidden = state.kept, inputs.hidden_states
+        if hidden.shape[1] != kept.shape[1]:
+            hidden = _take(hidden, kept, dim=1)
+        embeddings = inputs.position_embeddings
+        if embeddings is not None:
+            embeddings = tuple(_take(t, kept, dim=1) for t in embeddings)
+        positions = None if inputs.position_ids is None else _take(inputs.position_ids, kept, dim=1)
+        mask = inputs.attention_mask
+        if isinstance(mask, torch.Tensor):
+            mask = _take(_take(mask, kept, dim=2), kept, dim=3)  # [B, 1, T', T']
+            filler = state.filler[:, None, None, :]
+            mask = mask & ~filler if mask.dtype == torch.bool else mask.masked_fill(filler, torch.finfo(mask.dtype).min)
+        elif bool(state.filler.any()):  # no mask was needed before; one is now, to hide the filler
+            mask = _pruned_mask(state, None, 0, kept.shape[1])
+        return LayerInputs(hidden, mask, positions, embeddings)
+
+    def _mask(self, state: PruneState, forward: Forward, held: int, hidden: torch.Tensor, like) -> torch.Tensor:
+        """A decode step's mask, boolean or additive as the model's own (`like`)."""
+        mask = _pruned_mask(state, forward.padding_mask, held, hidden.shape[1])
+        if not isinstance(like, torch.Tensor) or like.dtype == torch.bool:
+            return mask
+        hidden_key = torch.finfo(like.dtype).min  # an additive mask, as eager's
+        return torch.zeros(mask.shape, dtype=like.dtype, device=mask.device).masked_fill(~mask, hidden_key)
+
+    def _padding(self, forward: Forward) -> torch.Tensor | None:
+        """[B, L] padded patches of the prompt's images, when the debiasing needs them."""
+        pixels = forward.pixel_values
+        if self.debias not in ("padding", "both") or pixels is None or pixels.dim() != 4:
+            return None
+        count = int(forward.image_mask[0].sum())
+        grid = round(count**0.5)
+        if grid * grid != count:
+            raise ValueError(f"prune: padding debias needs a square grid of image tokens per image, got {count}")
+        return padding_from_pixels(pixels, grid, self.pad_threshold)
+
+    def reorder(self, rows: torch.Tensor, state: PruneState) -> None:
+        if state.kept is not None:
+            state.kept, state.filler = state.kept[rows.to(state.kept.device)], state.filler[rows.to(state.kept.device)]
 
     def kept_positions(
         self, image_mask: torch.Tensor, scores: torch.Tensor | None, padding
@@ -163,6 +241,30 @@ class Prune(Method):
                 raise ValueError("prune: debias='padding' needs the pixel values of pad-to-square images")
             score = score.masked_fill(padding, 0.0)
         return score
+
+
+def _pruned_mask(state: PruneState, padding: torch.Tensor | None, held: int, new: int) -> torch.Tensor:
+    """`[B, 1, new, Nk]` bool: the visible keys of a call after the prompt was pruned, over the kept prompt keys
+    (filler hidden), the `held - T'` tokens cached since, and this call's `new` ones (at prefill: nothing held, T'
+    new). Built here, since transformers sizes its mask by the first layer's cache (itself pruned when
+    `layer=0`)."""
+    kept = state.kept
+    since = torch.arange(state.total, state.total + held - kept.shape[1] + new, device=kept.device)
+    keys = torch.cat([kept, since.expand(kept.shape[0], -1)], dim=1)  # [B, Nk] positions
+    visible = torch.cat([~state.filler, torch.ones_like(keys[:, kept.shape[1] :], dtype=torch.bool)], dim=1)
+    if padding is not None:
+        visible = visible & padding.to(kept.device).gather(1, keys)
+    visible = visible[:, None, None, :]  # [B, 1, 1, Nk]
+    rows = torch.arange(new, device=kept.device)[:, None] + keys.shape[1] - new  # bottom-right causal
+    return visible & (torch.arange(keys.shape[1], device=kept.device)[None, :] <= rows)
+
+
+def _take(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """`t` at positions `index` [B, n] along `dim`, per batch element (`t` may broadcast over batch)."""
+    t = t.expand(index.shape[0], *t.shape[1:])
+    shape = [1] * t.dim()
+    shape[0], shape[dim] = index.shape
+    return t.gather(dim, index.view(shape).expand(*t.shape[:dim], index.shape[1], *t.shape[dim + 1 :]))
 
 
 def trend_weights(trend: Mapping, length: int) -> torch.Tensor:

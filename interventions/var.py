@@ -16,14 +16,24 @@ here every batch element is handled with its own sinks and image span, in layers
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..kernels import AttentionEdit, MassGate, Redistribute
-from .base import LayerCall, Method, ModelSpec, check_number, register, require_vision, resolve_layers
+from .base import (
+    Forward,
+    LayerCall,
+    LayerInputs,
+    Method,
+    ModelSpec,
+    check_number,
+    register,
+    require_vision,
+    resolve_layers,
+)
 
 # Published sink dimensions (seilk/VisAttnSink `src/logic/constants.py`), by a name fragment of the checkpoint.
 PUBLISHED_SINK_DIMS = {
@@ -34,6 +44,15 @@ PUBLISHED_SINK_DIMS = {
     "llava-v1.6-vicuna-13b": [2100, 4743],
 }
 AUTO_DIMS = 2  # with sink_dims="auto" on other backbones: the two largest |channels| of the first token
+
+
+@dataclass
+class VARState:
+    """What VAR keeps of one sequence, by layer."""
+
+    sinks: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, prompt so far] sink flags
+    dims: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, AUTO_DIMS] with sink_dims="auto"
+    layer_input: tuple[int, torch.Tensor] | None = None  # (layer, its input hidden states [B, Nq, hidden]): latest
 
 
 @register("var")
@@ -49,6 +68,7 @@ class VAR(Method):
     layers: Any = "auto"  # "auto" = 2..L-2
 
     primitives = frozenset({"redistribute"})
+    State = VARState
 
     def __post_init__(self):
         check_number("var", "p_move", self.p_move, low=0.0, high=1.0)
@@ -76,12 +96,17 @@ class VAR(Method):
     def active_layers(self) -> frozenset[int]:
         return frozenset() if self.p_move == 0.0 else frozenset(self.layers)
 
-    def edit(self, call: LayerCall, state: dict) -> AttentionEdit | None:
+    def layer_input(self, layer: int, inputs: LayerInputs, forward: Forward, state: VARState) -> None:
+        if layer in self.layers:
+            state.layer_input = (layer, inputs.hidden_states)  # prompt sinks are found from these
+        return None
+
+    def edit(self, call: LayerCall, state: VARState) -> AttentionEdit | None:
         if not call.decode:
             self._find_sinks(call, state)
-        elif "sinks" not in state:
+        elif call.layer not in state.sinks:
             return None  # the prompt ran without this intervention: no sinks were found
-        sinks = _at_keys(state["sinks"], call.key_positions)  # [B, Nk]
+        sinks = _at_keys(state.sinks[call.layer], call.key_positions)  # [B, Nk]
         image = call.image_keys  # [B, Nk]
         rows = _after_image(call)  # [B, Nq]
         if call.query_valid is not None:
@@ -96,20 +121,20 @@ class VAR(Method):
             )
         )
 
-    def _find_sinks(self, call: LayerCall, state: dict) -> None:
+    def _find_sinks(self, call: LayerCall, state: VARState) -> None:
         """Append this prompt chunk's sink flags `[B, Nq]` to the layer's sinks, by position."""
-        x = call.layer_input
-        if x is None:
+        layer, x = state.layer_input or (None, None)
+        if layer != call.layer:
             raise ValueError("var needs the decoder layers' input hidden states; apply it to the VLM itself")
         x = x.float()  # [B, Nq, hidden]
         if self.sink_dims == "auto":
-            if "dims" not in state:  # the first chunk holds each row's first real token
+            if call.layer not in state.dims:  # the first chunk holds each row's first real token
                 first = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
                 if call.query_valid is not None:
                     first = call.query_valid.int().argmax(dim=1)
                 first_token = x[torch.arange(x.shape[0]), first]  # [B, hidden]
-                state["dims"] = first_token.abs().topk(AUTO_DIMS, dim=-1).indices  # [B, AUTO_DIMS]
-            dims = state["dims"]
+                state.dims[call.layer] = first_token.abs().topk(AUTO_DIMS, dim=-1).indices  # [B, AUTO_DIMS]
+            dims = state.dims[call.layer]
         else:
             dims = torch.tensor(self.sink_dims, device=x.device).expand(x.shape[0], -1)
         if int(dims.max()) >= x.shape[-1]:
@@ -119,10 +144,10 @@ class VAR(Method):
         sinks = peak / rms > self.tau
         if call.query_valid is not None:
             sinks = sinks & call.query_valid
-        held = state.get("sinks", sinks[:, :0]) if call.past_length else sinks[:, :0]  # [B, prompt so far]
+        held = state.sinks.get(call.layer, sinks[:, :0]) if call.past_length else sinks[:, :0]  # [B, prompt so far]
         # Tokens generated since the last chunk (or cached before VAR was applied) are never sinks.
         unseen = sinks.new_zeros(sinks.shape[0], call.past_length - held.shape[1])
-        state["sinks"] = torch.cat([held, unseen, sinks], dim=1)  # [B, past + Nq]
+        state.sinks[call.layer] = torch.cat([held, unseen, sinks], dim=1)  # [B, past + Nq]
 
 
 def _at_keys(sinks: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

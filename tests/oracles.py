@@ -193,11 +193,12 @@ class OfficialVAR(OfficialVLM):
         return A
 
 
-class OfficialVHR:
-    """VHR as described: the prompt without its image runs in lockstep with its own cache; at each
-    reinforced layer the heads' outputs (the o_proj input) with and without the image give each head's
-    divergence for the latest token; heads above the layer's mean + std are dropped, those above the
-    median of the rest are scaled by alpha. Batch 1."""
+class DescribedVHR:
+    """VHR as we read the paper (its official code was not available, so this is not a transcription of it, and
+    it shares `interventions/vhr.py`'s reading: it checks batching, caching and lockstep, not the reading): the
+    prompt without its image runs in lockstep with its own cache; at each reinforced layer the heads' outputs
+    (the o_proj input) with and without the image give each head's divergence for the latest token; heads above
+    the layer's mean + std are dropped, those above the median of the rest are scaled by alpha. Batch 1."""
 
     def __init__(self, model, image_token, *, alpha, layers):
         from transformers import DynamicCache

@@ -26,7 +26,7 @@ def test_act_on_the_real_model_finds_sinks_and_is_padding_invariant(smollm2):
             assert torch.equal(run(batch.input_ids, batch.attention_mask), baseline)
         with intervene.apply(model, "act") as handle:
             together = run(batch.input_ids, batch.attention_mask)
-            sinks_per_layer = [handle.state[layer]["sinks"][0].sum().item() for layer in handle.config.layers]
+            sinks_per_layer = [handle.state.sinks[layer].mask.sum().item() for layer in handle.config.layers]
             short = tokenizer(texts[:1], return_tensors="pt")
             alone = run(short.input_ids, short.attention_mask)
     assert handle.config.layers == tuple(range(2, 29))  # 30 layers: 2..L-2

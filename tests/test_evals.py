@@ -156,12 +156,37 @@ def test_classification_takes_the_argmax_over_label_tokens(tokenizer, tiny):
         assert result["pred"] == int(last[labels].argmax())
 
 
-def test_generation_outcomes_are_consistent(tokenizer, tiny):
-    task = Task(name="t", output_type="generate_until", generation_kwargs={"max_new_tokens": 4})
-    items = [Item("Official language of France?", answers=["French"]), Item("Language of Zubrowka?", answers=[])]
-    for result in scorers.score(task, items, tiny, tokenizer):
-        assert isinstance(result["output"], str)
-        assert result["hallucination"] == float(not result["abstention"] and not result["acc"])
+@pytest.mark.parametrize(
+    "generated, answers, expected",
+    [  # (acc, hallucination, abstention)
+        ("It is French.", ["French"], (1, 0, 0)),
+        ("french\nQuestion: and German?", ["French"], (1, 0, 0)),  # cut at the delimiter, matched in any case
+        ("German\nFrench", ["French"], (0, 1, 0)),  # what comes after the delimiter does not count
+        ("I don't know.", ["French"], (0, 0, 1)),  # an abstention where an answer exists: wrong, not made up
+        ("I don't know.", [], (1, 0, 1)),  # the question has no answer: abstaining is right
+        ("Zubrowkan.", [], (0, 1, 0)),  # a confident answer to an unanswerable question: a hallucination
+    ],
+)
+def test_generation_outcomes_follow_the_answers_and_abstentions(tokenizer, tiny, monkeypatch, generated, answers,
+                                                                expected):  # fmt: skip
+    task = Task(name="t", output_type="generate_until", generation_kwargs={"max_new_tokens": 4, "until": ["\n"]})
+    monkeypatch.setattr(scorers, "_generate", lambda items, *args: [generated] * len(items))
+    [result] = scorers.score(task, [Item("Official language of the country?", answers=answers)], tiny, tokenizer)
+    assert (result["acc"], result["hallucination"], result["abstention"]) == expected
+    assert result["output"] == generated.split("\n")[0]
+
+
+def test_generation_is_the_greedy_continuation(tokenizer, tiny):
+    task = Task(name="t", output_type="generate_until", generation_kwargs={"max_new_tokens": 4, "until": []})
+    item = Item("Official language of France?", answers=["French"])
+    [result] = scorers.score(task, [item], tiny, tokenizer)
+    ids = torch.tensor([tokenizer(item.query).input_ids])
+    with torch.no_grad():
+        greedy = tiny.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    assert (
+        result["output"]
+        and result["output"] == tokenizer.decode(greedy[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    )
 
 
 @pytest.mark.parametrize(

@@ -70,7 +70,7 @@ def test_inspect_reports_the_sinks_act_detects(tmp_path, tiny_checkpoint):
     with intervene.apply(model, "act", threshold=0.05, layers=[0]) as handle:
         text, _ = inspect(model, tokenizer, "The cat sat on the mat and looked at the door.", handle=handle,
                        threshold=0.05, output=tmp_path)  # fmt: skip
-        detected = handle.state[0]["sinks"][0][0]  # [Hq, N]: what ACT found in layer 0 (before any edit)
+        detected = handle.state.sinks[0].mask[0]  # [Hq, N]: what ACT found in layer 0 (before any edit)
     document = json.loads((tmp_path / "sinks.json").read_text())
     found = document["before"]["hidden_sinks"][0]
     assert found == {str(i): int(n) for i, n in enumerate(detected.sum(dim=0).tolist()) if n} and found

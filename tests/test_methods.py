@@ -160,16 +160,16 @@ def test_act_column_means_accumulate_over_prompt_chunks():
     ids, mask = left_padded([prompt(12, 4), prompt(8, 5)])
     with intervene.apply(model, "act", layers=[3], threshold=0.08) as handle:
         whole = logits(model, ids, mask)
-        expected = dict(handle.state[3])
+        expected = handle.state
         with torch.no_grad():
             first = model(input_ids=ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
-            after_first = handle.state[3]["counts"]
+            after_first = handle.state.stats[3].counts
             second = model(input_ids=ids[:, 6:], attention_mask=mask, **cache_kwarg(model, first))
-        state = handle.state[3]
-    assert after_first.shape[-1] == 6 and state["counts"].shape[-1] == 12
-    torch.testing.assert_close(state["counts"], expected["counts"])
-    torch.testing.assert_close(state["sums"], expected["sums"], atol=1e-6, rtol=1e-6)
-    assert torch.equal(state["sinks"][0], expected["sinks"][0]) and state["sinks"][0].any()
+        state = handle.state
+    assert after_first.shape[-1] == 6 and state.stats[3].counts.shape[-1] == 12
+    torch.testing.assert_close(state.stats[3].counts, expected.stats[3].counts)
+    torch.testing.assert_close(state.stats[3].sums, expected.stats[3].sums, atol=1e-6, rtol=1e-6)
+    assert torch.equal(state.sinks[3].mask, expected.sinks[3].mask) and state.sinks[3].mask.any()
     torch.testing.assert_close(second.logits, whole[:, 6:], atol=1e-5, rtol=1e-5)
 
 
@@ -179,7 +179,7 @@ def _decode_step(model, ids, mask, method_kwargs):
         with torch.no_grad():
             out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
             step = model(input_ids=ids[:, -1:], attention_mask=mask, **cache_kwarg(model, out))
-        return step.logits[:, -1], {layer: dict(s) for layer, s in handle.state.items()}
+        return step.logits[:, -1], handle.state
 
 
 def test_act_decode_modes():
@@ -189,7 +189,7 @@ def test_act_decode_modes():
     online, _ = _decode_step(model, ids, mask, dict(decode="online"))
     off, _ = _decode_step(model, ids, mask, dict(decode="off"))
     for layer in range(4):
-        assert state[layer]["sinks"][0].any()
+        assert state.sinks[layer].mask.any()
     # "off" leaves the generated row alone: the same as switching ACT off for the step
     with intervene.apply(model, "act", layers="all") as handle, torch.no_grad():
         out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True)

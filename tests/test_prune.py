@@ -86,11 +86,11 @@ def test_pruning_by_score_shortens_prefill_and_decode():
         assert out.logits.shape[1] == inputs["input_ids"].shape[1] - 16 + 4
         assert output_cache(out).get_seq_length(layer_idx=1) == inputs["input_ids"].shape[1]  # before layer 2
         assert output_cache(out).get_seq_length(layer_idx=2) == inputs["input_ids"].shape[1] - 12
-        scores = handle.state[1]["scores"]  # layer 1's attention from the last prompt token
+        scores = handle.state.scores  # layer 1's attention from the last prompt token
         image = inputs["input_ids"] == IMAGE_TOKEN
         top = scores[image].view(2, 16).topk(4).indices.sort().values
         chosen = image.nonzero()[:, 1].view(2, 16).gather(1, top)  # [B, 4] positions of the best-scored
-        kept = handle._dispatcher.kept
+        kept = handle.state.kept
         assert all(torch.isin(chosen[row], kept[row]).all() for row in range(2))
         assert kept.shape[1] == inputs["input_ids"].shape[1] - 12
         generated = vlm.model.generate(**inputs, max_new_tokens=3, do_sample=False)
@@ -276,7 +276,7 @@ def test_scores_are_the_attention_image_tokens_receive_from_the_chosen_rows(quer
     inputs = batch(vlm)
     with torch.no_grad(), intervene.apply(vlm.model, "prune", keep=1.0, queries=queries) as handle:
         vlm.model(**inputs)
-        scores = handle.state[1]["scores"]  # [B, T]
+        scores = handle.state.scores  # [B, T]
     vlm.model.set_attn_implementation("eager")
     with torch.no_grad():
         weights = vlm.model(**inputs, output_attentions=True).attentions[1].mean(1)  # [B, T, T], mean over heads

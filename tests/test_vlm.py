@@ -170,7 +170,7 @@ def test_vhr_equals_the_described_lockstep_reinforcement(vlm_family):
 
     def official(inputs):
         reference = TinyVLM(vlm_family)  # the same weights, with the official hooks
-        oracles.OfficialVHR(reference.model, IMAGE_TOKEN, alpha=2.0, layers=layers)
+        oracles.DescribedVHR(reference.model, IMAGE_TOKEN, alpha=2.0, layers=layers)
         return generate(reference.model, inputs)
 
     check_against_official(vlm, official, ours)
@@ -210,7 +210,7 @@ def test_var_prefill_and_cached_decode_equal_one_full_forward(vlm_family):
         for token in range(3, IMAGE_TOKEN):  # continuations made of one text token that is not a sink here
             _, logits = generate(vlm.model, vlm.inputs(batch), forced=token)
             full_logits = forward_logits(vlm.model, vlm.inputs([p + [token] * (STEPS - 1) for p in batch]))
-            if not any(state["sinks"][:, -(STEPS - 1) :].any() for state in handle.state.values()):
+            if not any(sinks[:, -(STEPS - 1) :].any() for sinks in handle.state.sinks.values()):
                 break
         else:
             pytest.fail("every continuation token became a sink")
@@ -230,9 +230,9 @@ def test_var_sinks_of_a_prompt_chunk_after_decoding_land_at_its_positions():
             for token in generated:
                 vlm.model(input_ids=torch.tensor([[token]]), **cache, use_cache=True)
             vlm.model(input_ids=torch.tensor([follow_up]), **cache, use_cache=True)
-            cached = {layer: state["sinks"] for layer, state in handle.state.items()}
+            cached = dict(handle.state.sinks)
             forward_logits(vlm.model, vlm.inputs([first + generated + follow_up]))
-        whole = {layer: state["sinks"] for layer, state in handle.state.items()}
+        whole = dict(handle.state.sinks)
     start, end = len(first), len(first) + len(generated)
     assert any(sinks[:, end:].any() for sinks in cached.values())  # the follow-up has sinks to place
     for layer, sinks in cached.items():
