@@ -252,9 +252,11 @@ class Dispatcher:
     def active_handles(self, layer: int) -> list:
         return [h for h in self.handles if h.enabled and layer in h.active_layers]
 
-    def layer_call(self, layer: int, query, key, attention_mask, scale, causal, sinks, softcap) -> LayerCall:
+    def layer_call(self, layer: int, query, key, value, attention_mask, scale, causal, sinks, softcap) -> LayerCall:
         forward = self.forward or Forward(key.shape[2] - query.shape[2], None)  # a layer called on its own
-        return LayerCall(layer, query, key, attention_mask, scale, causal, forward, sinks=sinks, softcap=softcap)
+        return LayerCall(
+            layer, query, key, attention_mask, scale, causal, forward, value=value, sinks=sinks, softcap=softcap
+        )
 
     def edit_for(self, handles: list, call: LayerCall):
         edit = None
@@ -325,7 +327,9 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         )
     call = None
     if handles:
-        call = dispatcher.layer_call(layer, query, written_key, attention_mask, scale, causal, sinks, softcap)
+        call = dispatcher.layer_call(
+            layer, query, written_key, written_value, attention_mask, scale, causal, sinks, softcap
+        )
     edit = dispatcher.edit_for(handles, call) if handles else None
     if dispatcher.recorded is not None and not dispatcher.in_branch:
         probabilities = kernels.attention_probabilities(
@@ -344,7 +348,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         raise RuntimeError("intervene edits attention at inference only; call model.eval() first")
     out = kernels.modified_attention(
         query, written_key, written_value, edit, attention_mask=attention_mask, scale=scale, causal=causal,
-        sinks=sinks, softcap=softcap,
+        sinks=sinks, softcap=softcap, rows=call.rows,
     )  # fmt: skip
     # out: [B, Nq, Hq, D] in query's dtype
     return dispatcher.scale_heads(handles, call, out).contiguous(), None  # models `.view()` it

@@ -49,6 +49,9 @@ class ACTState:
 
     sinks: dict[int, Sinks] = field(default_factory=dict)
     stats: dict[int, ColumnStats] = field(default_factory=dict)
+    # [B, positions so far]: keys an earlier layer found to be a hidden sink in some head, the guess of the next
+    # layer's, which its statistics hide so that the redistribution can reuse their pass (`LayerCall.column_stats`)
+    likely: torch.Tensor | None = None
 
 
 @register("act")
@@ -94,8 +97,9 @@ class ACT(Method):
                 return None  # the prompt was run without this intervention: nothing was detected
             sinks = self._frozen(state.sinks[call.layer], call.key_positions)  # [B, Hq, Nk]
         else:
-            sums, counts = call.column_stats(heads=heads)  # [B, Hq, Nk] each, zero outside `heads`
             positions = call.key_positions
+            hide = None if call.decode else _likely(state.likely, positions, call.query.shape[0])  # [B, Nk]
+            sums, counts = call.column_stats(heads=heads, hide=hide)  # [B, Hq, Nk] each, zero outside `heads`
             if not call.decode:  # prompt chunks accumulate: every query that sees a key counts
                 stats = _accumulate(state.stats.get(call.layer), ColumnStats(sums, counts, positions))
                 state.stats[call.layer] = stats
@@ -103,6 +107,7 @@ class ACT(Method):
             sinks = hidden_sinks(sums / counts.clamp_min(1.0), self.threshold)
             if not call.decode:
                 state.sinks[call.layer] = Sinks(sinks, positions)
+                state.likely = _remembered(state.likely, sinks.any(dim=1), positions)
         sinks = sinks & heads[None, :, None]
         return AttentionEdit(redistribute=Redistribute(source=sinks, target=~sinks, p_move=1.0 - self.beta))
 
@@ -122,6 +127,24 @@ def hidden_sinks(column_mean: torch.Tensor, threshold: float) -> torch.Tensor:
     detected = column_mean > threshold
     first = detected & (detected.cumsum(dim=-1) == 1)
     return detected & ~first
+
+
+def _likely(likely: torch.Tensor | None, positions: torch.Tensor, batch: int) -> torch.Tensor:
+    """`[B, Nk]` the keys at `positions` that an earlier layer found to be hidden sinks."""
+    if likely is None:
+        return torch.zeros(batch, positions.numel(), dtype=torch.bool, device=positions.device)
+    held = positions < likely.shape[1]
+    return likely[:, positions.clamp_max(likely.shape[1] - 1)].to(positions.device) & held
+
+
+def _remembered(likely: torch.Tensor | None, found: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """`likely` with the keys `found` `[B, Nk]` at `positions` added, widened to cover them."""
+    width = int(positions[-1]) + 1
+    grown = found.new_zeros(found.shape[0], max(width, 0 if likely is None else likely.shape[1]))
+    if likely is not None:
+        grown[:, : likely.shape[1]] = likely.to(found.device)
+    grown[:, positions] |= found
+    return grown
 
 
 def _accumulate(earlier: ColumnStats | None, chunk: ColumnStats) -> ColumnStats:

@@ -101,8 +101,11 @@ class LayerCall:
     scale: float
     causal: bool
     forward: Forward  # the forward this call belongs to
+    value: torch.Tensor | None = None  # [B, Hkv, Nk, Dv], cache included
     sinks: torch.Tensor | None = None  # [Hq] the layer's learned sink logits (gpt-oss's `s_aux`), None without
     softcap: float | None = None  # the cap of the layer's logits (Gemma-2), None without
+    # What `column_stats(hide=...)` computed its statistics from, for the attention of this call to reuse.
+    rows: kernels.RowPass | None = field(default=None, init=False)
 
     @property
     def past_length(self) -> int:
@@ -168,29 +171,38 @@ class LayerCall:
         return self.image_keys[:, self.key.shape[2] - self.query.shape[2] :]
 
     def column_stats(
-        self, query_mask: torch.Tensor | None = None, heads: torch.Tensor | None = None
+        self,
+        query_mask: torch.Tensor | None = None,
+        heads: torch.Tensor | None = None,
+        hide: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Unmodified attention summed per key over the rows of `query_mask` `[B, Nq]` (default: this
         call's real queries), and how many of them see each key, `[B, Hq, Nk]` each. With learned sinks these
         are the model's probabilities, normalised with the sinks, which are no keys. With `heads` `[Hq]` bool,
         only those query heads are computed (the others read zero): a method that edits a few heads pays for
-        those."""
-        query, key, sinks = self.query, self.key, self.sinks
+        those. `hide` `[B, Nk]` bool: keys likely to be the sources of this call's redistribution (ACT's sinks);
+        where the backend can, the statistics come from a pass with those keys hidden, which this call's
+        attention reuses (`rows`) when its sources are among them, instead of a pass of its own."""
+        query, key, value, sinks = self.query, self.key, self.value, self.sinks
         chosen = None if heads is None or bool(heads.all()) else heads.nonzero().flatten()
         if chosen is not None:  # each chosen query head with its own key/value head
-            query = query[:, chosen]
-            key = key[:, chosen // (self.query.shape[1] // self.key.shape[1])]
+            kv = chosen // (self.query.shape[1] // self.key.shape[1])
+            query, key = query[:, chosen], key[:, kv]
+            value = None if value is None else value[:, kv]
             sinks = None if sinks is None else sinks[chosen]
-        sums, counts = kernels.column_stats(
-            query,
-            key,
-            attention_mask=self.attention_mask,
-            scale=self.scale,
-            causal=self.causal,
-            query_mask=self.query_valid if query_mask is None else query_mask,
-            sinks=sinks,
-            softcap=self.softcap,
-        )
+        query_mask = self.query_valid if query_mask is None else query_mask
+        geometry = {"attention_mask": self.attention_mask, "scale": self.scale, "causal": self.causal}
+        if hide is not None and value is not None and sinks is None and self.softcap is None:
+            sums, counts, rows = kernels.column_stats_and_rows(
+                query, key, value, hide, query_mask=query_mask, **geometry
+            )
+            if rows is not None:
+                every = torch.arange(self.query.shape[1], device=rows.heads.device)
+                self.rows = dataclasses.replace(rows, heads=every if chosen is None else chosen.to(rows.heads.device))
+        else:
+            sums, counts = kernels.column_stats(
+                query, key, query_mask=query_mask, sinks=sinks, softcap=self.softcap, **geometry
+            )
         if chosen is None:
             return sums, counts
         every = sums.new_zeros(sums.shape[0], self.query.shape[1], sums.shape[2])  # [B, Hq, Nk]

@@ -35,6 +35,7 @@ import torch
 
 from . import reference
 from .edit import AttentionEdit, KeyGain, MassGate, Redistribute
+from .reference import RowPass
 
 __all__ = [
     "BACKENDS",
@@ -42,8 +43,10 @@ __all__ = [
     "KeyGain",
     "MassGate",
     "Redistribute",
+    "RowPass",
     "attention_probabilities",
     "column_stats",
+    "column_stats_and_rows",
     "modified_attention",
 ]
 
@@ -63,12 +66,15 @@ def modified_attention(
     backend: str = "auto",
     sinks: torch.Tensor | None = None,
     softcap: float | None = None,
+    rows: reference.RowPass | None = None,
 ):
     """Attention with `edit` applied: `[B, Nq, Hq, D]` in q's dtype, plus the fp32 row log-sum-exp
     `[B, Hq, Nq]` of the unredistributed logits (the learned sinks' included) when `return_lse`. `sinks` `[Hq]`
-    are learned sink logits, `softcap` the cap of the logits (see the module's docstring)."""
+    are learned sink logits, `softcap` the cap of the logits (see the module's docstring). `rows`: what
+    `column_stats_and_rows` computed on the same q, k, v, which the CPU path reuses where it can."""
     edit, sinks = _checked(q, k, v, edit or AttentionEdit(), attention_mask, sinks, softcap)
     chosen = _backend(q, v, backend)
+    reused = {"rows": rows} if chosen is reference else {}
     return chosen.attention(
         q,
         k,
@@ -80,6 +86,7 @@ def modified_attention(
         return_lse=return_lse,
         sinks=sinks,
         softcap=softcap,
+        **reused,
     )
 
 
@@ -140,6 +147,37 @@ def column_stats(
         key_bias=edit.key_bias,
         sinks=sinks,
         softcap=softcap,
+    )
+
+
+def column_stats_and_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    hidden: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    causal: bool = True,
+    query_mask: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, reference.RowPass | None]:
+    """`column_stats` of plain attention, plus what they were computed from when the backend keeps it: on the CPU,
+    one pass of the rows with the keys `hidden` `[B, Nk]` hidden, which `modified_attention(..., rows=)` on the same
+    q, k, v reuses for a redistribution whose sources are among those keys (ACT hides the keys likely to be its
+    sinks), instead of a pass of its own. Elsewhere the third value is None."""
+    _checked(q, k, v, AttentionEdit(), attention_mask, None, None)
+    _check_edit_tensor("hidden", hidden, "B, Nk", _sizes(q, k))
+    if query_mask is not None:
+        _check_edit_tensor("query_mask", query_mask, "B, Nq", _sizes(q, k))
+        query_mask = query_mask.to(q.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if _backend(q, None, backend) is not reference:
+        stats = column_stats(q, k, attention_mask=attention_mask, scale=scale, causal=causal, query_mask=query_mask,
+                             backend=backend)  # fmt: skip
+        return (*stats, None)
+    return reference.column_stats_and_rows(
+        q, k, v, hidden.to(q.device), attention_mask=attention_mask, scale=scale, causal=causal, query_mask=query_mask
     )
 
 

@@ -14,7 +14,7 @@ before their mask; a learned sink joins the softmax as one more logit and is dro
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +25,11 @@ _CHUNK_SCORES = 1 << 24  # fp32 scores held at once: 64 MiB
 _HIDDEN = 1e4  # a logit bias that leaves exp() exactly 0 beside any score of a real model
 
 
-def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, return_lse, sinks, softcap):
+def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, return_lse, sinks, softcap, rows=None):
     """Heads whose edit is at most a key bias and a head scale run through torch's SDPA with the bias (the same
     softmax, at SDPA's speed: `_sdpa`). A redistribution away from a few source keys (ACT's sinks) is, on the CPU,
-    one SDPA pass with those keys hidden, combined with their columns (`_moved_from_sources`); the other heads a
+    one SDPA pass with those keys hidden, combined with their columns (`_moved_from_sources`), or no pass of its own
+    where the column statistics of the same call already ran one that hid them (`rows`); the other heads a
     gain or a redistribution touches are computed here, from their probabilities. The LSE, learned sinks and
     soft-capping take the explicit path for every head."""
     if return_lse or sinks is not None or softcap is not None:
@@ -36,7 +37,7 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
     explicit = _probability_heads(edit, q.shape[1])  # [Hq] bool
     heads = explicit.nonzero().flatten()
     if heads.numel() and _moves_from_few_keys(edit, q):
-        out = _moved_from_sources(q, k, v, edit, heads, attention_mask, scale, causal)
+        out = _moved_from_sources(q, k, v, edit, heads, attention_mask, scale, causal, rows)
     elif bool(explicit.all()):
         return _explicit(q, k, v, edit, attention_mask, scale, causal, False, None, None)
     else:
@@ -109,27 +110,48 @@ def _moves_from_few_keys(edit: AttentionEdit, q) -> bool:
     return q.shape[0] * q.shape[1] * q.shape[2] * most <= _CHUNK_SCORES
 
 
-def _moved_from_sources(q, k, v, edit, heads, attention_mask, scale, causal) -> torch.Tensor:
-    """`[B, Nq, Hq, Dv]`: the redistribution of `edit` (every key a source or a target) on the query heads `heads`,
-    from one SDPA pass with the sources hidden and the source keys' columns.
+@dataclass(frozen=True)
+class RowPass:
+    """Plain attention of some query heads over all keys but a few hidden ones, with those keys' columns: what
+    column statistics computed it from (`column_stats_and_rows`), kept for the redistribution that follows on the
+    same call, which reuses it when its sources are among the hidden keys (the CPU path)."""
 
-    The pass gives each row's output `O_T` and LSE over its targets alone; a source key's weight relative to them
-    is `a_j = exp(s_j - lse_T)`. With `W = 1` for the targets and `A = sum a_j`, the plain row is
-    `(sum a_j v_j + W O_T) / (W + A)`, and moving `p` of the source mass to the targets in proportion is
-    `((1 - p) sum a_j v_j + (W + p A) O_T) / (W + A)`: every term positive, so nothing cancels. (Both weights are
-    taken relative to the larger of the two, so a row whose targets the sources dwarf cannot overflow.)"""
-    rd = edit.redistribute
+    heads: torch.Tensor  # [h] the query heads it covers
+    hidden: torch.Tensor  # [B, h|1, Nk] bool: the keys hidden in the pass
+    keys: torch.Tensor  # [B, h, S] the hidden keys' indices, hidden ones first (`real` says which are)
+    real: torch.Tensor  # [B, h, 1, S] bool
+    out: torch.Tensor  # [B, h, Nq, Dv] fp32: the output over the other keys
+    lse: torch.Tensor  # [B, h, Nq]: their log-sum-exp, -inf where a row sees none of them
+    scores: torch.Tensor  # [B, h, Nq, S] fp32: the hidden keys' logits, -inf where a row does not see one
+    values: torch.Tensor  # [B, h, S, Dv] fp32
+
+    def of(self, chosen: torch.Tensor) -> RowPass:
+        """The pass restricted to its heads `chosen` (`[h]` bool)."""
+        hidden = self.hidden if self.hidden.shape[1] == 1 else self.hidden[:, chosen]
+        pick = [t[:, chosen] for t in (self.keys, self.real, self.out, self.lse, self.scores, self.values)]
+        return RowPass(self.heads[chosen], hidden, *pick)
+
+    def row_lse(self) -> torch.Tensor:
+        """[B, h, Nq]: each row's log-sum-exp over every key it sees."""
+        return torch.logaddexp(self.lse, torch.logsumexp(self.scores, dim=-1))
+
+
+def _row_pass(q, k, v, heads, hidden, key_bias, attention_mask, scale, causal) -> tuple[torch.Tensor, RowPass]:
+    """SDPA over the query heads of `q` with the keys `hidden` `[B, Hq|1, Nk]` hidden (a -1e4 bias folded into
+    `q @ k`), then the columns of those keys for the heads `heads` `[h]`: `(out [B, Nq, Hq, Dv], RowPass)`."""
     B, Hq, Nq, D = q.shape
     Nk = k.shape[2]
-    hide = torch.where(rd.source, -_HIDDEN, 0.0).to(q.device)[:, :, None, :]  # [B, Hq|1, 1, Nk]
-    bias = hide if edit.key_bias is None else edit.key_bias + hide
-    out, lse = _sdpa(q, k, v, bias, attention_mask, scale, causal, lse=True)  # [B, Nq, Hq, Dv], [B, Hq, Nq]
+    bias = key_bias
+    if bool(hidden.any()):
+        hide = torch.where(hidden, -_HIDDEN, 0.0).to(q.device)[:, :, None, :]  # [B, Hq|1, 1, Nk]
+        bias = hide if key_bias is None else key_bias + hide
+    out, lse = _sdpa(q, k, v, bias, attention_mask, scale, causal, lse=True)
     kv = heads // (Hq // k.shape[1])
     h = heads.numel()
-    source = rd.source.expand(B, Hq, Nk)[:, heads]  # [B, h, Nk]
-    count = int(source.sum(dim=-1).max())
-    keys = source.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :count]  # [B, h, S] sources first
-    real = source.gather(-1, keys)[:, :, None, :]  # [B, h, 1, S]: False on the padding of heads with fewer
+    chosen = hidden.expand(B, Hq, Nk)[:, heads]  # [B, h, Nk]
+    count = max(1, int(chosen.sum(dim=-1).max()))  # one column at least, unseen when nothing is hidden
+    keys = chosen.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :count]  # [B, h, S] hidden first
+    real = chosen.gather(-1, keys)[:, :, None, :]  # [B, h, 1, S]: False on the padding of heads with fewer
     k_s = k[:, kv].gather(2, keys[..., None].expand(-1, -1, -1, D)).float()  # [B, h, S, D]
     v_s = v[:, kv].gather(2, keys[..., None].expand(-1, -1, -1, v.shape[3])).float()  # [B, h, S, Dv]
     columns = keys[:, :, None, :].expand(B, h, Nq, count)  # [B, h, Nq, S]
@@ -141,25 +163,73 @@ def _moved_from_sources(q, k, v, edit, heads, attention_mask, scale, causal) -> 
         keep = keep.expand(B, h, Nq, Nk).gather(-1, columns)
         if additive is not None:
             s += additive.expand(B, h, Nq, Nk).gather(-1, columns)
-    if edit.key_bias is not None:
-        key_bias = edit.key_bias if edit.key_bias.shape[1] == 1 else edit.key_bias.index_select(1, heads)
+    if key_bias is not None:
+        key_bias = key_bias if key_bias.shape[1] == 1 else key_bias.index_select(1, heads)
         s += key_bias.float().expand(B, h, Nq, Nk).gather(-1, columns)
     s.masked_fill_(~(keep & real), float("-inf"))
-    lse = lse[:, heads]  # [B, h, Nq]
-    top = torch.maximum(lse, s.amax(dim=-1))
+    rows = RowPass(heads, hidden, keys, real, out[:, :, heads].transpose(1, 2).float(), lse[:, heads], s, v_s)
+    return out, rows
+
+
+def _moved(rows: RowPass, source: torch.Tensor, p_move: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """`[B, h, Nq, Dv]`: the rows of `rows` with `p_move` `[h]` of their mass on the hidden keys marked `source`
+    `[B, h, 1, S]` moved to all their other keys in proportion (where `gate` `[B, h, Nq]` allows).
+
+    With a key's weight `a_j = exp(s_j - lse)` relative to the pass's keys (whose weight is `W = 1`), sources `A = sum
+    a_j`, the other hidden keys `a_t`, and `T = W + sum a_t` the targets' mass, the plain row is `(W O + sum a_j v_j)
+    / (T + A)`, and the moved one `((1 - p) sum_source a_j v_j + (T + p A) / T (W O + sum_t a_j v_j)) / (T + A)`:
+    every term positive, so nothing cancels. (Weights are taken relative to the larger of the pass's LSE and the
+    hidden keys' logits, so a row whose other keys the hidden ones dwarf cannot overflow.)"""
+    top = torch.maximum(rows.lse, rows.scores.amax(dim=-1))
     top = top.masked_fill(top == float("-inf"), 0.0)  # a row that sees nothing
-    target = torch.exp(lse - top)  # [B, h, Nq]: W relative to the larger; 0 where the row sees no target
-    a = torch.exp(s - top[..., None])  # [B, h, Nq, S]
-    total = a.sum(dim=-1)  # [B, h, Nq]
-    active = (total > 0) & (target > 0)
-    if rd.row_gate is not None:
-        active &= rd.row_gate.expand(B, Hq, Nq)[:, heads]
-    p_move = torch.as_tensor(rd.p_move, dtype=torch.float32).reshape(-1).expand(Hq)[heads.cpu()].to(q.device)
+    weight = torch.exp(rows.lse - top)  # [B, h, Nq]: W relative to the larger; 0 where the row sees no pass key
+    a = torch.exp(rows.scores - top[..., None])  # [B, h, Nq, S]
+    a_source, a_target = a * source, a * ~source
+    mass_source, mass_target = a_source.sum(dim=-1), weight + a_target.sum(dim=-1)  # A, T: [B, h, Nq]
+    active = (mass_source > 0) & (mass_target > 0)
+    if gate is not None:
+        active &= gate
     moved = torch.where(active, p_move[:, None], 0.0)  # [B, h, Nq]
-    o_t = out[:, :, heads].transpose(1, 2).float()  # [B, h, Nq, Dv]
-    o = (1.0 - moved)[..., None] * (a @ v_s) + (target + moved * total)[..., None] * o_t
-    o = o / (target + total).masked_fill(target + total == 0, 1.0)[..., None]
-    out[:, :, heads] = o.transpose(1, 2).to(out.dtype)
+    grow = torch.where(active, (mass_target + moved * mass_source) / mass_target.clamp_min(1e-30), 1.0)
+    targets = weight[..., None] * rows.out + a_target @ rows.values  # [B, h, Nq, Dv]
+    o = (1.0 - moved)[..., None] * (a_source @ rows.values) + grow[..., None] * targets
+    total = mass_target + mass_source
+    return o / total.masked_fill(total == 0, 1.0)[..., None]
+
+
+def _moved_from_sources(q, k, v, edit, heads, attention_mask, scale, causal, rows: RowPass | None) -> torch.Tensor:
+    """`[B, Nq, Hq, Dv]`: the redistribution of `edit` (every key a source or a target) on the query heads `heads`,
+    from `rows` for the heads whose sources its pass hid, else from an SDPA pass with the sources hidden; either
+    way the moved rows are combined from a pass and the hidden keys' columns (`_moved`)."""
+    rd = edit.redistribute
+    B, Hq, Nq, _ = q.shape
+    Nk = k.shape[2]
+    group = Hq // k.shape[1]
+    source = rd.source.expand(B, Hq, Nk)
+    if rows is None or edit.key_bias is not None or not bool(torch.isin(heads, rows.heads.cpu()).all()):
+        out, rows = _row_pass(q, k, v, heads, rd.source, edit.key_bias, attention_mask, scale, causal)
+        passes = [rows]
+    else:  # the heads outside `rows` are plain; those whose sources `rows` did not all hide take a pass of their own
+        out = q.new_empty(B, Nq, Hq, v.shape[3])
+        others = torch.ones(Hq, dtype=torch.bool)
+        others[rows.heads.cpu()] = False
+        if others.any():
+            others = others.nonzero().flatten().to(q.device)
+            out[:, :, others] = _sdpa(q[:, others], k[:, others // group], v[:, others // group], None,
+                                      attention_mask, scale, causal)  # fmt: skip
+        missed = (source[:, rows.heads] & ~rows.hidden).any(dim=-1).any(dim=0)  # [h]
+        passes = [rows.of(~missed)]
+        if missed.any():
+            again = rows.heads[missed]
+            _, own = _row_pass(q[:, again], k[:, again // group], v[:, again // group], torch.arange(again.numel()),
+                               source[:, again], None, attention_mask, scale, causal)  # fmt: skip
+            passes.append(replace(own, heads=again))
+    p_move = torch.as_tensor(rd.p_move, dtype=torch.float32).reshape(-1).expand(Hq)
+    for part in passes:
+        moved = source[:, part.heads].gather(-1, part.keys)[:, :, None, :] & part.real  # [B, h, 1, S]
+        gate = None if rd.row_gate is None else rd.row_gate.expand(B, Hq, Nq)[:, part.heads]
+        o = _moved(part, moved, p_move[part.heads.cpu()].to(q.device), gate)
+        out[:, :, part.heads] = o.transpose(1, 2).to(out.dtype)
     return out
 
 
@@ -273,17 +343,19 @@ def column_stats(q, k, *, attention_mask, scale, causal, query_mask, key_bias, s
     return sums, counts
 
 
-def _column_stats_by_flash(q, k, attention_mask, scale, causal, query_mask):
+def _column_stats_by_flash(q, k, attention_mask, scale, causal, query_mask, lse=None):
     """`column_stats` from two flash passes, no probabilities held: the first gives each row's LSE; in the second
     the keys ask the rows, `sum_i exp(scale q_i.k_j - lse_i)` being the LSE of key j's row of the transposed
     scores `[k_j, 1] . [scale q_i, -lse_i]` over the rows that see it. Without a mask, nothing N x N is built: a
     row left out gets `-_HIDDEN` in that last entry, and reversing both sides makes the transposed causal
-    pattern (key j seen by the rows at and after it) torch's own top-left causal one."""
+    pattern (key j seen by the rows at and after it) torch's own top-left causal one. `lse` `[B, Hq, Nq]`: the rows'
+    LSE when already known (a `RowPass`), which saves the first pass."""
     B, Hq, Nq, _ = q.shape
     Nk = k.shape[2]
     if k.shape[1] != Hq:
         k = k.repeat_interleave(Hq // k.shape[1], dim=1)  # [B, Hq, Nk, D]
-    _, lse = _sdpa(q, k, k, None, attention_mask, scale, causal, lse=True)  # [B, Hq, Nq]
+    if lse is None:
+        _, lse = _sdpa(q, k, k, None, attention_mask, scale, causal, lse=True)  # [B, Hq, Nq]
     asking = torch.cat([k, k.new_ones(B, Hq, Nk, 1)], dim=-1)  # [B, Hq, Nk, D + 1]
     if attention_mask is None:
         rows = torch.ones(B, Nq, dtype=torch.bool, device=q.device) if query_mask is None else query_mask  # [B, Nq]
@@ -310,6 +382,22 @@ def _column_stats_by_flash(q, k, attention_mask, scale, causal, query_mask):
         _, column_lse = _flash(asking, answering, answering, seen.transpose(-1, -2), False, 1.0)
     sums = torch.exp(column_lse).masked_fill_(counts == 0, 0.0)  # [B, Hq, Nk]
     return sums, counts.contiguous()
+
+
+def column_stats_and_rows(q, k, v, hidden, *, attention_mask, scale, causal, query_mask):
+    """`column_stats` of plain attention, and the `RowPass` it was computed from: one pass of every head of `q` with
+    the keys `hidden` `[B, Nk]` hidden (None where the CPU path does not apply, and the statistics come the usual
+    way)."""
+    B, Hq, Nq, _ = q.shape
+    few = B * Hq * Nq * int(hidden.sum(dim=-1).max()) <= _CHUNK_SCORES
+    if q.device.type != "cpu" or _has_additive_part(attention_mask) or not few:
+        stats = column_stats(q, k, attention_mask=attention_mask, scale=scale, causal=causal, query_mask=query_mask,
+                             key_bias=None, sinks=None, softcap=None)  # fmt: skip
+        return (*stats, None)
+    heads = torch.arange(Hq)
+    _, rows = _row_pass(q, k, v, heads, hidden[:, None], None, attention_mask, scale, causal)
+    sums, counts = _column_stats_by_flash(q, k, attention_mask, scale, causal, query_mask, lse=rows.row_lse())
+    return sums, counts, rows
 
 
 def _has_additive_part(attention_mask) -> bool:

@@ -1,6 +1,7 @@
 """The reference backend against explicit fp32 probabilities and the identities of methods-llm §1."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -578,6 +579,45 @@ def test_the_sdpa_path_of_a_redistribution_equals_its_probabilities(n, nk):
                 torch.testing.assert_close(
                     fast, expected, atol=1e-5, rtol=1e-5, msg=lambda m, name=mask_name: f"{name}: {m}"
                 )
+
+
+@pytest.mark.parametrize("n, nk", [(19, 19), (7, 19)])
+def test_a_redistribution_reusing_the_statistics_pass_equals_its_probabilities(n, nk, monkeypatch):
+    """Column statistics taken with some keys hidden (ACT hides the keys earlier layers found to be sinks) equal the
+    plain ones, and give the pass they came from (`rows`, over some query heads) to the redistribution that follows:
+    a head whose sources are among the hidden keys reuses that pass, whatever else was hidden (the other hidden keys
+    stay targets), a head the pass did not cover is computed plainly, and a head with a source the pass did not hide
+    takes a pass of its own. Either way it equals the materialised redistributed probabilities times v."""
+    own_passes = []  # the query heads of each pass the redistribution runs itself
+    row_pass = reference._row_pass
+    monkeypatch.setattr(reference, "_row_pass", lambda q, *args: own_passes.append(q.shape[1]) or row_pass(q, *args))
+    for seed in range(6):
+        q, k, v = qkv(n=n, nk=nk, seed=seed)
+        g = torch.Generator().manual_seed(seed)
+        hidden = torch.rand(2, nk, generator=g) < 0.4  # [B, Nk]
+        heads = torch.tensor([1, 2, 3])  # the pass covers these query heads
+        for mask_name, mask in _masks(n, nk).items():
+            sums, counts, rows = kernels.column_stats_and_rows(
+                q[:, heads], k[:, heads // 2], v[:, heads // 2], hidden, attention_mask=mask, scale=0.3
+            )
+            plain = kernels.column_stats(q[:, heads], k[:, heads // 2], attention_mask=mask, scale=0.3)
+            torch.testing.assert_close((sums, counts), plain, atol=1e-5, rtol=1e-5)
+            rows = replace(rows, heads=heads)
+            for sources_hidden in (True, False):
+                source = hidden[:, None, :] & (torch.rand(2, 4, nk, generator=g) < 0.6)  # [B, Hq, Nk]
+                source[:, 0] = False  # a head outside the pass has no source
+                if not sources_hidden:
+                    source[1, 2, int((~hidden[1]).nonzero()[0])] = True  # one source the pass did not hide
+                rd = Redistribute(source=source, target=~source, p_move=torch.tensor([0.0, 0.3, 0.6, 1.0]),
+                                  row_gate=torch.rand(2, 1, n, generator=g) < 0.8)  # fmt: skip
+                edit = AttentionEdit(redistribute=rd)
+                own_passes.clear()
+                fast = kernels.modified_attention(q, k, v, edit, attention_mask=mask, scale=0.3, rows=rows)
+                assert own_passes == ([] if sources_hidden else [1])  # only the head with an unhidden source
+                p = kernels.attention_probabilities(q, k, edit, attention_mask=mask, scale=0.3)  # [B, Hq, Nq, Nk]
+                expected = (p @ v.repeat_interleave(2, dim=1)).transpose(1, 2)
+                torch.testing.assert_close(fast, expected, atol=1e-5, rtol=1e-5,
+                                           msg=lambda m, name=mask_name: f"{name}: {m}")  # fmt: skip
 
 
 @pytest.mark.parametrize("n, nk, causal", [(19, 19, True), (7, 19, True), (1, 19, True), (19, 19, False)])
