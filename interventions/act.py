@@ -139,10 +139,10 @@ def _likely(likely: torch.Tensor | None, positions: torch.Tensor, batch: int) ->
 
 def _remembered(likely: torch.Tensor | None, found: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """`likely` with the keys `found` `[B, Nk]` at `positions` added, widened to cover them."""
-    width = int(positions[-1]) + 1
-    grown = found.new_zeros(found.shape[0], max(width, 0 if likely is None else likely.shape[1]))
+    held = 0 if likely is None else likely.shape[1]
+    grown = found.new_zeros(found.shape[0], max(int(positions[-1]) + 1, held))
     if likely is not None:
-        grown[:, : likely.shape[1]] = likely.to(found.device)
+        grown[:, :held] = likely.to(found.device)
     grown[:, positions] |= found
     return grown
 

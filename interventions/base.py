@@ -196,9 +196,9 @@ class LayerCall:
             sums, counts, rows = kernels.column_stats_and_rows(
                 query, key, value, hide, query_mask=query_mask, **geometry
             )
-            if rows is not None:
-                every = torch.arange(self.query.shape[1], device=rows.heads.device)
-                self.rows = dataclasses.replace(rows, heads=every if chosen is None else chosen.to(rows.heads.device))
+            if rows is not None:  # its heads numbered as this call's
+                numbered = torch.arange(self.query.shape[1]) if chosen is None else chosen
+                self.rows = dataclasses.replace(rows, heads=numbered.to(rows.heads.device))
         else:
             sums, counts = kernels.column_stats(
                 query, key, query_mask=query_mask, sinks=sinks, softcap=self.softcap, **geometry

@@ -188,7 +188,8 @@ class Prune(Method):
 
     def reorder(self, rows: torch.Tensor, state: PruneState) -> None:
         if state.kept is not None:
-            state.kept, state.filler = state.kept[rows.to(state.kept.device)], state.filler[rows.to(state.kept.device)]
+            rows = rows.to(state.kept.device)
+            state.kept, state.filler = state.kept[rows], state.filler[rows]
 
     def kept_positions(
         self, image_mask: torch.Tensor, scores: torch.Tensor | None, padding
