@@ -24,6 +24,11 @@ from ..kernels import AttentionEdit, Redistribute
 from .base import LayerCall, Method, ModelSpec, check_number, head_mask, register, resolve_scope, scoped_layers
 
 DECODE_MODES = ("frozen", "online", "off")
+# The guess of a layer's sinks (`ACTState.likely`): keys whose column mean reached this share of the threshold in an
+# earlier layer, and the last keys, which so few rows see that a few rows' attention makes them sinks. A key guessed
+# wrong costs a column; a sink missed costs its head a pass of its own.
+_NEAR = 0.7
+_FEW_ROWS = 16
 
 
 @dataclass
@@ -49,8 +54,9 @@ class ACTState:
 
     sinks: dict[int, Sinks] = field(default_factory=dict)
     stats: dict[int, ColumnStats] = field(default_factory=dict)
-    # [B, positions so far]: keys an earlier layer found to be a hidden sink in some head, the guess of the next
-    # layer's, which its statistics hide so that the redistribution can reuse their pass (`LayerCall.column_stats`)
+    # [B, positions so far]: keys whose column mean came near the threshold in some head of an earlier layer, the
+    # guess of the next layer's sinks, which its statistics hide so that the redistribution can reuse their pass
+    # (`LayerCall.column_stats`)
     likely: torch.Tensor | None = None
 
 
@@ -104,10 +110,11 @@ class ACT(Method):
                 stats = _accumulate(state.stats.get(call.layer), ColumnStats(sums, counts, positions))
                 state.stats[call.layer] = stats
                 sums, counts = stats.sums, stats.counts
-            sinks = hidden_sinks(sums / counts.clamp_min(1.0), self.threshold)
+            means = sums / counts.clamp_min(1.0)  # [B, Hq, Nk]
+            sinks = hidden_sinks(means, self.threshold)
             if not call.decode:
                 state.sinks[call.layer] = Sinks(sinks, positions)
-                state.likely = _remembered(state.likely, sinks.any(dim=1), positions)
+                state.likely = _remembered(state.likely, (means > _NEAR * self.threshold).any(dim=1), positions)
         sinks = sinks & heads[None, :, None]
         return AttentionEdit(redistribute=Redistribute(source=sinks, target=~sinks, p_move=1.0 - self.beta))
 
@@ -130,11 +137,14 @@ def hidden_sinks(column_mean: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def _likely(likely: torch.Tensor | None, positions: torch.Tensor, batch: int) -> torch.Tensor:
-    """`[B, Nk]` the keys at `positions` that an earlier layer found to be hidden sinks."""
-    if likely is None:
-        return torch.zeros(batch, positions.numel(), dtype=torch.bool, device=positions.device)
-    held = positions < likely.shape[1]
-    return likely[:, positions.clamp_max(likely.shape[1] - 1)].to(positions.device) & held
+    """`[B, Nk]` the keys at `positions` likely to be sinks: those an earlier layer came near to finding, and the
+    last `_FEW_ROWS`."""
+    guess = torch.zeros(batch, positions.numel(), dtype=torch.bool, device=positions.device)
+    if likely is not None:
+        held = positions < likely.shape[1]
+        guess |= likely[:, positions.clamp_max(likely.shape[1] - 1)].to(positions.device) & held
+    guess[:, -_FEW_ROWS:] = True
+    return guess
 
 
 def _remembered(likely: torch.Tensor | None, found: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

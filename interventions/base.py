@@ -183,23 +183,18 @@ class LayerCall:
         those. `hide` `[B, Nk]` bool: keys likely to be the sources of this call's redistribution (ACT's sinks);
         where the backend can, the statistics come from a pass with those keys hidden, which this call's
         attention reuses (`rows`) when its sources are among them, instead of a pass of its own."""
-        query, key, value, sinks = self.query, self.key, self.value, self.sinks
         chosen = None if heads is None or bool(heads.all()) else heads.nonzero().flatten()
-        if chosen is not None:  # each chosen query head with its own key/value head
-            kv = chosen // (self.query.shape[1] // self.key.shape[1])
-            query, key = query[:, chosen], key[:, kv]
-            value = None if value is None else value[:, kv]
-            sinks = None if sinks is None else sinks[chosen]
         query_mask = self.query_valid if query_mask is None else query_mask
         geometry = {"attention_mask": self.attention_mask, "scale": self.scale, "causal": self.causal}
-        if hide is not None and value is not None and sinks is None and self.softcap is None:
-            sums, counts, rows = kernels.column_stats_and_rows(
-                query, key, value, hide, query_mask=query_mask, **geometry
+        if hide is not None and self.value is not None and self.sinks is None and self.softcap is None:
+            sums, counts, self.rows = kernels.column_stats_and_rows(
+                self.query, self.key, self.value, hide, heads=chosen, query_mask=query_mask, **geometry
             )
-            if rows is not None:  # its heads numbered as this call's
-                numbered = torch.arange(self.query.shape[1]) if chosen is None else chosen
-                self.rows = dataclasses.replace(rows, heads=numbered.to(rows.heads.device))
         else:
+            query, key, sinks = self.query, self.key, self.sinks
+            if chosen is not None:  # each chosen query head with its own key/value head
+                query, key = query[:, chosen], key[:, chosen // (query.shape[1] // key.shape[1])]
+                sinks = None if sinks is None else sinks[chosen]
             sums, counts = kernels.column_stats(
                 query, key, query_mask=query_mask, sinks=sinks, softcap=self.softcap, **geometry
             )

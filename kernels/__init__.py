@@ -156,29 +156,34 @@ def column_stats_and_rows(
     v: torch.Tensor,
     hidden: torch.Tensor,
     *,
+    heads: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     scale: float | None = None,
     causal: bool = True,
     query_mask: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, reference.RowPass | None]:
-    """`column_stats` of plain attention, plus what they were computed from when the backend keeps it: on the CPU,
-    one pass of the rows with the keys `hidden` `[B, Nk]` hidden, which `modified_attention(..., rows=)` on the same
-    q, k, v reuses for a redistribution whose sources are among those keys (ACT hides the keys likely to be its
-    sinks), instead of a pass of its own. Elsewhere the third value is None."""
+    """`column_stats` of plain attention on the query heads `heads` (`[h]` indices, default all), `[B, h, Nk]` each,
+    plus what they were computed from when the backend keeps it: on the CPU, one pass of every head of `q`, with the
+    keys `hidden` `[B, Nk]` hidden on `heads`, which `modified_attention(..., rows=)` on the same q, k, v reuses for a
+    redistribution whose sources are among those keys (ACT hides the keys likely to be its sinks) and for the other
+    heads, instead of passes of its own. Elsewhere the third value is None."""
     _checked(q, k, v, AttentionEdit(), attention_mask, None, None)
     _check_edit_tensor("hidden", hidden, "B, Nk", _sizes(q, k))
     if query_mask is not None:
         _check_edit_tensor("query_mask", query_mask, "B, Nq", _sizes(q, k))
         query_mask = query_mask.to(q.device)
+    heads = torch.arange(q.shape[1]) if heads is None else heads.cpu()
+    if heads.dim() != 1 or not bool(((heads >= 0) & (heads < q.shape[1])).all()):
+        raise ValueError(f"heads must be [h] indices of query heads below Hq = {q.shape[1]}, got {heads.tolist()}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if _backend(q, None, backend) is not reference:
-        stats = column_stats(q, k, attention_mask=attention_mask, scale=scale, causal=causal, query_mask=query_mask,
-                             backend=backend)  # fmt: skip
+        kv = (heads // (q.shape[1] // k.shape[1])).to(q.device)
+        stats = column_stats(q[:, heads.to(q.device)], k[:, kv], attention_mask=attention_mask, scale=scale,
+                             causal=causal, query_mask=query_mask, backend=backend)  # fmt: skip
         return (*stats, None)
-    return reference.column_stats_and_rows(
-        q, k, v, hidden.to(q.device), attention_mask=attention_mask, scale=scale, causal=causal, query_mask=query_mask
-    )
+    return reference.column_stats_and_rows(q, k, v, hidden.to(q.device), heads=heads, attention_mask=attention_mask,
+                                           scale=scale, causal=causal, query_mask=query_mask)  # fmt: skip
 
 
 def _checked(q, k, v, edit: AttentionEdit, attention_mask, sinks, softcap) -> tuple[AttentionEdit, torch.Tensor | None]:

@@ -112,12 +112,14 @@ def _moves_from_few_keys(edit: AttentionEdit, q) -> bool:
 
 @dataclass(frozen=True)
 class RowPass:
-    """Plain attention of some query heads over all keys but a few hidden ones, with those keys' columns: what
-    column statistics computed it from (`column_stats_and_rows`), kept for the redistribution that follows on the
-    same call, which reuses it when its sources are among the hidden keys (the CPU path)."""
+    """One pass of plain attention over every query head of a call, with a few keys hidden on some of the heads,
+    and those keys' columns: what column statistics computed it from (`column_stats_and_rows`), kept for the
+    redistribution that follows on the same call, which reuses it (the CPU path): the heads outside the pass's
+    `heads` take its output as it is, and those whose sources are among the hidden keys are combined from it."""
 
-    heads: torch.Tensor  # [h] the query heads it covers
-    hidden: torch.Tensor  # [B, h|1, Nk] bool: the keys hidden in the pass
+    heads: torch.Tensor  # [h] the query heads whose keys `hidden` are hidden
+    output: torch.Tensor  # [B, Nq, Hq, Dv] in q's dtype: the pass's output, which the redistribution overwrites
+    hidden: torch.Tensor  # [B, h, Nk] bool: the keys hidden in the pass
     keys: torch.Tensor  # [B, h, S] the hidden keys' indices, hidden ones first (`real` says which are)
     real: torch.Tensor  # [B, h, 1, S] bool
     out: torch.Tensor  # [B, h, Nq, Dv] fp32: the output over the other keys
@@ -127,35 +129,50 @@ class RowPass:
 
     def of(self, chosen: torch.Tensor) -> RowPass:
         """The pass restricted to its heads `chosen` (`[h]` bool)."""
-        hidden = self.hidden if self.hidden.shape[1] == 1 else self.hidden[:, chosen]
-        pick = [t[:, chosen] for t in (self.keys, self.real, self.out, self.lse, self.scores, self.values)]
-        return RowPass(self.heads[chosen], hidden, *pick)
+        pick = [t[:, chosen] for t in (self.hidden, self.keys, self.real, self.out, self.lse, self.scores, self.values)]
+        return RowPass(self.heads[chosen], self.output, *pick)
 
     def row_lse(self) -> torch.Tensor:
         """[B, h, Nq]: each row's log-sum-exp over every key it sees."""
         return torch.logaddexp(self.lse, torch.logsumexp(self.scores, dim=-1))
 
 
-def _row_pass(q, k, v, heads, hidden, key_bias, attention_mask, scale, causal) -> tuple[torch.Tensor, RowPass]:
-    """SDPA over the query heads of `q` with the keys `hidden` `[B, Hq|1, Nk]` hidden (a -1e4 bias folded into
-    `q @ k`), then the columns of those keys for the heads `heads` `[h]`: `(out [B, Nq, Hq, Dv], RowPass)`."""
+def _row_pass(q, k, v, heads, hidden, key_bias, attention_mask, scale, causal) -> RowPass:
+    """SDPA over the query heads `heads` `[h]` of `q` with the keys `hidden` `[B, h|1, Nk]` hidden (a -1e4 logit bias),
+    and over the other heads plainly; then the hidden keys' columns."""
     B, Hq, Nq, D = q.shape
-    Nk = k.shape[2]
-    bias = key_bias
-    if bool(hidden.any()):
-        hide = torch.where(hidden, -_HIDDEN, 0.0).to(q.device)[:, :, None, :]  # [B, Hq|1, 1, Nk]
-        bias = hide if key_bias is None else key_bias + hide
-    out, lse = _sdpa(q, k, v, bias, attention_mask, scale, causal, lse=True)
-    kv = heads // (Hq // k.shape[1])
+    Nk, Dv = k.shape[2], v.shape[3]
+    group = Hq // k.shape[1]
     h = heads.numel()
-    chosen = hidden.expand(B, Hq, Nk)[:, heads]  # [B, h, Nk]
+    if h == Hq:  # `heads` is every head (callers give them sorted)
+        q_h, k_h, v_h, bias_h = q, k, v, key_bias
+        output = None
+    else:
+        others = torch.ones(Hq, dtype=torch.bool)
+        others[heads] = False
+        others = others.nonzero().flatten().to(q.device)
+        heads = heads.to(q.device)
+        q_h, k_h, v_h, bias_h = q[:, heads], k[:, heads // group], v[:, heads // group], _bias_of(key_bias, heads)
+        output = q.new_empty(B, Nq, Hq, Dv)
+        output[:, :, others] = _sdpa(q[:, others], k[:, others // group], v[:, others // group],
+                                     _bias_of(key_bias, others), attention_mask, scale, causal)  # fmt: skip
+    if bool(hidden.any()):
+        hide = torch.where(hidden, -_HIDDEN, 0.0).to(q.device)[:, :, None, :]  # [B, h|1, 1, Nk]
+        bias_h = hide if bias_h is None else bias_h + hide
+    passed, lse = _sdpa(q_h, k_h, v_h, bias_h, attention_mask, scale, causal, lse=True)  # [B, Nq, h, Dv], [B, h, Nq]
+    if output is None:
+        output = passed
+    else:
+        output[:, :, heads] = passed
+    chosen = hidden.expand(B, h, Nk)
     count = max(1, int(chosen.sum(dim=-1).max()))  # one column at least, unseen when nothing is hidden
     keys = chosen.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :count]  # [B, h, S] hidden first
     real = chosen.gather(-1, keys)[:, :, None, :]  # [B, h, 1, S]: False on the padding of heads with fewer
+    kv = heads // group
     k_s = k[:, kv].gather(2, keys[..., None].expand(-1, -1, -1, D)).float()  # [B, h, S, D]
-    v_s = v[:, kv].gather(2, keys[..., None].expand(-1, -1, -1, v.shape[3])).float()  # [B, h, S, Dv]
+    v_s = v[:, kv].gather(2, keys[..., None].expand(-1, -1, -1, Dv)).float()  # [B, h, S, Dv]
     columns = keys[:, :, None, :].expand(B, h, Nq, count)  # [B, h, Nq, S]
-    s = (q[:, heads].float() * scale) @ k_s.transpose(-1, -2)  # [B, h, Nq, S]
+    s = q_h.float() @ (k_s * scale).transpose(-1, -2)  # [B, h, Nq, S]
     if attention_mask is None:  # bottom-right causal, or every key: from the positions, no N x N mask
         keep = columns <= torch.arange(Nq, device=q.device)[:, None] + (Nk - Nq) if causal else torch.ones_like(real)
     else:
@@ -164,11 +181,14 @@ def _row_pass(q, k, v, heads, hidden, key_bias, attention_mask, scale, causal) -
         if additive is not None:
             s += additive.expand(B, h, Nq, Nk).gather(-1, columns)
     if key_bias is not None:
-        key_bias = key_bias if key_bias.shape[1] == 1 else key_bias.index_select(1, heads)
-        s += key_bias.float().expand(B, h, Nq, Nk).gather(-1, columns)
+        s += _bias_of(key_bias, heads).float().expand(B, h, Nq, Nk).gather(-1, columns)
     s.masked_fill_(~(keep & real), float("-inf"))
-    rows = RowPass(heads, hidden, keys, real, out[:, :, heads].transpose(1, 2).float(), lse[:, heads], s, v_s)
-    return out, rows
+    return RowPass(heads.cpu(), output, chosen, keys, real, passed.transpose(1, 2).float(), lse, s, v_s)
+
+
+def _bias_of(key_bias: torch.Tensor | None, heads: torch.Tensor) -> torch.Tensor | None:
+    """A key bias `[B|1, Hq|1, Nq|1, Nk]` on the query heads `heads`."""
+    return key_bias if key_bias is None or key_bias.shape[1] == 1 else key_bias.index_select(1, heads)
 
 
 def _moved(rows: RowPass, source: torch.Tensor, p_move: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
@@ -199,31 +219,26 @@ def _moved(rows: RowPass, source: torch.Tensor, p_move: torch.Tensor, gate: torc
 
 def _moved_from_sources(q, k, v, edit, heads, attention_mask, scale, causal, rows: RowPass | None) -> torch.Tensor:
     """`[B, Nq, Hq, Dv]`: the redistribution of `edit` (every key a source or a target) on the query heads `heads`,
-    from `rows` for the heads whose sources its pass hid, else from an SDPA pass with the sources hidden; either
-    way the moved rows are combined from a pass and the hidden keys' columns (`_moved`)."""
+    from `rows` where it covers them (a head whose sources its pass did not all hide takes a pass of its own), else
+    from an SDPA pass with the sources hidden; either way the moved rows are combined from a pass and the hidden
+    keys' columns (`_moved`), and the other heads take the pass's output."""
     rd = edit.redistribute
     B, Hq, Nq, _ = q.shape
-    Nk = k.shape[2]
     group = Hq // k.shape[1]
-    source = rd.source.expand(B, Hq, Nk)
+    source = rd.source.expand(B, Hq, k.shape[2])
     if rows is None or edit.key_bias is not None or not bool(torch.isin(heads, rows.heads.cpu()).all()):
-        out, rows = _row_pass(q, k, v, heads, rd.source, edit.key_bias, attention_mask, scale, causal)
+        hidden = rd.source if rd.source.shape[1] == 1 else rd.source[:, heads.to(rd.source.device)]  # [B, h|1, Nk]
+        rows = _row_pass(q, k, v, heads, hidden, edit.key_bias, attention_mask, scale, causal)
         passes = [rows]
-    else:  # the heads outside `rows` are plain; those whose sources `rows` did not all hide take a pass of their own
-        out = q.new_empty(B, Nq, Hq, v.shape[3])
-        others = torch.ones(Hq, dtype=torch.bool)
-        others[rows.heads.cpu()] = False
-        if others.any():
-            others = others.nonzero().flatten().to(q.device)
-            out[:, :, others] = _sdpa(q[:, others], k[:, others // group], v[:, others // group], None,
-                                      attention_mask, scale, causal)  # fmt: skip
+    else:
         missed = (source[:, rows.heads] & ~rows.hidden).any(dim=-1).any(dim=0)  # [h]
-        passes = [rows.of(~missed)]
+        passes = [rows.of(~missed) if missed.any() else rows]
         if missed.any():
             again = rows.heads[missed]
-            _, own = _row_pass(q[:, again], k[:, again // group], v[:, again // group], torch.arange(again.numel()),
-                               source[:, again], None, attention_mask, scale, causal)  # fmt: skip
+            own = _row_pass(q[:, again], k[:, again // group], v[:, again // group], torch.arange(again.numel()),
+                            source[:, again], None, attention_mask, scale, causal)  # fmt: skip
             passes.append(replace(own, heads=again))
+    out = rows.output
     p_move = torch.as_tensor(rd.p_move, dtype=torch.float32).reshape(-1).expand(Hq)
     for part in passes:
         moved = source[:, part.heads].gather(-1, part.keys)[:, :, None, :] & part.real  # [B, h, 1, S]
@@ -242,10 +257,12 @@ def _sdpa(q, k, v, key_bias, attention_mask, scale, causal, lse=False):
     against `bias / scale` in each key (`v` padded alike), so SDPA keeps the kernel it runs on a plain mask; an
     additive float mask would make it read an `[B, Hq, Nq, Nk]` tensor. One row of biases on some heads
     (ZeroTuning) is weight 1 on those heads and 0 on the others, keys shared as the model shares them; biases
-    that differ by head give each query head its own keys."""
+    that differ by head give each query head its own keys. Where the model gave a mask, a bias shared by all heads
+    joins it instead: SDPA reads a float mask of that size either way (it converts a boolean one)."""
     B, Hq, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
-    if key_bias is not None and key_bias.shape[2] == 1 and Dv == D and bool(key_bias.isfinite().all()):
+    folded = attention_mask is not None and key_bias is not None and key_bias.shape[1] == 1
+    if not folded and key_bias is not None and key_bias.shape[2] == 1 and Dv == D and bool(key_bias.isfinite().all()):
         rows = key_bias[:, :, 0].to(q.dtype)  # [B|1, Hq|1, Nk]
         heads = rows.ne(0).any(dim=-1, keepdim=True)  # [B|1, Hq|1, 1]: the heads it biases
         common = (rows * heads).sum(dim=1) / heads.sum(dim=1).clamp_min(1)  # [B|1, Nk]
@@ -277,7 +294,7 @@ def _sdpa(q, k, v, key_bias, attention_mask, scale, causal, lse=False):
     out = out[..., :Dv]
     if mask is not None:
         blind = ~(mask if mask.dtype == torch.bool else mask > float("-inf")).any(dim=-1, keepdim=True)
-        out = out.masked_fill(blind, 0.0)  # [B|1, Hq|1, Nq, 1] rows that see nothing
+        out = out.masked_fill_(blind, 0.0)  # [B|1, Hq|1, Nq, 1] rows that see nothing (a fresh tensor)
         row_lse = row_lse.masked_fill(blind[..., 0], float("-inf")) if lse else None
     return (out.transpose(1, 2), row_lse) if lse else out.transpose(1, 2)  # [B, Nq, Hq, Dv]
 
@@ -384,19 +401,20 @@ def _column_stats_by_flash(q, k, attention_mask, scale, causal, query_mask, lse=
     return sums, counts.contiguous()
 
 
-def column_stats_and_rows(q, k, v, hidden, *, attention_mask, scale, causal, query_mask):
-    """`column_stats` of plain attention, and the `RowPass` it was computed from: one pass of every head of `q` with
-    the keys `hidden` `[B, Nk]` hidden (None where the CPU path does not apply, and the statistics come the usual
-    way)."""
+def column_stats_and_rows(q, k, v, hidden, *, heads, attention_mask, scale, causal, query_mask):
+    """`column_stats` of plain attention on the query heads `heads` `[h]`, and the `RowPass` they were computed from:
+    one pass of every head of `q`, with the keys `hidden` `[B, Nk]` hidden on `heads` (None where the CPU path does not
+    apply, and the statistics come the usual way)."""
     B, Hq, Nq, _ = q.shape
-    few = B * Hq * Nq * int(hidden.sum(dim=-1).max()) <= _CHUNK_SCORES
+    kv = heads // (Hq // k.shape[1])
+    few = B * heads.numel() * Nq * int(hidden.sum(dim=-1).max()) <= _CHUNK_SCORES
     if q.device.type != "cpu" or _has_additive_part(attention_mask) or not few:
-        stats = column_stats(q, k, attention_mask=attention_mask, scale=scale, causal=causal, query_mask=query_mask,
-                             key_bias=None, sinks=None, softcap=None)  # fmt: skip
+        stats = column_stats(q[:, heads], k[:, kv], attention_mask=attention_mask, scale=scale, causal=causal,
+                             query_mask=query_mask, key_bias=None, sinks=None, softcap=None)  # fmt: skip
         return (*stats, None)
-    heads = torch.arange(Hq)
-    _, rows = _row_pass(q, k, v, heads, hidden[:, None], None, attention_mask, scale, causal)
-    sums, counts = _column_stats_by_flash(q, k, attention_mask, scale, causal, query_mask, lse=rows.row_lse())
+    rows = _row_pass(q, k, v, heads, hidden[:, None], None, attention_mask, scale, causal)
+    sums, counts = _column_stats_by_flash(q[:, heads], k[:, kv], attention_mask, scale, causal, query_mask,
+                                          lse=rows.row_lse())  # fmt: skip
     return sums, counts, rows
 
 
