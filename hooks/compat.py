@@ -41,10 +41,12 @@ __all__ = [
     "implementation",
     "is_image_text_to_text",
     "layer_inputs",
+    "logits_of",
     "mask_function",
     "name_or_path",
     "output_cache",
     "output_hidden",
+    "output_logits",
     "past_length",
     "probe",
     "real_tokens",
@@ -53,6 +55,7 @@ __all__ = [
     "unimplemented_keywords",
     "with_layer_inputs",
     "with_output_hidden",
+    "with_output_logits",
 ]
 
 # The implementations whose masks and fall-through we reproduce exactly.
@@ -230,6 +233,29 @@ def with_output_hidden(outputs, hidden: torch.Tensor):
         return (hidden, *outputs[1:])
     outputs.last_hidden_state = hidden
     return outputs
+
+
+def output_logits(outputs, kwargs: Mapping) -> torch.Tensor | None:
+    """The logits `[B, N, V]` a causal LM or VLM returned (None for an output without them)."""
+    if isinstance(outputs, tuple):  # return_dict=False: the loss comes first when labels were given
+        return outputs[1 if kwargs.get("labels") is not None else 0]
+    return getattr(outputs, "logits", None)
+
+
+def with_output_logits(outputs, logits: torch.Tensor, kwargs: Mapping):
+    if isinstance(outputs, tuple):
+        at = 1 if kwargs.get("labels") is not None else 0
+        return (*outputs[:at], logits, *outputs[at + 1 :])
+    outputs.logits = logits
+    return outputs
+
+
+def logits_of(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits `[B, n, V]` `model` makes of its language model's output hidden states `[B, n, hidden]`: its output
+    embeddings, then the soft cap of the final logits where the config has one (Gemma-2 and 3)."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def real_tokens(mask, past: int, earlier: torch.Tensor | None) -> torch.Tensor | None:

@@ -10,8 +10,9 @@ Hooks on the language model build one `Forward` per forward (how long the cache 
 padding, where the images are) and call the methods' own hooks (`Method`): at its start, on each decoder
 layer's input, in each attention call, on its output, and when `generate` reorders the cache. On a
 vision-language model only the language model's attention is switched; a pre-hook on the model itself reads
-`input_ids` to find the image tokens. A method may run the language model again on other inputs, with no
-intervention acting (`Forward.run_branch`).
+`input_ids` to find the image tokens, and a hook on its output hands the next-token logits to the methods that
+replace them. A method may run the language model again on other inputs, with no intervention acting
+(`Forward.run_branch`), and turn its output into logits (`Forward.to_logits`).
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ class Dispatcher:
         self.layers = {id(module): layer for layer, module in self.probe.layers.items()}
         self.handles: list = []  # active Intervention handles, in order of application
         self.forward: Forward | None = None  # the forward in progress
+        self._finished: tuple[Forward, torch.Tensor] | None = None  # the last forward, its last output hidden state
+        self._logits_checked = False  # whether `Forward.to_logits` was found to be the model's own head
         self._image_mask: torch.Tensor | None = None  # [B, tokens so far] of the current sequence (VLMs)
         self._input_ids: torch.Tensor | None = None  # handed from the model's pre-hook to the decoder's
         self._pixels: torch.Tensor | None = None  # the prompt's pixel values
@@ -102,6 +105,7 @@ class Dispatcher:
             decoder.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             decoder.register_forward_hook(self._after_forward, always_call=True),
         ]
+        self._hooks.append(model.register_forward_hook(self._after_model, with_kwargs=True))
         for index, layer in enumerate(compat.decoder_layers(decoder, self.spec.num_layers)):
             self._hooks.append(layer.register_forward_pre_hook(self._layer_input(index), with_kwargs=True))
         if self.image_token is not None:
@@ -177,6 +181,7 @@ class Dispatcher:
         self.forward = Forward(
             past_length=past, padding_mask=padding, image_mask=self._image_mask, input_ids=ids,
             pixel_values=self._pixels, held=lambda layer: compat.past_length(cache, layer), run_branch=self._run_branch,
+            to_logits=self._to_logits,
         )  # fmt: skip
         if past == 0 and cache is not None and any(overrides(h.config, "reorder") for h in self.handles):
             reordered = weakref.WeakMethod(self._reordered)  # weak: a cache may outlive the model
@@ -207,7 +212,40 @@ class Dispatcher:
             hidden = handle.config.output(forward, compat.output_hidden(output), handle.state)
             if hidden is not None:
                 output = compat.with_output_hidden(output, hidden)
+        if forward is not None and output is not None:
+            self._finished = forward, compat.output_hidden(output)[:, -1:]
         return output if hooked else None
+
+    def _after_model(self, module, args, kwargs, output):
+        finished, self._finished = self._finished, None
+        hooked = self._hooked("logits") if finished is not None and not self.in_branch else []
+        logits = compat.output_logits(output, kwargs) if hooked else None
+        if logits is None:
+            return None
+        forward, hidden = finished
+        self._check_logits(hidden, logits[:, -1:])
+        last = logits[:, -1]  # [B, V]
+        for handle in hooked:
+            replaced = handle.config.logits(forward, last, handle.state)
+            last = last if replaced is None else replaced.to(last.dtype)
+        logits[:, -1] = last  # in place: a copy of a prompt's [B, N, V] logits would be large
+        return compat.with_output_logits(output, logits, kwargs)
+
+    def _to_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return compat.logits_of(self._model(), hidden)
+
+    def _check_logits(self, hidden: torch.Tensor, logits: torch.Tensor) -> None:
+        """Refuse, once, a model whose logits are not what `Forward.to_logits` makes of its output hidden states:
+        a method comparing them with a branch's would compare different things."""
+        if self._logits_checked:
+            return
+        made = self._to_logits(hidden).float()
+        if made.shape != logits.shape or not torch.allclose(made, logits.float(), rtol=1e-3, atol=1e-3):
+            raise UnsupportedModelError(
+                f"{self.spec.label} makes its logits otherwise than its output embeddings applied to its language "
+                "model's output: a method that contrasts next-token logits with a second branch cannot run on it"
+            )
+        self._logits_checked = True
 
     def _reordered(self, rows: torch.Tensor) -> None:
         for handle in self._hooked("reorder"):

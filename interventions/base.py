@@ -4,7 +4,8 @@ forward and of one attention call, and the validation of `layers` / `heads` scop
 A method is a frozen dataclass of its parameters. `resolve(model)` checks them against one model and
 fills `"auto"`; `edit(call, state)` turns one attention call of one layer into an `AttentionEdit`. A method
 never touches a model: the hooks build a `Forward` and the `LayerCall`s and call the method's hooks (`start`,
-`layer_input`, `edit`, `scale_heads`, `output`, `reorder`), each with the method's own state of the sequence.
+`layer_input`, `edit`, `scale_heads`, `output`, `logits`, `reorder`), each with the method's own state of the
+sequence.
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ class Forward:
     # position_ids=..., cache=None | a branch's cache, observe=None | fn(layer, head outputs [B, N, Hq, D]))` returns
     # `(output hidden states [B, N, hidden] (after the final norm), the branch's cache)`.
     run_branch: Callable | None = None
+    # The model's logits of output hidden states: `to_logits(hidden [B, n, hidden]) -> [B, n, V]` (its output
+    # embeddings, as its own head applies them).
+    to_logits: Callable | None = None
 
     @property
     def prefill(self) -> bool:
@@ -215,6 +219,7 @@ class Method:
     - `edit(call, state)`: an attention call of one of `active_layers()`, turned into an `AttentionEdit`;
     - `scale_heads(call, out, state)`: multipliers for that call's head outputs, decided after attention;
     - `output(forward, hidden, state)`: the language model's output hidden states, which it may replace;
+    - `logits(forward, logits, state)`: the model's next-token logits, which it may replace (contrastive decoding);
     - `reorder(rows, state)`: between forwards, when `generate` reorders the cache's rows (beam search).
     `state` is one `State()` per sequence: made fresh when a prompt starts (nothing cached), kept through its
     prompt chunks and decode steps, readable afterwards as `handle.state`."""
@@ -260,6 +265,11 @@ class Method:
     def output(self, forward: Forward, hidden: torch.Tensor, state) -> torch.Tensor | None:
         """The language model's output hidden states `[B, N, hidden]` (after its final norm, so an average of
         them is the average of the logits); what it returns replaces them (None leaves them)."""
+        return None
+
+    def logits(self, forward: Forward, logits: torch.Tensor, state) -> torch.Tensor | None:
+        """The next-token logits `[B, V]` the model made in this forward (its last position: what `generate` and
+        the eval scorers read); what it returns replaces them (None leaves them). Earlier positions stay as made."""
         return None
 
     def reorder(self, rows: torch.Tensor, state) -> None:

@@ -24,14 +24,14 @@ from typing import Any
 import torch
 
 from .base import Forward, LayerCall, Method, ModelSpec, check_number, register, require_vision, resolve_layers
+from .branch import TextOnlyBranch
 
 
 @dataclass
-class NoImageBranch:
-    """The no-image branch of one sequence."""
+class VHRState:
+    """What VHR keeps of one sequence: its no-image branch and that branch's head outputs."""
 
-    cache: Any = None  # its KV cache (None until the prompt ran)
-    padding_mask: torch.Tensor | None = None  # [B, tokens so far] of the branch, True = real
+    branch: TextOnlyBranch = field(default_factory=TextOnlyBranch)
     outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, Hq, D] head outputs, latest token
 
 
@@ -45,7 +45,7 @@ class VHR(Method):
     filter: bool = True  # set aside heads whose divergence exceeds the layer's mean + std
 
     primitives = frozenset({"head_scale"})
-    State = NoImageBranch
+    State = VHRState
 
     def __post_init__(self):
         check_number("vhr", "alpha", self.alpha, low=0.0)
@@ -61,52 +61,24 @@ class VHR(Method):
     def active_layers(self) -> frozenset[int]:
         return frozenset() if self.alpha == 1.0 else frozenset(self.layers)
 
-    def edit(self, call: LayerCall, state: NoImageBranch) -> None:
+    def edit(self, call: LayerCall, state: VHRState) -> None:
         return None  # VHR scales head outputs after attention; the attention itself is plain
 
-    def start(self, forward: Forward, branch: NoImageBranch) -> None:
-        """Advance the no-image branch by this forward's text tokens, keeping its head outputs of the last one."""
-        if not forward.prefill and branch.cache is None:
-            return  # the prompt ran before this intervention was enabled
-        ids = forward.input_ids
-        if ids is None or forward.image_mask is None:
-            raise ValueError("vhr needs the VLM to be called with `input_ids` (it rebuilds the prompt without image)")
-        batch, new = ids.shape
-        padding, image = forward.padding_mask, forward.image_mask[:, -new:]  # [B, Nq] of this forward
-        real = torch.ones_like(ids, dtype=torch.bool) if padding is None else padding[:, -new:]
-        if forward.prefill:
-            text = real & ~image  # [B, Nq]
-            width = int(text.sum(dim=1).max())
-            branch_ids = ids.new_zeros(batch, width)
-            mask = torch.zeros(batch, width, dtype=torch.bool, device=ids.device)
-            for row in range(batch):  # left-pad each row's text tokens
-                tokens = ids[row, text[row]]
-                branch_ids[row, width - tokens.numel() :] = tokens
-                mask[row, width - tokens.numel() :] = True
-        elif image.any():
-            raise NotImplementedError("vhr: image tokens after the first prompt chunk are not supported")
-        else:
-            branch_ids, mask = ids, torch.cat([branch.padding_mask, real], dim=1)
-        branch.padding_mask = mask
-        start = mask.shape[1] - branch_ids.shape[1]
-        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, start:]
+    def start(self, forward: Forward, state: VHRState) -> None:
+        """Advance the no-image branch by this forward's tokens, keeping its head outputs of the last one."""
 
         def keep(layer: int, out: torch.Tensor) -> None:
             if layer in self.layers:
-                branch.outputs[layer] = out[:, -1]  # [B, Hq, D]
+                state.outputs[layer] = out[:, -1]  # [B, Hq, D]
 
-        _, branch.cache = forward.run_branch(
-            input_ids=branch_ids, attention_mask=mask.long(), position_ids=positions, cache=branch.cache, observe=keep
-        )
+        state.outputs.clear()
+        state.branch.advance(forward, "vhr", observe=keep)
 
-    def reorder(self, rows: torch.Tensor, branch: NoImageBranch) -> None:
-        """Beam search reorders the main cache's rows: the branch's follow."""
-        if branch.cache is not None:
-            branch.cache.reorder_cache(rows)
-            branch.padding_mask = branch.padding_mask[rows.to(branch.padding_mask.device)]
+    def reorder(self, rows: torch.Tensor, state: VHRState) -> None:
+        state.branch.reorder(rows)  # the next forward's `start` refreshes the outputs
 
-    def scale_heads(self, call: LayerCall, out: torch.Tensor, branch: NoImageBranch) -> torch.Tensor | None:
-        no_image = branch.outputs.get(call.layer)  # [B, Hq, D]
+    def scale_heads(self, call: LayerCall, out: torch.Tensor, state: VHRState) -> torch.Tensor | None:
+        no_image = state.outputs.get(call.layer)  # [B, Hq, D]
         if no_image is None:
             return None  # the prompt ran before this intervention was enabled
         divergence = (out[:, -1].float() - no_image.float()).norm(dim=-1)  # [B, Hq]

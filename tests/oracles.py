@@ -10,7 +10,7 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
-from intervene.hooks.compat import cache_argument, implementation
+from intervene.hooks.compat import cache_argument, implementation, output_cache
 
 
 def explicit_probabilities(q, k, scale, mask=None):
@@ -130,13 +130,16 @@ class OfficialVLM:
 
 
 class OfficialPAI(OfficialVLM):
-    """LALBJ/PAI `attention.py`: in layers [start, end), the last row's image logits become |z|*alpha + z."""
+    """LALBJ/PAI `attention.py`: in layers [start, end), the last row's image logits become |z|*alpha + z. With
+    `amplify_prompt=False`, the prompt runs unamplified, as it does when the official contrast is on (PAI#15)."""
 
-    def __init__(self, model, name, image_token, alpha, layers):
+    def __init__(self, model, name, image_token, alpha, layers, amplify_prompt=True):
         super().__init__(model, name, image_token)
-        self.alpha, self.layers = alpha, layers
+        self.alpha, self.layers, self.amplify_prompt = alpha, layers, amplify_prompt
 
     def logits(self, z, layer, past):
+        if past == 0 and not self.amplify_prompt:
+            return z
         if layer in self.layers and (image := self.held(self.image)):
             start, end = image[0], image[-1] + 1
             z = z.clone()
@@ -243,3 +246,26 @@ class DescribedVHR:
     def head_dim(self):
         config = self.model.config.get_text_config()
         return config.hidden_size // config.num_attention_heads
+
+
+class OfficialCFG:
+    """LALBJ/PAI `CFG.py`, the "logits refine" logits processor, batch 1: the prompt without its image tokens runs
+    on `model` (a twin of the generating one, unamplified) with its own cache, one step per call; the scores
+    become `gamma * (log p - log p_uncond) + log p_uncond`, -inf where `log p < log(cutoff) + max log p`."""
+
+    def __init__(self, model, prompt_ids, image_token, *, gamma, cutoff=0.1):
+        self.model, self.gamma, self.cutoff = model, gamma, cutoff
+        self.ids = prompt_ids[:, prompt_ids[0] != image_token]
+        self.out = None
+
+    def __call__(self, input_ids, scores):
+        scores = torch.log_softmax(scores, dim=-1)
+        if self.out is None:
+            self.out = self.model(input_ids=self.ids, use_cache=True)
+        else:
+            cache = {cache_argument(self.model.forward): output_cache(self.out)}
+            self.out = self.model(input_ids=input_ids[:, -1:], **cache, use_cache=True)
+        unconditional = torch.log_softmax(self.out.logits[0][-1:], dim=-1)
+        cutoff = torch.log(torch.tensor(self.cutoff)) + scores.max(dim=-1, keepdim=True).values
+        out = self.gamma * (scores - unconditional) + unconditional
+        return out.masked_fill(scores < cutoff, -float("inf"))

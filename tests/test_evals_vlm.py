@@ -376,10 +376,10 @@ def test_batched_generation_with_left_padding_matches_one_at_a_time(tiny_vlm):
 # ---------------------------------------------------------------------------------- end to end
 
 
-def eval_tiny_vlm(tmp_path, directory, method, tasks):
+def eval_tiny_vlm(tmp_path, directory, method, tasks, params=()):
     result = invoke(
-        "eval", "--method", method, "--model", directory, "--tasks", tasks, "--limit", 4, "--batch-size", 3,
-        "--device", "cpu", "--output-path", tmp_path,
+        "eval", "--method", method, *[arg for param in params for arg in ("--param", param)], "--model", directory,
+        "--tasks", tasks, "--limit", 4, "--batch-size", 3, "--device", "cpu", "--output-path", tmp_path,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "SMOKE TEST: tiny-llava has random weights, so these numbers are not meaningful" in result.output
@@ -406,7 +406,10 @@ def test_eval_end_to_end_on_a_saved_tiny_vlm(tmp_path, tiny_vlm_dir):
     assert len(samples) == 4 and json.loads(samples[0])["image"].endswith(".jpg")
 
 
-@pytest.mark.parametrize("method", ["var", "pai"])
-def test_vlm_methods_end_to_end_on_a_saved_tiny_vlm(tmp_path, tiny_vlm_dir, method):
-    document, _ = eval_tiny_vlm(tmp_path, tiny_vlm_dir, method, "pope-photos")
+@pytest.mark.parametrize("method, params", [("var", ()), ("pai", ()), ("pai", ("cfg_gamma=1.1",))])
+def test_vlm_methods_end_to_end_on_a_saved_tiny_vlm(tmp_path, tiny_vlm_dir, method, params):
+    document, _ = eval_tiny_vlm(tmp_path, tiny_vlm_dir, method, "pope-photos", params)
     assert document["results"]["pope-photos"]["acc"]["n"] == 4
+    for param in params:  # the contrast's settings are recorded with the method's
+        name, value = param.split("=")
+        assert document["intervention"]["params"][name] == float(value)

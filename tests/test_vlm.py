@@ -3,6 +3,8 @@ and Gemma-3 models: neutral parameters and removal leave the model bit for bit; 
 transcription of its official operation (batch 1, explicit probabilities, KV cache) on every sample of a
 padded batch, at prefill and at every decoding step."""
 
+import copy
+import functools
 from dataclasses import replace
 
 import pytest
@@ -28,16 +30,23 @@ def prompts(vlm: TinyVLM) -> list[list[int]]:
     ]
 
 
-def generate(model, inputs: dict, forced: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy (or `forced`) tokens `[B, STEPS]` and the raw logits of each step `[B, STEPS, V]`, through the
-    KV cache."""
+def generate(model, inputs: dict, forced: int | None = None, processor=None, sample_seed: int | None = None):
+    """Greedy (or `forced`, or sampled from seed `sample_seed`) tokens `[B, STEPS]` and the logits of each step
+    `[B, STEPS, V]` through the KV cache: the model's own, or what `processor` made of them. No end-of-sequence
+    token: `generate` neither stops at it nor masks it before the processor (which a minimum length would)."""
     processors = LogitsProcessorList([] if forced is None else [lambda ids, scores: force(scores, forced)])
+    processors += [] if processor is None else [processor]
+    config = copy.deepcopy(model.generation_config)
+    config.update(
+        eos_token_id=[], max_new_tokens=STEPS, do_sample=sample_seed is not None, top_k=0, output_logits=True,
+        output_scores=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    if sample_seed is not None:
+        torch.manual_seed(sample_seed)
     with torch.no_grad():
-        out = model.generate(
-            **inputs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
-            output_logits=True, return_dict_in_generate=True, logits_processor=processors,
-        )  # fmt: skip
-    return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, dim=1)
+        out = model.generate(**inputs, generation_config=config, logits_processor=processors)
+    steps = out.logits if processor is None else out.scores
+    return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(steps, dim=1)
 
 
 def force(scores: torch.Tensor, token: int) -> torch.Tensor:
@@ -140,6 +149,75 @@ def test_pai_equals_the_official_logit_transform(vlm_family):
     check_against_official(vlm, official, ours)
 
 
+@pytest.mark.parametrize("first_token", [False, True])
+def test_pai_contrast_equals_the_official_logits_refine(vlm_family, first_token):
+    # The contrast on top of the amplification: each step's distribution is the official processor's on the
+    # amplified logits and those of the prompt without its image (a twin model with its own cache); with
+    # `official_first_token` the prompt runs unamplified, as it does officially with the contrast on.
+    vlm = TinyVLM(vlm_family)
+    alpha, gamma, layers = 0.5, 1.7, (2, 3)
+    name = f"official_pai_{vlm_family}_{first_token}"
+    oracles.OfficialPAI(vlm.model, name, IMAGE_TOKEN, alpha, layers, amplify_prompt=not first_token)
+    twin = TinyVLM(vlm_family).model  # the same weights
+
+    def ours(inputs):
+        with intervene.apply(vlm.model, "pai", alpha=alpha, cfg_gamma=gamma, official_first_token=first_token):
+            return generate(vlm.model, inputs)
+
+    def official(inputs):
+        refine = oracles.OfficialCFG(twin, inputs["input_ids"], IMAGE_TOKEN, gamma=gamma)
+        return with_implementation(vlm.model, name, lambda: generate(vlm.model, inputs, processor=refine))
+
+    check_against_official(vlm, official, ours)
+
+
+def test_pai_contrast_samples_as_the_official_logits_refine():
+    # Seeded sampling draws the same tokens from the same distributions (batch 1: a batch draws all rows at once).
+    vlm = TinyVLM("llava")
+    alpha, gamma = 0.5, 1.1
+    oracles.OfficialPAI(vlm.model, "official_pai_sampled", IMAGE_TOKEN, alpha, (2, 3))
+    twin = TinyVLM("llava").model
+    for row, sample in enumerate(prompts(vlm)):
+        inputs = vlm.inputs([sample], image_seeds=[row])
+        with intervene.apply(vlm.model, "pai", alpha=alpha, cfg_gamma=gamma):
+            tokens, logits = generate(vlm.model, inputs, sample_seed=row)
+        refine = oracles.OfficialCFG(twin, inputs["input_ids"], IMAGE_TOKEN, gamma=gamma)
+        official = functools.partial(generate, vlm.model, inputs, processor=refine, sample_seed=row)
+        expected_tokens, expected = with_implementation(vlm.model, "official_pai_sampled", official)
+        torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-5)
+        assert torch.equal(tokens, expected_tokens)
+
+
+def test_pai_contrast_with_gamma_one_runs_nothing_and_keeps_the_model_bit_for_bit():
+    vlm = TinyVLM("llava")
+    inputs = vlm.inputs(prompts(vlm))
+    baseline = generate(vlm.model, inputs)
+    with intervene.apply(vlm.model, "pai", alpha=0.0, cfg_gamma=1.0) as handle:
+        assert torch.equal(generate(vlm.model, inputs)[1], baseline[1])
+        assert handle.state.cache is None  # no branch ran
+    with intervene.apply(vlm.model, "pai", alpha=0.0, cfg_gamma=1.5):
+        assert not torch.allclose(generate(vlm.model, inputs)[1], baseline[1], atol=1e-4)
+
+
+def test_a_contrast_refuses_a_model_whose_logits_are_not_its_head_of_its_hidden_states():
+    # The no-image branch's logits are the output embeddings of its hidden states; a model that makes its logits
+    # otherwise (here a hook scaling them, as Cohere's logit_scale would) would be contrasted with something else.
+    vlm = TinyVLM("llava")
+    vlm.model.register_forward_hook(lambda module, args, output: output.__setitem__("logits", output.logits * 2))
+    with intervene.apply(vlm.model, "pai", cfg_gamma=1.5), pytest.raises(intervene.UnsupportedModelError) as error:
+        generate(vlm.model, vlm.inputs(prompts(vlm)))
+    assert "makes its logits otherwise than its output embeddings" in str(error.value)
+
+
+def test_pai_contrast_beam_search_scores_each_beam_as_its_own_run():
+    # The no-image branch follows the beams' reorders: each returned beam's step scores are what the contrast
+    # gives that very sequence decoded alone.
+    vlm = TinyVLM("llava")
+    inputs = vlm.inputs([prompts(vlm)[0]])
+    with intervene.apply(vlm.model, "pai", alpha=0.5, cfg_gamma=1.5, cfg_cutoff=1e-4):
+        check_beams(vlm, inputs)
+
+
 @pytest.mark.parametrize("p_move, rho", [(0.4, 0.1), (1.0, 0.2)])  # two gates; each edits every family
 def test_var_equals_the_official_redistribution(vlm_family, p_move, rho):
     vlm = TinyVLM(vlm_family)
@@ -182,8 +260,13 @@ def test_vhr_beam_search_scores_each_beam_as_its_own_greedy_run():
     # that very sequence is decoded alone.
     vlm = TinyVLM("llava")
     inputs = vlm.inputs([prompts(vlm)[0]])
-    beams = 3
-    with intervene.apply(vlm.model, "vhr", alpha=2.0), torch.no_grad():
+    with intervene.apply(vlm.model, "vhr", alpha=2.0):
+        check_beams(vlm, inputs)
+
+
+def check_beams(vlm: TinyVLM, inputs: dict, beams: int = 3):
+    """Each beam search result's step scores equal the model (as intervened) run on that sequence alone."""
+    with torch.no_grad():
         out = vlm.model.generate(
             **inputs, max_new_tokens=STEPS + 2, min_new_tokens=STEPS + 2, num_beams=beams,
             num_return_sequences=beams, do_sample=False, output_scores=True, return_dict_in_generate=True,
