@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import inspect
 import sys
 from collections.abc import Callable, Mapping
@@ -35,6 +36,7 @@ __all__ = [
     "UnsupportedModelError",
     "cache_argument",
     "decoder_layers",
+    "encode_images_like",
     "fall_through",
     "find_cache",
     "follow_reorders",
@@ -53,6 +55,7 @@ __all__ = [
     "register",
     "set_implementation",
     "unimplemented_keywords",
+    "watch_image_encoding",
     "with_layer_inputs",
     "with_output_hidden",
     "with_output_logits",
@@ -256,6 +259,34 @@ def logits_of(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     logits = model.get_output_embeddings()(hidden)
     cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def watch_image_encoding(model: nn.Module, record: Callable[[dict], None]) -> Callable[[], None]:
+    """Hand `record` the keywords of each call of the VLM's image encoder (`get_image_features`): since 5.24,
+    `generate` encodes the images before the first forward and drops the encoder's keywords (the pixels, image sizes,
+    patch grids) from the model's, so a branch that encodes other images needs them from here. Returns the undo."""
+    base = model.base_model
+    encode = getattr(base, "get_image_features", None)
+    if encode is None:
+        return lambda: None
+
+    @functools.wraps(encode)  # `generate` picks the encoder's keywords from its signature
+    def watched(*args, **kwargs):
+        record(kwargs)
+        return encode(*args, **kwargs)
+
+    base.get_image_features = watched  # an instance attribute, over the class's method
+    return lambda: base.__dict__.pop("get_image_features", None)
+
+
+def encode_images_like(model: nn.Module, encoding: dict, encoded: dict, input_ids: torch.Tensor) -> dict:
+    """The VLM's image encoder run on the keywords `encoding`, as `generate` (5.24+) hands encoded images to the model:
+    `{"image": output}`, repeated for beam search's rows as it repeated `encoded`, the call's own."""
+    output = model.base_model.get_image_features(**encoding)
+    repeat = len(encoded["image"].pooler_output) // len(output.pooler_output)
+    if repeat == 1:
+        return {"image": output}
+    return model._expand_multimodal_outputs(input_ids[::repeat], {"image": output}, expand_size=repeat)
 
 
 def real_tokens(mask, past: int, earlier: torch.Tensor | None) -> torch.Tensor | None:

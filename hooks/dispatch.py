@@ -18,6 +18,7 @@ replace them. A method may run the language model again on other inputs, with no
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import weakref
 from collections.abc import Callable
@@ -76,6 +77,8 @@ class Dispatcher:
         self._image_mask: torch.Tensor | None = None  # [B, tokens so far] of the current sequence (VLMs)
         self._input_ids: torch.Tensor | None = None  # handed from the model's pre-hook to the decoder's
         self._pixels: torch.Tensor | None = None  # the prompt's pixel values
+        self._model_call: tuple | None = None  # (args, kwargs) of the VLM's current call, for `Forward.run_model`
+        self._encoding: dict | None = None  # the keywords of the latest call of the VLM's image encoder
         self._real: torch.Tensor | None = None  # [B, tokens so far] True at real tokens; None: no padding
         self.in_branch = False  # running a method's branch: no intervention acts
         self._observe: Callable | None = None  # what the branch hands each layer's head outputs to
@@ -85,6 +88,7 @@ class Dispatcher:
         self._decoder = weakref.ref(decoder := model.get_decoder())
         self._signature = inspect.signature(decoder.forward)
         self._hooks: list = []
+        self._unwatch: Callable[[], None] = lambda: None  # undoes `compat.watch_image_encoding`
 
     @staticmethod
     def of(model: nn.Module) -> Dispatcher:
@@ -110,6 +114,7 @@ class Dispatcher:
             self._hooks.append(layer.register_forward_pre_hook(self._layer_input(index), with_kwargs=True))
         if self.image_token is not None:
             self._hooks.append(model.register_forward_pre_hook(self._before_model, with_kwargs=True))
+            self._unwatch = compat.watch_image_encoding(model, self._encoded)
             if isinstance(tower := getattr(model.base_model, "vision_tower", None), nn.Module):
                 self._hooks.append(tower.register_forward_pre_hook(self._before_vision, with_kwargs=True))
         compat.set_implementation(model, NAME, self._text_key)
@@ -145,6 +150,8 @@ class Dispatcher:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        self._unwatch()
+        self._unwatch = lambda: None
         if (model := self._model()) is not None:
             compat.set_implementation(model, self.previous, self._text_key)
         _ATTACHED.pop(self._config_id, None)
@@ -152,13 +159,21 @@ class Dispatcher:
     # -- per forward ------------------------------------------------------------------------------
 
     def _before_model(self, module, args, kwargs):
+        if self.in_branch:
+            return
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._input_ids = ids if isinstance(ids, torch.Tensor) else None
+        self._model_call = args, kwargs
         if kwargs.get("mm_encoder_outputs") is None:  # else `generate` encoded the images just before
             self._pixels = kwargs.get("pixel_values")
 
+    def _encoded(self, kwargs: dict) -> None:
+        if not self.in_branch:
+            self._encoding = kwargs
+
     def _before_vision(self, module, args, kwargs):
-        self._pixels = args[0] if args else kwargs.get("pixel_values")
+        if not self.in_branch:
+            self._pixels = args[0] if args else kwargs.get("pixel_values")
 
     def _before_forward(self, module, args, kwargs):
         if self.in_branch:
@@ -174,6 +189,7 @@ class Dispatcher:
             self._image_mask, self._real = None, None
         padding = self._real = compat.real_tokens(given.get("attention_mask"), past, self._real)
         ids, self._input_ids = self._input_ids, None
+        call, self._model_call = self._model_call, None
         if ids is None and isinstance(given.get("input_ids"), torch.Tensor):
             ids = given["input_ids"]
         if self.image_token is not None:
@@ -181,7 +197,7 @@ class Dispatcher:
         self.forward = Forward(
             past_length=past, padding_mask=padding, image_mask=self._image_mask, input_ids=ids,
             pixel_values=self._pixels, held=lambda layer: compat.past_length(cache, layer), run_branch=self._run_branch,
-            to_logits=self._to_logits,
+            to_logits=self._to_logits, run_model=None if call is None else functools.partial(self._run_model, call),
         )  # fmt: skip
         if past == 0 and cache is not None and any(overrides(h.config, "reorder") for h in self.handles):
             reordered = weakref.WeakMethod(self._reordered)  # weak: a cache may outlive the model
@@ -284,6 +300,29 @@ class Dispatcher:
         finally:
             self.in_branch, self._observe = False, None
         return compat.output_hidden(outputs), cache
+
+    def _run_model(self, call: tuple, *, cache=None, images: Callable | None = None):
+        """`Forward.run_model`: the VLM's call `call` again, with the branch's `cache` (a new one when the call had a
+        cache and this is the branch's first) and, where the call carries images, `images(pixel_values)` in place
+        of them, no intervention acting. Returns `(logits [B, V] of the last position, cache)`."""
+        args, kwargs = call
+        kwargs = dict(kwargs)
+        if images is not None and kwargs.get("mm_encoder_outputs"):  # `generate` encoded the call's images before it
+            encoding = {**self._encoding, "pixel_values": images(self._encoding["pixel_values"])}
+            kwargs["mm_encoder_outputs"] = compat.encode_images_like(
+                self._model(), encoding, kwargs["mm_encoder_outputs"], kwargs["input_ids"]
+            )
+        elif images is not None and kwargs.get("pixel_values") is not None:
+            kwargs["pixel_values"] = images(kwargs["pixel_values"])
+        held = next((name for name in compat.CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
+        if held is not None:
+            cache = kwargs[held] = compat.DynamicCache() if cache is None else cache
+        self.in_branch = True
+        try:
+            outputs = self._model()(*args, **kwargs)
+        finally:
+            self.in_branch = False
+        return compat.output_logits(outputs, kwargs)[:, -1], cache
 
     # -- per layer --------------------------------------------------------------------------------
 

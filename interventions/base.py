@@ -73,6 +73,10 @@ class Forward:
     # The model's logits of output hidden states: `to_logits(hidden [B, n, hidden]) -> [B, n, V]` (its output
     # embeddings, as its own head applies them).
     to_logits: Callable | None = None
+    # Runs the whole VLM again on this forward's own call, no intervention acting: `run_model(cache=None | a
+    # branch's cache, images=None | fn(pixel values as the processor made them) -> other pixel values)` returns
+    # `(logits [B, V] of the last position, the branch's cache)`. None when the VLM itself was not called.
+    run_model: Callable | None = None
 
     @property
     def prefill(self) -> bool:

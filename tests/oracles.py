@@ -269,3 +269,33 @@ class OfficialCFG:
         cutoff = torch.log(torch.tensor(self.cutoff)) + scores.max(dim=-1, keepdim=True).values
         out = self.gamma * (scores - unconditional) + unconditional
         return out.masked_fill(scores < cutoff, -float("inf"))
+
+
+def official_vcd_distortion(image: torch.Tensor, noise_step: int, noise: torch.Tensor) -> torch.Tensor:
+    """DAMO-NLP-SG/VCD `vcd_add_noise.py` with its Gaussian noise given: 1000 steps, betas a sigmoid over [-6, 6]
+    scaled into [1e-5, 0.5e-2], `q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise`."""
+    betas = torch.linspace(-6, 6, 1000)
+    betas = torch.sigmoid(betas) * (0.5e-2 - 1e-5) + 1e-5
+    alphas_prod = torch.cumprod(1 - betas, dim=0)
+    return torch.sqrt(alphas_prod)[noise_step] * image + torch.sqrt(1 - alphas_prod)[noise_step] * noise
+
+
+class OfficialVCD:
+    """DAMO-NLP-SG/VCD `vcd_sample.py`'s step as a logits processor, batch 1: the model (a twin of the generating
+    one) also runs on the prompt with the distorted image, with its own cache, one step per call; the logits become
+    `(1 + alpha) * logits - alpha * logits_cd`, -inf where `logits < log(beta) + max logits`."""
+
+    def __init__(self, model, inputs_cd: dict, *, alpha, beta):
+        self.model, self.inputs, self.alpha, self.beta = model, inputs_cd, alpha, beta
+        self.out = None
+
+    def __call__(self, input_ids, scores):
+        if self.out is None:
+            self.out = self.model(**self.inputs, use_cache=True)
+        else:
+            cache = {cache_argument(self.model.forward): output_cache(self.out)}
+            self.out = self.model(input_ids=input_ids[:, -1:], **cache, use_cache=True)
+        next_token_logits_cd = self.out.logits[:, -1, :]
+        cutoff = torch.log(torch.tensor(self.beta)) + scores.max(dim=-1, keepdim=True).values
+        diffs = (1 + self.alpha) * scores - self.alpha * next_token_logits_cd
+        return diffs.masked_fill(scores < cutoff, -float("inf"))

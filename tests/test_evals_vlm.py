@@ -406,7 +406,9 @@ def test_eval_end_to_end_on_a_saved_tiny_vlm(tmp_path, tiny_vlm_dir):
     assert len(samples) == 4 and json.loads(samples[0])["image"].endswith(".jpg")
 
 
-@pytest.mark.parametrize("method, params", [("var", ()), ("pai", ()), ("pai", ("cfg_gamma=1.1",))])
+@pytest.mark.parametrize(
+    "method, params", [("var", ()), ("pai", ()), ("pai", ("cfg_gamma=1.1",)), ("vcd", ()), ("vcd", ("alpha=0.5",))]
+)
 def test_vlm_methods_end_to_end_on_a_saved_tiny_vlm(tmp_path, tiny_vlm_dir, method, params):
     document, _ = eval_tiny_vlm(tmp_path, tiny_vlm_dir, method, "pope-photos", params)
     assert document["results"]["pope-photos"]["acc"]["n"] == 4

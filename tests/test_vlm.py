@@ -38,10 +38,10 @@ def generate(model, inputs: dict, forced: int | None = None, processor=None, sam
     processors += [] if processor is None else [processor]
     config = copy.deepcopy(model.generation_config)
     config.update(
-        eos_token_id=[], max_new_tokens=STEPS, do_sample=sample_seed is not None, top_k=0, output_logits=True,
-        output_scores=True, return_dict_in_generate=True,
-    )  # fmt: skip
+        eos_token_id=[], max_new_tokens=STEPS, output_logits=True, output_scores=True, return_dict_in_generate=True
+    )
     if sample_seed is not None:
+        config.update(do_sample=True, top_k=0)
         torch.manual_seed(sample_seed)
     with torch.no_grad():
         out = model.generate(**inputs, generation_config=config, logits_processor=processors)
@@ -70,7 +70,7 @@ def sink_dims(vlm: TinyVLM) -> list[int]:
     return discover_sink_dims(vlm.model, **vlm.inputs(prompts(vlm)))
 
 
-NEUTRAL = {"var": {"p_move": 0.0}, "pai": {"alpha": 0.0}, "vhr": {"alpha": 1.0}}
+NEUTRAL = {"var": {"p_move": 0.0}, "pai": {"alpha": 0.0}, "vhr": {"alpha": 1.0}, "vcd": {"alpha": 0.0}}
 
 
 @pytest.mark.parametrize("method", list(NEUTRAL))
@@ -209,12 +209,57 @@ def test_a_contrast_refuses_a_model_whose_logits_are_not_its_head_of_its_hidden_
     assert "makes its logits otherwise than its output embeddings" in str(error.value)
 
 
-def test_pai_contrast_beam_search_scores_each_beam_as_its_own_run():
-    # The no-image branch follows the beams' reorders: each returned beam's step scores are what the contrast
-    # gives that very sequence decoded alone.
+@pytest.mark.parametrize("alpha, beta", [(1.0, 0.1), (0.5, 0.3)])
+def test_vcd_equals_the_official_contrastive_step(vlm_family, alpha, beta):
+    # Each sample's distorted image is the official diffusion noising of its own pixels with the noise our batch
+    # drew for it; the official step then runs on a twin of the model with its own cache.
+    vlm = TinyVLM(vlm_family)
+    twin = TinyVLM(vlm_family).model
+    batch = prompts(vlm)
+    pixels = vlm.inputs(batch)["pixel_values"]
+    noise = torch.randn(pixels.shape, generator=torch.Generator().manual_seed(7)).reshape(len(batch), -1)
+
+    def ours(inputs):
+        with intervene.apply(vlm.model, "vcd", alpha=alpha, beta=beta, noise_step=300, seed=7):
+            return generate(vlm.model, inputs)
+
+    def official(inputs):
+        image = inputs["pixel_values"]
+        rows = pixels.reshape(len(batch), -1)
+        row = next(b for b in range(len(batch)) if torch.equal(rows[b], image.flatten()))
+        distorted = oracles.official_vcd_distortion(image, 300, noise[row].reshape(image.shape))
+        step = oracles.OfficialVCD(twin, {**inputs, "pixel_values": distorted}, alpha=alpha, beta=beta)
+        return generate(vlm.model, inputs, processor=step)
+
+    check_against_official(vlm, official, ours)
+
+
+def test_vcd_samples_as_the_official_sampler():
+    # The official code contrasts while sampling: seeded, it draws the same tokens from the same distributions.
+    vlm = TinyVLM("qwen2_vl")
+    twin = TinyVLM("qwen2_vl").model
+    for row, sample in enumerate(prompts(vlm)):
+        inputs = vlm.inputs([sample], image_seeds=[row])
+        with intervene.apply(vlm.model, "vcd", seed=row):
+            tokens, logits = generate(vlm.model, inputs, sample_seed=row)
+        image = inputs["pixel_values"]
+        noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(row))
+        distorted = oracles.official_vcd_distortion(image, 500, noise)
+        step = oracles.OfficialVCD(twin, {**inputs, "pixel_values": distorted}, alpha=1.0, beta=0.1)
+        expected_tokens, expected = generate(vlm.model, inputs, processor=step, sample_seed=row)
+        torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-5)
+        assert torch.equal(tokens, expected_tokens)
+
+
+@pytest.mark.parametrize(
+    "method, params", [("pai", {"alpha": 0.5, "cfg_gamma": 1.5, "cfg_cutoff": 1e-4}), ("vcd", {"beta": 1e-4})]
+)
+def test_contrast_beam_search_scores_each_beam_as_its_own_run(method, params):
+    # The branch follows the beams' reorders: each returned beam's step scores are what the contrast gives that
+    # very sequence decoded alone.
     vlm = TinyVLM("llava")
     inputs = vlm.inputs([prompts(vlm)[0]])
-    with intervene.apply(vlm.model, "pai", alpha=0.5, cfg_gamma=1.5, cfg_cutoff=1e-4):
+    with intervene.apply(vlm.model, method, **params):
         check_beams(vlm, inputs)
 
 
