@@ -81,6 +81,7 @@ class Dispatcher:
         self._encoding: dict | None = None  # the keywords of the latest call of the VLM's image encoder
         self._real: torch.Tensor | None = None  # [B, tokens so far] True at real tokens; None: no padding
         self.in_branch = False  # running a method's branch: no intervention acts
+        self.branch_attention: Callable | None = None  # in a branch, what edits its attention: fn(LayerCall) -> edit
         self._observe: Callable | None = None  # what the branch hands each layer's head outputs to
         self.recorded: dict[int, torch.Tensor] | None = None  # layer -> probabilities, while recording
         self._model = weakref.ref(model)
@@ -284,11 +285,12 @@ class Dispatcher:
         else:
             self._image_mask = None
 
-    def _run_branch(self, *, input_ids, attention_mask, position_ids, cache=None, observe=None):
-        """`Forward.run_branch`: the language model on other inputs, no intervention acting; `observe(layer, out)`
-        gets each attention layer's head outputs `[B, N, Hq, D]`. Returns `(output hidden states, cache)`."""
+    def _run_branch(self, *, input_ids, attention_mask, position_ids, cache=None, observe=None, attention=None):
+        """`Forward.run_branch`: the language model on other inputs, no intervention acting (but `attention(call)`,
+        an edit of each attention call, when given); `observe(layer, out)` gets each attention layer's head outputs
+        `[B, N, Hq, D]`. Returns `(output hidden states, cache)`."""
         cache = compat.DynamicCache() if cache is None else cache
-        self.in_branch, self._observe = True, observe
+        self.in_branch, self._observe, self.branch_attention = True, observe, attention
         try:
             outputs = self._decoder()(
                 input_ids=input_ids,
@@ -298,13 +300,14 @@ class Dispatcher:
                 use_cache=True,
             )
         finally:
-            self.in_branch, self._observe = False, None
+            self.in_branch, self._observe, self.branch_attention = False, None, None
         return compat.output_hidden(outputs), cache
 
-    def _run_model(self, call: tuple, *, cache=None, images: Callable | None = None):
+    def _run_model(self, call: tuple, *, cache=None, images: Callable | None = None, attention: Callable | None = None):
         """`Forward.run_model`: the VLM's call `call` again, with the branch's `cache` (a new one when the call had a
         cache and this is the branch's first) and, where the call carries images, `images(pixel_values)` in place
-        of them, no intervention acting. Returns `(logits [B, V] of the last position, cache)`."""
+        of them, no intervention acting (but `attention(call)`, an edit of each attention call of its language
+        model, when given). Returns `(logits [B, V] of the last position, cache)`."""
         args, kwargs = call
         kwargs = dict(kwargs)
         if images is not None and kwargs.get("mm_encoder_outputs"):  # `generate` encoded the call's images before it
@@ -317,11 +320,11 @@ class Dispatcher:
         held = next((name for name in compat.CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
         if held is not None:
             cache = kwargs[held] = compat.DynamicCache() if cache is None else cache
-        self.in_branch = True
+        self.in_branch, self.branch_attention = True, attention
         try:
             outputs = self._model()(*args, **kwargs)
         finally:
-            self.in_branch = False
+            self.in_branch, self.branch_attention = False, None
         return compat.output_logits(outputs, kwargs)[:, -1], cache
 
     # -- per layer --------------------------------------------------------------------------------
@@ -386,6 +389,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         fall_through = dispatcher.fall_through(module)
         return fall_through(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     handles = [] if dispatcher.in_branch else dispatcher.active_handles(layer)
+    counterfactual = dispatcher.branch_attention if dispatcher.in_branch else None  # a branch's own attention
     # With no mask, a static cache's empty slots are hidden by SDPA's top-left causal alignment, not by
     # our bottom-right one: edits see the written slots only (the fall-through keeps SDPA's own call).
     filled = dispatcher.forward.past_length + query.shape[2] if dispatcher.forward else key.shape[2]
@@ -396,19 +400,22 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     sinks, softcap = kwargs.get("s_aux"), kwargs.get("softcap")  # the model's own: learned sinks, a logit cap
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
-    computed_here = (handles or dispatcher.recorded is not None) and not dispatcher.in_branch
+    recording = dispatcher.recorded is not None and not dispatcher.in_branch
+    computed_here = handles or recording or counterfactual is not None
     if computed_here and (unimplemented := compat.unimplemented_keywords(kwargs, dispatcher.probe.allowed)):
         raise NotImplementedError(
             f"layer {layer} of {type(module).__name__} was called with {', '.join(map(repr, unimplemented))}, which "
             "intervene's attention does not implement; it refuses rather than drop them"
         )
     call = None
-    if handles:
+    if handles or counterfactual:
         call = dispatcher.layer_call(
             layer, query, written_key, written_value, attention_mask, scale, causal, sinks, softcap
         )
     edit = dispatcher.edit_for(handles, call) if handles else None
-    if dispatcher.recorded is not None and not dispatcher.in_branch:
+    if counterfactual is not None:
+        edit = counterfactual(call)
+    if recording:
         probabilities = kernels.attention_probabilities(
             query, written_key, edit, attention_mask=attention_mask, scale=scale, causal=causal, sinks=sinks,
             softcap=softcap,

@@ -67,15 +67,17 @@ class Forward:
     # Tokens the cache holds at a layer before this forward (after a method removed some, fewer than past_length).
     held: Callable[[int], int] | None = None
     # Runs the language model on other inputs, no intervention acting: `run_branch(input_ids=..., attention_mask=...,
-    # position_ids=..., cache=None | a branch's cache, observe=None | fn(layer, head outputs [B, N, Hq, D]))` returns
-    # `(output hidden states [B, N, hidden] (after the final norm), the branch's cache)`.
+    # position_ids=..., cache=None | a branch's cache, observe=None | fn(layer, head outputs [B, N, Hq, D]),
+    # attention=None | fn(LayerCall) -> AttentionEdit, the branch's own edit)` returns `(output hidden states
+    # [B, N, hidden] (after the final norm), the branch's cache)`.
     run_branch: Callable | None = None
     # The model's logits of output hidden states: `to_logits(hidden [B, n, hidden]) -> [B, n, V]` (its output
     # embeddings, as its own head applies them).
     to_logits: Callable | None = None
     # Runs the whole VLM again on this forward's own call, no intervention acting: `run_model(cache=None | a
-    # branch's cache, images=None | fn(pixel values as the processor made them) -> other pixel values)` returns
-    # `(logits [B, V] of the last position, the branch's cache)`. None when the VLM itself was not called.
+    # branch's cache, images=None | fn(pixel values as the processor made them) -> other pixel values,
+    # attention=None | fn(LayerCall) -> AttentionEdit)` returns `(logits [B, V] of the last position, the branch's
+    # cache)`. None when the VLM itself was not called.
     run_model: Callable | None = None
 
     @property

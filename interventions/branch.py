@@ -63,3 +63,34 @@ class TextOnlyBranch:
         if self.cache is not None:
             self.cache.reorder_cache(rows)
             self.padding_mask = self.padding_mask[rows.to(self.padding_mask.device)]
+
+
+@dataclass
+class ModelBranch:
+    """The whole VLM again on each forward's own call, changed (other images, its own attention edits), in step
+    with the main pass."""
+
+    cache: Any = None  # its KV cache (None until the prompt ran)
+    ran: bool = False  # whether the prompt ran through it
+
+    def advance(
+        self, forward: Forward, method: str, images: Callable | None = None, attention: Callable | None = None
+    ) -> torch.Tensor | None:
+        """The branch's next-token logits `[B, V]` for this forward, `images(pixel_values)` replacing the prompt's
+        images and `attention(call)` editing its language model's attention calls; None when the main pass's prompt
+        ran before the intervention was enabled (there is nothing to follow)."""
+        if forward.run_model is None:
+            raise ValueError(f"{method} needs the VLM itself to be called (it runs the whole model again)")
+        if forward.prefill:
+            self.cache, self.ran = None, True
+        elif not self.ran:
+            return None
+        logits, self.cache = forward.run_model(
+            cache=self.cache, images=images if forward.prefill else None, attention=attention
+        )
+        return logits
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Beam search reordered the main cache's rows: the branch's follow."""
+        if self.cache is not None:
+            self.cache.reorder_cache(rows)

@@ -19,21 +19,13 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from .base import Forward, LayerCall, Method, ModelSpec, check_number, register, require_vision
+from .branch import ModelBranch
 
 DIFFUSION_STEPS = 1000
-
-
-@dataclass
-class DistortedImageBranch:
-    """The prompt with its image distorted, run in step with the main pass."""
-
-    cache: Any = None  # its KV cache (None until the prompt ran)
-    ran: bool = False  # whether the prompt ran through it
 
 
 @register("vcd")
@@ -46,7 +38,7 @@ class VCD(Method):
     noise_step: int = 500  # of 1000 diffusion steps
     seed: int = 55  # of the noise (the official POPE script's seed)
 
-    State = DistortedImageBranch
+    State = ModelBranch
 
     def __post_init__(self):
         check_number("vcd", "alpha", self.alpha, low=0.0)
@@ -64,25 +56,18 @@ class VCD(Method):
     def active_layers(self) -> frozenset[int]:
         return frozenset()  # no attention is edited: the contrast acts on the logits
 
-    def edit(self, call: LayerCall, state: DistortedImageBranch) -> None:
+    def edit(self, call: LayerCall, state: ModelBranch) -> None:
         return None
 
-    def logits(self, forward: Forward, logits: torch.Tensor, branch: DistortedImageBranch) -> torch.Tensor | None:
+    def logits(self, forward: Forward, logits: torch.Tensor, branch: ModelBranch) -> torch.Tensor | None:
         if self.alpha == 0.0:
             return None
-        if forward.run_model is None:
-            raise ValueError("vcd needs the VLM itself to be called (it runs the model again on a distorted image)")
-        if forward.prefill:
-            branch.cache, branch.ran = None, True
-        elif not branch.ran:
-            return None  # the prompt ran before this intervention was enabled
-        images = functools.partial(distort, step=self.noise_step, seed=self.seed) if forward.prefill else None
-        distorted, branch.cache = forward.run_model(cache=branch.cache, images=images)  # [B, V]
-        return contrast(logits, distorted, self.alpha, self.beta)
+        images = functools.partial(distort, step=self.noise_step, seed=self.seed)
+        distorted = branch.advance(forward, "vcd", images=images)  # [B, V]
+        return None if distorted is None else contrast(logits, distorted, self.alpha, self.beta)
 
-    def reorder(self, rows: torch.Tensor, branch: DistortedImageBranch) -> None:
-        if branch.cache is not None:
-            branch.cache.reorder_cache(rows)
+    def reorder(self, rows: torch.Tensor, branch: ModelBranch) -> None:
+        branch.reorder(rows)
 
 
 def distort(pixels: torch.Tensor, step: int, seed: int) -> torch.Tensor:

@@ -34,12 +34,13 @@ from dataclasses import replace
 import torch
 
 from . import reference
-from .edit import AttentionEdit, KeyGain, MassGate, Redistribute
+from .edit import AttentionEdit, Counterfactual, KeyGain, MassGate, Redistribute
 from .reference import RowPass
 
 __all__ = [
     "BACKENDS",
     "AttentionEdit",
+    "Counterfactual",
     "KeyGain",
     "MassGate",
     "Redistribute",
@@ -73,7 +74,11 @@ def modified_attention(
     are learned sink logits, `softcap` the cap of the logits (see the module's docstring). `rows`: what
     `column_stats_and_rows` computed on the same q, k, v, which the CPU path reuses where it can."""
     edit, sinks = _checked(q, k, v, edit or AttentionEdit(), attention_mask, sinks, softcap)
+    if edit.counterfactual is not None and backend == "auto":
+        backend = "reference"  # the one backend that runs counterfactual attention
     chosen = _backend(q, v, backend)
+    if edit.counterfactual is not None and chosen is not reference:
+        raise NotImplementedError(f"counterfactual attention runs in the reference backend, not {backend!r}")
     reused = {"rows": rows} if chosen is reference else {}
     return chosen.attention(
         q,
@@ -254,6 +259,8 @@ def _edit_tensors(edit: AttentionEdit) -> list[tuple[str, torch.Tensor, str]]:
              ("sink_bias", edit.sink_bias, "B|1, Hq|1")]  # fmt: skip
     if gain is not None:
         named += [("key_gain.keys", gain.keys, "B, Nk"), ("key_gain.rows", gain.rows, "B, Nq")]
+    if edit.counterfactual is not None and edit.counterfactual.keys is not None:
+        named.append(("counterfactual.keys", edit.counterfactual.keys, "B, Nk"))
     if rd is not None:
         named += [("redistribute.source", rd.source, "B, Hq|1, Nk"), ("redistribute.target", rd.target, "B, Hq|1, Nk"),
                   ("redistribute.row_gate", rd.row_gate, "B, Hq|1, Nq")]  # fmt: skip

@@ -91,11 +91,35 @@ class KeyGain:
     rows: torch.Tensor | None = None  # [B, Nq] bool
 
 
+COUNTERFACTUALS = ("uniform", "reverse", "random", "shuffle")
+
+
+@dataclass(frozen=True)
+class Counterfactual:
+    """CausalMM's counterfactual attention: each row's probabilities on `keys` (every key when None) replaced by
+    another map of the same total mass over the same visible keys:
+    - `"uniform"`: equal on each of them;
+    - `"reverse"`: in proportion to the largest of them minus each one (where they are all equal: unchanged);
+    - `"random"`: in proportion to uniform random numbers;
+    - `"shuffle"`: the row's own probabilities on them, in a random order.
+    Random numbers come from a generator seeded with `seed`, drawn row chunk by row chunk (the same call gives the
+    same numbers)."""
+
+    kind: str
+    keys: torch.Tensor | None = None  # [B, Nk] bool
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.kind not in COUNTERFACTUALS:
+            raise ValueError(f"Counterfactual: kind {self.kind!r} is not one of {', '.join(COUNTERFACTUALS)}")
+
+
 @dataclass(frozen=True)
 class AttentionEdit:
     key_bias: torch.Tensor | None = None  # [B|1, Hq|1, Nq|1, Nk] float, added to the logits (natural log)
     key_gain: KeyGain | None = None
     redistribute: Redistribute | None = None
+    counterfactual: Counterfactual | None = None  # replaces the probabilities (after any other edit)
     head_scale: torch.Tensor | None = None  # [B|1, Hq] (or [Hq]) multiplies each head's output
     sink_bias: torch.Tensor | None = None  # [B|1, Hq] (or [Hq]) added to the learned sinks' logits (natural log)
 
@@ -106,9 +130,9 @@ class AttentionEdit:
     def __add__(self, other: AttentionEdit) -> AttentionEdit:
         """Compose two edits of one layer: biases (of keys and of sinks) add, head scales multiply.
 
-        Two redistributions (or two key gains) do not commute, so they are refused.
+        Two redistributions (or two key gains, or two counterfactuals) do not commute, so they are refused.
         """
-        for name in ("key_gain", "redistribute"):
+        for name in ("key_gain", "redistribute", "counterfactual"):
             if getattr(self, name) is not None and getattr(other, name) is not None:
                 raise ValueError(
                     f"two edits both set `{name}` on one layer; they do not commute and cannot be composed. "
@@ -118,6 +142,7 @@ class AttentionEdit:
             key_bias=_combine(self.key_bias, other.key_bias, torch.add),
             key_gain=self.key_gain if self.key_gain is not None else other.key_gain,
             redistribute=self.redistribute if self.redistribute is not None else other.redistribute,
+            counterfactual=self.counterfactual if self.counterfactual is not None else other.counterfactual,
             head_scale=_combine(self.head_scale, other.head_scale, torch.mul),
             sink_bias=_combine(self.sink_bias, other.sink_bias, torch.add),
         )

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from .edit import AttentionEdit, Redistribute
+from .edit import AttentionEdit, Counterfactual, Redistribute
 
 _CHUNK_SCORES = 1 << 24  # fp32 scores held at once: 64 MiB
 _HIDDEN = 1e4  # a logit bias that leaves exp() exactly 0 beside any score of a real model
@@ -57,10 +57,7 @@ def _explicit(q, k, v, edit: AttentionEdit, attention_mask, scale, causal, retur
     B, Hq, Hkv = q.shape[0], q.shape[1], k.shape[1]
     v = v.float()
     outputs, lses = [], []
-    rows = _probability_rows(q, k, edit, attention_mask, scale, causal, sinks, softcap, lse=return_lse)
-    for r0, r1, p, _, lse in rows:
-        if edit.redistribute is not None:
-            p = _redistribute(p, edit.redistribute, r0, r1)
+    for r0, r1, p, lse in _edited_rows(q, k, edit, attention_mask, scale, causal, sinks, softcap, return_lse):
         o = p.reshape(B, Hkv, -1, p.shape[-1]) @ v  # [B, Hkv, G*rows, Dv]: a KV head's queries share its values
         outputs.append(o.view(B, Hq, r1 - r0, -1))
         lses.append(lse)
@@ -72,9 +69,9 @@ def _explicit(q, k, v, edit: AttentionEdit, attention_mask, scale, causal, retur
 
 
 def _probability_heads(edit: AttentionEdit, num_heads: int) -> torch.Tensor:
-    """[Hq] bool: the heads whose edit needs their probabilities (a key gain: all; a redistribution: those with
-    a source key)."""
-    if edit.key_gain is not None:
+    """[Hq] bool: the heads whose edit needs their probabilities (a key gain or a counterfactual: all; a
+    redistribution: those with a source key)."""
+    if edit.key_gain is not None or edit.counterfactual is not None:
         return torch.ones(num_heads, dtype=torch.bool)
     if edit.redistribute is None:
         return torch.zeros(num_heads, dtype=torch.bool)
@@ -335,10 +332,21 @@ def _flash(q, k, v, mask, is_causal, scale) -> tuple[torch.Tensor, torch.Tensor]
 
 def probabilities(q, k, edit: AttentionEdit, *, attention_mask, scale, causal, sinks, softcap) -> torch.Tensor:
     """The edited attention probabilities `[B, Hq, Nq, Nk]` (fp32), materialised: for inspection only."""
-    rows = []
-    for r0, r1, p, _, _ in _probability_rows(q, k, edit, attention_mask, scale, causal, sinks, softcap):
-        rows.append(_redistribute(p, edit.redistribute, r0, r1) if edit.redistribute is not None else p)
-    return torch.cat(rows, dim=2)
+    rows = _edited_rows(q, k, edit, attention_mask, scale, causal, sinks, softcap, False)
+    return torch.cat([p for _, _, p, _ in rows], dim=2)
+
+
+def _edited_rows(q, k, edit: AttentionEdit, attention_mask, scale, causal, sinks, softcap, lse) -> Iterator:
+    """Yield `(r0, r1, probabilities [B, Hq, rows, Nk], lse [B, Hq, rows] | None)` with the edit applied: its logit
+    edits (`_probability_rows`), then its redistribution, then its counterfactual."""
+    cf = edit.counterfactual
+    generator = None if cf is None else torch.Generator(q.device).manual_seed(cf.seed)
+    for r0, r1, p, seen, row_lse in _probability_rows(q, k, edit, attention_mask, scale, causal, sinks, softcap, lse):
+        if edit.redistribute is not None:
+            p = _redistribute(p, edit.redistribute, r0, r1)
+        if cf is not None:
+            p = _counterfactual(p, seen, cf, generator)
+        yield r0, r1, p, row_lse
 
 
 def column_stats(q, k, *, attention_mask, scale, causal, query_mask, key_bias, sinks, softcap):
@@ -499,6 +507,29 @@ def _mask_rows(attention_mask, r0, r1, Nq, Nk, causal, device):
 
 def _rows_of(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
     return t[..., r0:r1, :] if t.shape[-2] > 1 else t
+
+
+def _counterfactual(p: torch.Tensor, seen: torch.Tensor, cf: Counterfactual, generator) -> torch.Tensor:
+    """`p` `[B, Hq, rows, Nk]` with each row's probabilities on the visible keys of `cf.keys` replaced by the
+    counterfactual map of the same total (`Counterfactual`)."""
+    member = seen.expand_as(p) if cf.keys is None else seen & cf.keys[:, None, None, :]  # [B, Hq, rows, Nk]
+    on = torch.where(member, p, 0.0)
+    mass = on.sum(dim=-1, keepdim=True)  # [B, Hq, rows, 1]
+    if cf.kind == "shuffle":  # members in a random order, written back at the members' places in key order
+        index = torch.arange(p.shape[-1], device=p.device) / p.shape[-1]  # in [0, 1): sorts after no random number
+        random = torch.rand(p.shape, generator=generator, device=p.device)
+        drawn = torch.where(member, random, 2 + index).argsort(dim=-1)
+        places = torch.where(member, index, 2 + index).argsort(dim=-1)
+        return p.scatter(-1, places, p.gather(-1, drawn))
+    if cf.kind == "uniform":
+        weight = member.to(p.dtype)
+    elif cf.kind == "random":
+        weight = torch.rand(p.shape, generator=generator, device=p.device) * member
+    else:  # reverse; rows whose members are all equal (nothing to reverse) keep them
+        weight = torch.where(member, on.amax(dim=-1, keepdim=True) - on, 0.0)
+        weight = torch.where(weight.sum(dim=-1, keepdim=True) > 0, weight, on)
+    total = weight.sum(dim=-1, keepdim=True)
+    return torch.where(member, weight * (mass / total.masked_fill(total == 0, 1.0)), p)
 
 
 def _redistribute(p: torch.Tensor, rd: Redistribute, r0: int, r1: int) -> torch.Tensor:

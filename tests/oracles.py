@@ -299,3 +299,22 @@ class OfficialVCD:
         cutoff = torch.log(torch.tensor(self.beta)) + scores.max(dim=-1, keepdim=True).values
         diffs = (1 + self.alpha) * scores - self.alpha * next_token_logits_cd
         return diffs.masked_fill(scores < cutoff, -float("inf"))
+
+
+class OfficialCausalMMAttention(OfficialVLM):
+    """The-Martyr/CausalMM's language-model counterfactual (its README's snippet, `reverse_and_normalize`), in every
+    layer: post-softmax attention `A` becomes `(max_j A - A)` under a square causal mask, divided by its row sums,
+    masked again. Batch 1, with a KV cache (a decode step's single row has nothing above the diagonal). One
+    departure: a row with nothing to reverse (the first token sees only itself) keeps its attention, where the
+    snippet divides 0 by 0 and every later state becomes NaN."""
+
+    def probabilities(self, A, layer, past):
+        seq_len = A.shape[-2]
+        attention_mask = torch.triu(torch.ones(seq_len, seq_len), diagonal=1)
+        reversed_attention = (A.max(dim=-1, keepdim=True)[0] - A) * (1 - attention_mask)
+        total = reversed_attention.sum(dim=-1, keepdim=True)
+        normalized = reversed_attention / total * (1 - attention_mask)
+        return torch.where(total > 0, normalized, A)
+
+
+OfficialCausalMM = OfficialVCD  # causalmm_sm.py's step is vcd_sample.py's, with gamma and epsilon for alpha and beta

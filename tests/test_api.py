@@ -242,7 +242,11 @@ def test_methods_lists_the_builtins_and_register_adds_one(batch, monkeypatch):
 @pytest.mark.parametrize(
     "method, params, message",
     [
-        ("actt", {}, r"unknown method 'actt'; known methods: act, heads, pai, prune, var, vcd, vhr, zerotuning"),
+        (
+            "actt",
+            {},
+            r"unknown method 'actt'; known methods: act, causalmm, heads, pai, prune, var, vcd, vhr, zerotuning",
+        ),
         ("act", {"beta": 1.5}, r"act: beta=1.5 is out of range; it must lie in \[0.0, 1.0\]"),
         ("act", {"threshold": 0}, r"act: threshold=0 is out of range; it must lie in \(0.0, 1.0\]"),
         ("act", {"decode": "always"}, r"decode='always' is not one of frozen, online, off"),

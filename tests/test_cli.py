@@ -26,7 +26,7 @@ def test_methods_and_tasks_list_what_is_registered():
     result = invoke("methods")
     assert result.exit_code == 0
     names = [line.split()[0] for line in result.output.splitlines()]
-    assert names == ["act", "heads", "pai", "prune", "var", "vcd", "vhr", "zerotuning"]
+    assert names == ["act", "causalmm", "heads", "pai", "prune", "var", "vcd", "vhr", "zerotuning"]
     result = invoke("tasks")
     assert result.exit_code == 0
     assert [line.split()[0] for line in result.output.splitlines()] == [
@@ -108,7 +108,7 @@ def test_lm_evals_underscore_spellings_are_the_same_options(tmp_path, tiny_check
     [
         (
             ["--method", "actt"],
-            "unknown method 'actt'; known methods: act, heads, pai, prune, var, vcd, vhr, zerotuning",
+            "unknown method 'actt'; known methods: act, causalmm, heads, pai, prune, var, vcd, vhr, zerotuning",
         ),
         (["--method", "act", "--param", "beta=2"], "act: beta=2 is out of range"),
         (["--method", "act", "--param", "beta"], "--param 'beta' is not key=value"),

@@ -407,7 +407,8 @@ def test_eval_end_to_end_on_a_saved_tiny_vlm(tmp_path, tiny_vlm_dir):
 
 
 @pytest.mark.parametrize(
-    "method, params", [("var", ()), ("pai", ()), ("pai", ("cfg_gamma=1.1",)), ("vcd", ()), ("vcd", ("alpha=0.5",))]
+    "method, params",
+    [("var", ()), ("pai", ()), ("pai", ("cfg_gamma=1.1",)), ("vcd", ()), ("vcd", ("alpha=0.5",)), ("causalmm", ())],
 )
 def test_vlm_methods_end_to_end_on_a_saved_tiny_vlm(tmp_path, tiny_vlm_dir, method, params):
     document, _ = eval_tiny_vlm(tmp_path, tiny_vlm_dir, method, "pope-photos", params)

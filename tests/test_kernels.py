@@ -1,5 +1,6 @@
 """The reference backend against explicit fp32 probabilities and the identities of methods-llm §1."""
 
+import itertools
 import math
 
 import pytest
@@ -639,3 +640,43 @@ def test_column_stats_from_two_flash_passes_equal_the_summed_probabilities(n, nk
             torch.testing.assert_close(sums, (p * chosen[:, None, :, None]).sum(dim=2), atol=1e-5, rtol=1e-5,
                                        msg=lambda m, name=mask_name: f"{name}: {m}")  # fmt: skip
             assert torch.equal(counts, seen.sum(dim=2, dtype=torch.float32).expand_as(counts)), mask_name
+
+
+@pytest.mark.parametrize("kind", ["uniform", "reverse", "random", "shuffle"])
+@pytest.mark.parametrize("n, nk", [(19, 19), (1, 19)])
+def test_counterfactual_attention_equals_its_definition_on_explicit_probabilities(kind, n, nk):
+    """CausalMM's counterfactual maps, on every key or on a key set: keys outside the set (and masked keys) keep their
+    probabilities, the set keeps its mass, and within it the map is uniform / proportional to (the largest - each) /
+    positive / a permutation of the row's own; the attention output is those probabilities times v."""
+    q, k, v = qkv(n=n, nk=nk)
+    some = torch.rand(2, nk, generator=torch.Generator().manual_seed(1)) < 0.5  # [B, Nk]
+    for mask_name, mask in _masks(n, nk).items():
+        seen = reference.visible_keys(mask, "test")[:, None] if mask is not None else None
+        if seen is None:
+            seen = torch.ones(nk, nk, dtype=torch.bool).tril()[nk - n :][None, None]
+        plain = kernels.attention_probabilities(q, k, attention_mask=mask, scale=0.3)  # [B, Hq, Nq, Nk]
+        for keys in (None, some):
+            edit = AttentionEdit(counterfactual=kernels.Counterfactual(kind, keys=keys, seed=3))
+            edited = kernels.attention_probabilities(q, k, edit, attention_mask=mask, scale=0.3)
+            member = (seen if keys is None else seen & keys[:, None, None, :]).expand_as(plain)
+            where = f"{mask_name}, keys {'all' if keys is None else 'some'}"
+            assert torch.equal(edited[~member], plain[~member]), where
+            mass = (plain * member).sum(-1)
+            torch.testing.assert_close((edited * member).sum(-1), mass, atol=1e-6, rtol=1e-5, msg=where)
+            for b, h, i in itertools.product(range(2), range(4), range(n)):
+                on = member[b, h, i]
+                before, after = plain[b, h, i][on], edited[b, h, i][on]
+                if kind == "uniform":
+                    torch.testing.assert_close(after, torch.full_like(after, float(mass[b, h, i]) / on.sum()))
+                elif kind == "reverse" and before.numel() > 1 and before.max() > before.min():
+                    reversed_ = before.max() - before
+                    torch.testing.assert_close(after, reversed_ * mass[b, h, i] / reversed_.sum())
+                elif kind == "random":
+                    assert (after > 0).all(), where
+                elif kind == "shuffle":
+                    assert torch.equal(after.sort().values, before.sort().values), where
+            fast = kernels.modified_attention(q, k, v, edit, attention_mask=mask, scale=0.3)
+            torch.testing.assert_close(fast, (edited @ v.repeat_interleave(2, dim=1)).transpose(1, 2), atol=1e-6,
+                                       rtol=1e-5)  # fmt: skip
+    with pytest.raises(NotImplementedError, match="counterfactual attention runs in the reference backend"):
+        kernels.modified_attention(q, k, v, edit, scale=0.3, backend="flex")

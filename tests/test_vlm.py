@@ -70,7 +70,10 @@ def sink_dims(vlm: TinyVLM) -> list[int]:
     return discover_sink_dims(vlm.model, **vlm.inputs(prompts(vlm)))
 
 
-NEUTRAL = {"var": {"p_move": 0.0}, "pai": {"alpha": 0.0}, "vhr": {"alpha": 1.0}, "vcd": {"alpha": 0.0}}
+NEUTRAL = {
+    "var": {"p_move": 0.0}, "pai": {"alpha": 0.0}, "vhr": {"alpha": 1.0}, "vcd": {"alpha": 0.0},
+    "causalmm": {"gamma": 0.0},
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("method", list(NEUTRAL))
@@ -251,8 +254,33 @@ def test_vcd_samples_as_the_official_sampler():
         assert torch.equal(tokens, expected_tokens)
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_causalmm_equals_the_official_counterfactual_step(family):
+    # The branch runs the prompt with every language-model layer's attention reversed and renormalised (the
+    # official "reverse_and_normalize"), on a twin of the model with its own cache; the step is the official one.
+    vlm = TinyVLM(family)
+    twin = TinyVLM(family).model
+    name = f"official_causalmm_{family}"
+    oracles.OfficialCausalMMAttention(twin, name, IMAGE_TOKEN)
+    twin.set_attn_implementation({"text_config": name})
+
+    def ours(inputs):
+        with intervene.apply(vlm.model, "causalmm", counterfactual="reverse", gamma=0.7, epsilon=0.05):
+            return generate(vlm.model, inputs)
+
+    def official(inputs):
+        return generate(vlm.model, inputs, processor=oracles.OfficialCausalMM(twin, inputs, alpha=0.7, beta=0.05))
+
+    check_against_official(vlm, official, ours)
+
+
 @pytest.mark.parametrize(
-    "method, params", [("pai", {"alpha": 0.5, "cfg_gamma": 1.5, "cfg_cutoff": 1e-4}), ("vcd", {"beta": 1e-4})]
+    "method, params",
+    [
+        ("pai", {"alpha": 0.5, "cfg_gamma": 1.5, "cfg_cutoff": 1e-4}),
+        ("vcd", {"beta": 1e-4}),
+        ("causalmm", {"counterfactual": "reverse", "epsilon": 1e-4}),
+    ],
 )
 def test_contrast_beam_search_scores_each_beam_as_its_own_run(method, params):
     # The branch follows the beams' reorders: each returned beam's step scores are what the contrast gives that
