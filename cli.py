@@ -140,7 +140,9 @@ def evaluate(
         bool,
         typer.Option("--log-samples", "--log_samples", help="lm-eval's flag, accepted: every run logs its samples."),
     ] = False,
-    seed: Annotated[int, typer.Option(help="Seed for the bootstrap (decoding is greedy).")] = 1234,
+    seed: Annotated[
+        int, typer.Option(help="Seed for the bootstrap, and for sampling where a task samples (each batch seeded).")
+    ] = 1234,
     output_type: Annotated[
         str | None,
         typer.Option(help="For a plain data file: multiple_choice, classification, generate_until or pope."),

@@ -2,7 +2,7 @@
 
     python bench/overhead.py                       # the default model, CPU
     python bench/overhead.py --model /path/to/ckpt --device cuda --batch-size 16
-    python bench/overhead.py --model tiny-llava    # a VLM: pai, var and vhr on photos with a question
+    python bench/overhead.py --model tiny-llava    # a VLM: pai (and its contrast), var, vhr, vcd and causalmm
     python bench/overhead.py --model smollm2-llava # SmolLM2 behind a random CLIP: a real language model's cost
     python bench/overhead.py --random llama-3-8b --device cuda   # random weights in a real model's shape (GPU)
 
@@ -42,6 +42,9 @@ VLM_VARIANTS = {
     "pai (defaults)": ("pai", {}),
     "var (defaults)": ("var", {}),
     "vhr (defaults, + no-image branch)": ("vhr", {}),
+    "pai + contrast (cfg_gamma=1.1, + no-image branch)": ("pai", {"cfg_gamma": 1.1}),
+    "vcd (defaults, + distorted-image branch)": ("vcd", {}),
+    "causalmm (defaults, + counterfactual branch)": ("causalmm", {}),
 }
 PHOTOS = Path(intervene.__file__).parent / "evals" / "data" / "pope-photos"
 REAL_SHAPES = {  # Llama configs of real sizes, for `--random`: what a GPU's timings are about

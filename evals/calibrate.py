@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import scorers
 from .model import starts_with_bos
@@ -69,15 +70,18 @@ def union(chosen: list[dict]) -> dict[int, list[int]]:
     return {layer: sorted(hs) for layer, hs in sorted(heads.items())}
 
 
-def objective(model, tokenizer, tasks: dict, batch_size: int) -> dict[str, float]:
+def objective(model, tokenizer, tasks: dict, batch_size: int, seed: int = 0) -> dict[str, float]:
     """Each task's mean first metric on its items (`tasks`: task -> items), their mean as `objective`,
-    and the mean entropy over the choices of the tasks that have choices (`entropy`, label-free)."""
+    and the mean entropy over the choices of the tasks that have choices (`entropy`, label-free). A task that
+    samples draws each batch from torch's generator seeded `scorers.batch_seed(seed, batch number)`, the same
+    for every candidate."""
     scores, entropies = {}, []
     for name, (task, items) in tasks.items():
         metric = scorers.METRICS[task.output_type][0]
         items = sorted(items, key=lambda item: -len(item.query))  # similar lengths share a batch
         results = []
         for start in range(0, len(items), batch_size):
+            torch.manual_seed(scorers.batch_seed(seed, start // batch_size))
             results += scorers.score(task, items[start : start + batch_size], model, tokenizer)
         scores[name] = float(np.mean([r[metric] for r in results]))
         entropies += [r["entropy"] for r in results if "entropy" in r]
@@ -149,7 +153,7 @@ def calibrate(
     def scored(config: dict):
         def run():
             with intervene.apply(model, method, **config):
-                return {"scores": objective(model, tokenizer, items, batch_size)}
+                return {"scores": objective(model, tokenizer, items, batch_size, seed)}
 
         return run
 
@@ -161,7 +165,8 @@ def calibrate(
         f"{(len(sweep) + len(gammas) + 2) * n_items} item scorings"
     )
     began = time.perf_counter()
-    baseline = log.get_or_run("baseline", lambda: {"scores": objective(model, tokenizer, items, batch_size)})["scores"]
+    baseline = log.get_or_run("baseline", lambda: {"scores": objective(model, tokenizer, items, batch_size, seed)})
+    baseline = baseline["scores"]
     if (elapsed := time.perf_counter() - began) > 1:  # scored now, not read back from the log
         rest = elapsed * (len(sweep) + len(gammas) + 1) / 60
         say(f"baseline took {elapsed:.0f} s: the rest needs about {rest:.0f} min")

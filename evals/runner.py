@@ -52,7 +52,9 @@ def evaluate(
         for task in tasks:
             items = task.items(split, limit)
             log = Path(samples_dir) / f"samples_{task.name}.jsonl"
-            scored, seconds, timed = _run_task(task, items, model, tokenizer, handle, batch_size, log, progress, resume)
+            scored, seconds, timed = _run_task(
+                task, items, model, tokenizer, handle, batch_size, log, progress, resume, seed
+            )
             if main:
                 results[task.name] = _metrics(task, scored, seed)
                 timing[task.name] = {
@@ -63,10 +65,11 @@ def evaluate(
     return results, timing
 
 
-def _run_task(task, items, model, tokenizer, handle, batch_size, log, progress, resume):
+def _run_task(task, items, model, tokenizer, handle, batch_size, log, progress, resume, seed):
     """`(scored, seconds, timed)` on rank 0: both results of every item, the seconds each variant took on all
     ranks together, and the number of items those seconds are for (every item, counting the runs a resumed one
-    continues); `(None, None, None)` on the other ranks."""
+    continues); `(None, None, None)` on the other ranks. A task that samples draws each batch, in both passes,
+    from torch's generator seeded `scorers.batch_seed(seed, batch number)`."""
     ranks = PartialState()
     order = sorted(range(len(items)), key=lambda i: -len(items[i].query))  # similar lengths share a batch
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
@@ -93,6 +96,7 @@ def _run_task(task, items, model, tokenizer, handle, batch_size, log, progress, 
             batch, both, spent = batches[number], {}, {"batch": number}
             for variant, enabled in (("baseline", False), ("intervened", True)):
                 handle.enabled = enabled
+                torch.manual_seed(scorers.batch_seed(seed, number))
                 began = time.perf_counter()
                 try:
                     both[variant] = scorers.score(task, [items[i] for i in batch], model, tokenizer)

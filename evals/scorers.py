@@ -5,18 +5,20 @@
   over the choices);
 - `classification`: ACT-style, the argmax over the choices' label tokens at the last position, each
   label being the last token of " " + choice;
-- `generate_until`: greedy generation, cut at the stop strings, matched against the accepted answers;
+- `generate_until`: generation, cut at the stop strings, matched against the accepted answers;
   an item with no accepted answer expects an abstention ("I don't know"), and a confident answer that
   is not accepted is a hallucination;
-- `pope`: greedy generation of a short answer, read as yes/no by POPE's rule (below); `acc`,
+- `pope`: generation of a short answer, read as yes/no by POPE's rule (below); `acc`,
   `precision`, `recall`, `f1` (of "yes") and `yes_ratio` over the whole set;
-- `chair`: greedy generation of a caption; `chair_s` (share of captions naming an object not in the
+- `chair`: generation of a caption; `chair_s` (share of captions naming an object not in the
   image), `chair_i` (share of object mentions that are hallucinated), `recall` (share of the images'
   objects that the captions name) and `length` (words per caption).
 
-Batches are left-padded and positions skip the padding. Items with an image go through the model's
-processor and its chat template (a user turn holding the image and the query); the model must be a
-vision-language one. Every metric is a ratio of sums of per-item counts (`COUNTS`), so the runner can
+Generation is greedy unless the task samples (its `generation_kwargs`, read as lm-eval reads them: `do_sample`,
+`temperature`, `top_p`, `top_k`); then a batch draws from torch's generator, which the runner seeds for each batch
+(`batch_seed`), the same in both passes. Batches are left-padded and positions skip the padding. Items with an
+image go through the model's processor and its chat template (a user turn holding the image and the query); the
+model must be a vision-language one. Every metric is a ratio of sums of per-item counts (`COUNTS`), so the runner can
 resample items and recompute a corpus-level metric such as F1 exactly.
 """
 
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 
 from . import chair
-from .tasks import METRICS, TaskError  # METRICS: what each scorer computes (a task reports them, or its metric_list)
+from .tasks import METRICS, SAMPLING, TaskError  # METRICS: what each scorer computes (a task reports or lists them)
 
 # The per-item numbers whose sums over the items give the metrics (see `corpus_metrics`); for the other
 # output types each metric is the mean of its per-item value.
@@ -134,7 +136,7 @@ def classification(task, items, model, tokenizer) -> list[dict]:
 def generate_until(task, items, model, processor) -> list[dict]:
     settings = task.generation()
     results = []
-    for text, item in zip(_generate(items, model, processor, settings["max_gen_toks"]), items, strict=True):
+    for text, item in zip(_generate(items, model, processor, **_decoding(settings)), items, strict=True):
         output = cut(text, settings["until"]).strip()
         abstained = bool(ABSTAIN.search(output.lower().replace("’", "'")))
         said = output.lower()
@@ -160,7 +162,7 @@ def pope_answer(output: str) -> str:
 def pope(task, items, model, processor) -> list[dict]:
     settings = task.generation()  # by default 8 new tokens: an answer is one word or a short sentence
     results = []
-    for output, item in zip(_generate(items, model, processor, settings["max_gen_toks"]), items, strict=True):
+    for output, item in zip(_generate(items, model, processor, **_decoding(settings)), items, strict=True):
         output = cut(output, settings["until"]).strip()
         said_yes, is_yes = pope_answer(output) == "yes", item.gold == 1
         results.append(
@@ -179,9 +181,7 @@ def pope(task, items, model, processor) -> list[dict]:
 def chair_captions(task, items, model, processor) -> list[dict]:
     settings = task.generation()
     vocab = chair.vocabulary(task.coco_synonyms or chair.SYNONYMS)
-    outputs = [
-        cut(output, settings["until"]) for output in _generate(items, model, processor, settings["max_gen_toks"])
-    ]
+    outputs = [cut(output, settings["until"]) for output in _generate(items, model, processor, **_decoding(settings))]
     return [
         {"output": output.strip(), **chair.score(output, set(item.objects), vocab)}
         for output, item in zip(outputs, items, strict=True)
@@ -205,8 +205,23 @@ SCORERS = {
 }
 
 
-def _generate(items, model, processor, max_new_tokens: int) -> list[str]:
-    """Greedy continuations of a left-padded batch, decoded without special tokens."""
+def batch_seed(seed: int, batch: int) -> int:
+    """The seed of torch's generator before batch number `batch` of a run seeded `seed` is scored: both passes of a
+    paired run sample that batch from the same numbers, whichever process scores it, resumed or not."""
+    return seed * 1_000_003 + batch
+
+
+def _decoding(settings: dict) -> dict:
+    """`_generate`'s keywords for a task's generation settings (`Task.generation`)."""
+    if not settings["do_sample"]:
+        return {"max_new_tokens": settings["max_gen_toks"]}
+    return {"max_new_tokens": settings["max_gen_toks"], "sampling": {k: settings[k] for k in SAMPLING if k in settings}}
+
+
+def _generate(items, model, processor, max_new_tokens: int, sampling: dict | None = None) -> list[str]:
+    """Continuations of a left-padded batch, decoded without special tokens: greedy, or sampled with `sampling`
+    (some of temperature, top_p, top_k; the model's defaults for the others) from torch's global generator, which
+    the callers seed."""
     if items[0].image is None:
         ids, mask = _left_pad([_encode(processor, item.query, special=True) for item in items], _pad_id(processor))
         inputs = {"input_ids": ids, "attention_mask": mask}
@@ -219,7 +234,8 @@ def _generate(items, model, processor, max_new_tokens: int) -> list[str]:
         out = model.generate(
             **{k: v.to(input_device(model)) for k, v in inputs.items()},
             max_new_tokens=max_new_tokens,
-            do_sample=False,
+            do_sample=sampling is not None,
+            **(sampling or {}),
             pad_token_id=_pad_id(tokenizer),
         )
     width = inputs["input_ids"].shape[1]

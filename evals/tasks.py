@@ -60,6 +60,7 @@ METRIC_KEYS = ("metric", "aggregation", "higher_is_better")  # of a metric_list 
 RATIOS = {"pope": ("precision", "recall", "f1"), "chair": ("chair_i", "recall")}  # over the whole set, not means
 MAX_TOKENS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")  # lm-eval's names of one
 MAX_GEN_TOKS = {"generate_until": 256, "pope": 8, "chair": 64}  # lm-eval's default; a short answer; a caption
+SAMPLING = ("temperature", "top_p", "top_k")  # what sampling reads of a task's generation_kwargs
 FEWSHOT_SEED = 1234  # lm-eval's fewshot_random_seed: its sampler's shots unless a run sets another
 RECORD_BYTES = 16 << 20  # a line of a data file (one record), or a whole task YAML, larger than this is refused
 YAML_VALUES = 100_000  # a task YAML holds fewer values than this, aliases expanded (else a "billion laughs")
@@ -197,11 +198,19 @@ class Task:
 
     def generation(self) -> dict:
         """How the scorers generate, in lm-eval's terms: the output cut at the `until` strings (by default the
-        few-shot delimiter for generate_until, as in lm-eval), at most `max_gen_toks` new tokens, greedily."""
+        few-shot delimiter for generate_until, as in lm-eval), at most `max_gen_toks` new tokens, greedily unless
+        the task samples (`do_sample: true`, or a temperature above 0 without `do_sample`, as lm-eval reads them),
+        then with the temperature, top_p and top_k it gives (those it leaves out are the model's `generate`
+        defaults, as in lm-eval)."""
         kwargs = self.generation_kwargs
         until = kwargs.get("until", [self.fewshot_delimiter] if self.output_type == "generate_until" else [])
         most = next((kwargs[name] for name in MAX_TOKENS if name in kwargs), MAX_GEN_TOKS[self.output_type])
-        return {"until": [until] if isinstance(until, str) else list(until), "max_gen_toks": most, "do_sample": False}
+        sampled = kwargs.get("do_sample", kwargs.get("temperature", 0) > 0) is True
+        settings = {"until": [until] if isinstance(until, str) else list(until), "max_gen_toks": most}
+        settings["do_sample"] = sampled
+        if sampled:
+            settings |= {name: kwargs[name] for name in SAMPLING if name in kwargs}
+        return settings
 
     def settings(self) -> dict:
         """What decides the task's numbers besides its data, and nothing else: how a prompt, its choices and its
@@ -537,7 +546,7 @@ def _problems(task: Task) -> list[str]:
 
 
 def _generation_problems(output_type: str, kwargs) -> list[str]:
-    """The generation settings that the scorers would not use as lm-eval does (they decode greedily)."""
+    """The generation settings that the scorers would not use as lm-eval does."""
     if not isinstance(kwargs, dict):
         return [f"generation_kwargs {kwargs!r} (a mapping such as {{until: ['\\n'], max_gen_toks: 32}})"]
     if kwargs and output_type not in GENERATING:
@@ -554,20 +563,23 @@ def _generation_problems(output_type: str, kwargs) -> list[str]:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.append(f"generation_kwargs {key} {value!r} (a whole number of tokens, 1 or more)")
         elif key == "do_sample":
-            if value is not False:
-                problems.append(
-                    f"generation_kwargs do_sample {value!r} (the paired runner decodes greedily; set false)"
-                )
+            if not isinstance(value, bool):
+                problems.append(f"generation_kwargs do_sample {value!r} (true or false)")
+            elif value and kwargs.get("temperature") == 0:
+                problems.append("generation_kwargs do_sample true with temperature 0 (give a temperature above 0)")
         elif key == "temperature":
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                problems.append(f"generation_kwargs temperature {value!r} (a number)")
-            elif value > 0 and kwargs.get("do_sample") is not False:
-                problems.append(
-                    f"generation_kwargs temperature {value} (lm-eval samples at a temperature above 0 unless "
-                    "do_sample is false; the paired runner decodes greedily: give temperature: 0)"
-                )
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                problems.append(f"generation_kwargs temperature {value!r} (a number, 0 or more)")
+        elif key == "top_p":
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+                problems.append(f"generation_kwargs top_p {value!r} (a number in (0, 1])")
+        elif key == "top_k":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                problems.append(f"generation_kwargs top_k {value!r} (a whole number, 0 or more; 0 is off)")
         else:
-            problems.append(f"generation_kwargs {key} (the scorers decode greedily, with until and max_gen_toks only)")
+            problems.append(
+                f"generation_kwargs {key} (the scorers read until, max_gen_toks, do_sample, temperature, top_p, top_k)"
+            )
     return problems
 
 

@@ -11,8 +11,9 @@ padding, where the images are) and call the methods' own hooks (`Method`): at it
 layer's input, in each attention call, on its output, and when `generate` reorders the cache. On a
 vision-language model only the language model's attention is switched; a pre-hook on the model itself reads
 `input_ids` to find the image tokens, and a hook on its output hands the next-token logits to the methods that
-replace them. A method may run the language model again on other inputs, with no intervention acting
-(`Forward.run_branch`), and turn its output into logits (`Forward.to_logits`).
+replace them. A method may run the language model again on other inputs (`Forward.run_branch`), or the whole
+VLM on its call with other images (`Forward.run_model`), with no intervention acting but the branch's own attention
+edits, and turn a branch's output into logits (`Forward.to_logits`).
 """
 
 from __future__ import annotations
@@ -229,7 +230,7 @@ class Dispatcher:
             hidden = handle.config.output(forward, compat.output_hidden(output), handle.state)
             if hidden is not None:
                 output = compat.with_output_hidden(output, hidden)
-        if forward is not None and output is not None:
+        if forward is not None and output is not None and self._hooked("logits"):
             self._finished = forward, compat.output_hidden(output)[:, -1:]
         return output if hooked else None
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from intervene.evals import scorers, stats
+import intervene
+from intervene.evals import runner, scorers, stats
 from intervene.evals.tasks import Item, Task, TaskError, builtin_tasks, resolve_task
 
 from conftest import build
@@ -170,7 +171,7 @@ def test_classification_takes_the_argmax_over_label_tokens(tokenizer, tiny):
 def test_generation_outcomes_follow_the_answers_and_abstentions(tokenizer, tiny, monkeypatch, generated, answers,
                                                                 expected):  # fmt: skip
     task = Task(name="t", output_type="generate_until", generation_kwargs={"max_new_tokens": 4, "until": ["\n"]})
-    monkeypatch.setattr(scorers, "_generate", lambda items, *args: [generated] * len(items))
+    monkeypatch.setattr(scorers, "_generate", lambda items, *args, **kwargs: [generated] * len(items))
     [result] = scorers.score(task, [Item("Official language of the country?", answers=answers)], tiny, tokenizer)
     assert (result["acc"], result["hallucination"], result["abstention"]) == expected
     assert result["output"] == generated.split("\n")[0]
@@ -187,6 +188,35 @@ def test_generation_is_the_greedy_continuation(tokenizer, tiny):
         result["output"]
         and result["output"] == tokenizer.decode(greedy[0, ids.shape[1] :], skip_special_tokens=True).strip()
     )
+
+
+def test_a_sampling_task_samples_with_its_settings_and_pairs_the_two_passes(tokenizer, tiny, tmp_path):
+    # Each batch is seeded from the run's seed, the same for both passes: a neutral intervention samples exactly
+    # what the unwrapped model samples, another seed draws other text, and the same seed the same text again.
+    sampled = {"do_sample": True, "temperature": 5.0, "top_k": 0, "max_new_tokens": 6, "until": []}
+    records = [{"query": f"Language of country {n}?", "gold": "French"} for n in range(5)]
+    data = write_jsonl(tmp_path / "t.jsonl", records)
+    task = Task(name="t", output_type="generate_until", data_files={"test": str(data)}, generation_kwargs=sampled)
+    calls, generate = [], tiny.generate
+
+    def spy(**kwargs):
+        calls.append(kwargs)
+        return generate(**kwargs)
+
+    tiny.generate = spy
+
+    def outputs(seed: int, run: str) -> list[tuple[str, str]]:
+        (tmp_path / run).mkdir()
+        with intervene.apply(tiny, "zerotuning", gamma=1.0) as handle:
+            runner.evaluate(tiny, tokenizer, handle, [task], samples_dir=tmp_path / run, batch_size=2, seed=seed)
+        records = [json.loads(line) for line in (tmp_path / run / "samples_t.jsonl").read_text().splitlines()]
+        return [(r["baseline"]["output"], r["intervened"]["output"]) for r in records]
+
+    first = outputs(0, "first")
+    assert calls[0]["do_sample"] is True and calls[0]["temperature"] == 5.0 and calls[0]["top_k"] == 0
+    assert all(baseline == intervened for baseline, intervened in first)
+    assert outputs(0, "again") == first
+    assert outputs(1, "other") != first
 
 
 @pytest.mark.parametrize(

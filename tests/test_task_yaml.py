@@ -165,6 +165,24 @@ def test_generation_fields_read_as_lm_eval_reads_them(folder, body):
     assert recorded == {"until": used["until"], "max_gen_toks": used["max_gen_toks"], "do_sample": False}
 
 
+SAMPLED_GENERATION = {
+    "do_sample": GEN + "generation_kwargs: {do_sample: true, temperature: 0.7, top_p: 0.9, top_k: 5}\n",
+    "temperature_alone": GEN + "generation_kwargs: {temperature: 0.8}\n",  # lm-eval samples above 0
+    "model_defaults_for_the_rest": GEN + "generation_kwargs: {do_sample: true, temperature: 1.0}\n",
+}
+
+
+@pytest.mark.parametrize("body", SAMPLED_GENERATION.values(), ids=SAMPLED_GENERATION.keys())
+def test_sampling_fields_read_as_lm_eval_reads_them(folder, body):
+    write(folder, body)
+    recorded = resolve_task(str(folder / "t.yaml")).settings()["generation_kwargs"]
+    _, [(instance, *_), *_] = lm_eval_task(folder)
+    used = normalize_gen_kwargs(instance.arguments[1], 256)
+    assert used["do_sample"] is True
+    sampling = {name: used[name] for name in ("temperature", "top_p", "top_k") if name in used}
+    assert recorded == {"until": used["until"], "max_gen_toks": used["max_gen_toks"], "do_sample": True, **sampling}
+
+
 def test_settings_record_what_decides_the_numbers_and_nothing_else(folder):
     write(folder, MC + 'description: "Capitals.\\n"\nnum_fewshot: 2\nfewshot_split: train\ntag: geo\n')
     assert resolve_task(str(folder / "t.yaml")).settings() == {
@@ -259,17 +277,19 @@ REFUSED_YAML = {
         MC + "metric_list:\n  - metric: acc\n    aggregation: median\n",
         "metric_list acc aggregation median",
     ),
-    "do_sample": (
-        GEN + "generation_kwargs: {do_sample: true, temperature: 0.7}\n",
-        "do_sample True (the paired runner decodes greedily",
+    "do_sample": (GEN + "generation_kwargs: {do_sample: 'yes'}\n", "do_sample 'yes' (true or false)"),
+    "sampling_at_temperature_zero": (
+        GEN + "generation_kwargs: {do_sample: true, temperature: 0}\n",
+        "do_sample true with temperature 0 (give a temperature above 0)",
     ),
-    "temperature": (
-        GEN + "generation_kwargs: {temperature: 0.7}\n",
-        "temperature 0.7 (lm-eval samples at a temperature above 0",
-    ),
+    "temperature": (GEN + "generation_kwargs: {temperature: -1}\n", "temperature -1 (a number, 0 or more)"),
     "top_p": (
-        GEN + "generation_kwargs: {do_sample: false, top_p: 0.9}\n",
-        "generation_kwargs top_p (the scorers decode greedily",
+        GEN + "generation_kwargs: {do_sample: true, temperature: 1, top_p: 1.5}\n",
+        "top_p 1.5 (a number in (0, 1])",
+    ),
+    "num_beams": (
+        GEN + "generation_kwargs: {num_beams: 4}\n",
+        "generation_kwargs num_beams (the scorers read until, max_gen_toks, do_sample, temperature, top_p, top_k)",
     ),
     "two_max_tokens": (
         GEN + "generation_kwargs: {max_gen_toks: 4, max_new_tokens: 8}\n",
@@ -326,8 +346,8 @@ def test_our_own_data_files_yaml_is_pointed_at_lm_evals_data_fields(folder):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"generation_kwargs": {"do_sample": True}}, "do_sample True"),
-        ({"generation_kwargs": {"temperature": 1.0}}, "temperature 1.0"),
+        ({"generation_kwargs": {"do_sample": "yes"}}, "do_sample 'yes'"),
+        ({"generation_kwargs": {"top_k": -1}}, "top_k -1"),
         ({"generation_kwargs": {"num_beams": 4}}, "generation_kwargs num_beams"),
         ({"metrics": ("exact_match",)}, "metric 'exact_match'"),
         ({"num_fewshot": 2, "fewshot_split": "train"}, "num_fewshot 2 draws examples from split 'train'"),
