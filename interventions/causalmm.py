@@ -53,7 +53,7 @@ class CausalMM(Method):
         if self.where not in PLACES:
             raise ValueError(f"causalmm: where={self.where!r} is not one of {', '.join(PLACES)}")
         if self.where != "llm":
-            raise NotImplementedError(
+            raise ValueError(
                 f"causalmm: where={self.where!r} needs the vision counterfactual, which is not implemented yet; "
                 "use where='llm' (counterfactual attention in the language model)"
             )

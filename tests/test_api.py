@@ -264,6 +264,14 @@ def test_methods_lists_the_builtins_and_register_adds_one(batch, monkeypatch):
         ("act", {"layers": 2.5}, r"act: layers must be .* such as \[2, 3\] .*got 2.5"),
         ("act", {"heads": {"x": [0]}}, r"heads must map layer indices to lists of query heads .*got 'x': \[0\]"),
         ("act", {"heads": {2: "all"}}, r"heads must map layer indices to lists of query heads .*got 2: 'all'"),
+        ("pai", {"cfg_cutoff": 0}, r"pai: cfg_cutoff=0 is out of range; it must lie in \(0.0, 1.0\]"),
+        ("pai", {"official_first_token": "yes"}, r"pai: official_first_token must be true or false, got 'yes'"),
+        ("vcd", {"noise_step": 1000}, r"vcd: noise_step=1000 is out of range; it must lie in \[0, 999\]"),
+        ("vcd", {"noise_step": 2.5}, r"vcd: noise_step must be a whole number of diffusion steps, got 2.5"),
+        ("causalmm", {"counterfactual": "mirror"}, r"counterfactual='mirror' is not one of uniform, reverse, random"),
+        ("causalmm", {"where": "vision"}, r"where='vision' needs the vision counterfactual, .* use where='llm'"),
+        ("causalmm", {"epsilon": 0}, r"causalmm: epsilon=0 is out of range"),
+        ("vcd", {}, r"vcd acts on image tokens, and .* is a text-only model"),
     ],
 )
 def test_bad_input_names_the_value_and_the_fix(method, params, message):
