@@ -1,7 +1,8 @@
-"""Second branches: the language model run again beside the main pass, on a changed input, with no intervention
-acting and a KV cache of its own that follows the main one through `generate` (each decoded token, beam reorders).
-Methods that compare the two keep one in their state and advance it in their `start` hook (VHR compares head
-outputs, PAI's contrastive half compares next-token distributions)."""
+"""Second branches: the model run again beside the main pass, on a changed input or with its own attention edits,
+no intervention acting, and with a KV cache of its own that follows the main one through `generate` (each decoded
+token, beam reorders). Methods that compare the two keep one in their state and advance it once per forward: in
+`start` for the language model alone (VHR compares head outputs, PAI's contrast next-token distributions), in
+`logits` for the whole VLM (VCD, CausalMM)."""
 
 from __future__ import annotations
 
