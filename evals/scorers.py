@@ -213,9 +213,10 @@ def batch_seed(seed: int, batch: int) -> int:
 
 def _decoding(settings: dict) -> dict:
     """`_generate`'s keywords for a task's generation settings (`Task.generation`)."""
-    if not settings["do_sample"]:
-        return {"max_new_tokens": settings["max_gen_toks"]}
-    return {"max_new_tokens": settings["max_gen_toks"], "sampling": {k: settings[k] for k in SAMPLING if k in settings}}
+    decoding = {"max_new_tokens": settings["max_gen_toks"]}
+    if settings["do_sample"]:
+        decoding["sampling"] = {name: settings[name] for name in SAMPLING if name in settings}
+    return decoding
 
 
 def _generate(items, model, processor, max_new_tokens: int, sampling: dict | None = None) -> list[str]:

@@ -206,8 +206,8 @@ class Task:
         until = kwargs.get("until", [self.fewshot_delimiter] if self.output_type == "generate_until" else [])
         most = next((kwargs[name] for name in MAX_TOKENS if name in kwargs), MAX_GEN_TOKS[self.output_type])
         sampled = kwargs.get("do_sample", kwargs.get("temperature", 0) > 0) is True
-        settings = {"until": [until] if isinstance(until, str) else list(until), "max_gen_toks": most}
-        settings["do_sample"] = sampled
+        until = [until] if isinstance(until, str) else list(until)
+        settings = {"until": until, "max_gen_toks": most, "do_sample": sampled}
         if sampled:
             settings |= {name: kwargs[name] for name in SAMPLING if name in kwargs}
         return settings

@@ -141,26 +141,22 @@ def _row_pass(q, k, v, heads, hidden, key_bias, attention_mask, scale, causal) -
     Nk, Dv = k.shape[2], v.shape[3]
     group = Hq // k.shape[1]
     h = heads.numel()
+    heads = heads.to(q.device)
     if h == Hq:  # `heads` is every head (callers give them sorted)
         q_h, k_h, v_h, bias_h = q, k, v, key_bias
-        output = None
     else:
-        others = torch.ones(Hq, dtype=torch.bool)
-        others[heads] = False
-        others = others.nonzero().flatten().to(q.device)
-        heads = heads.to(q.device)
         q_h, k_h, v_h, bias_h = q[:, heads], k[:, heads // group], v[:, heads // group], _bias_of(key_bias, heads)
-        output = q.new_empty(B, Nq, Hq, Dv)
-        output[:, :, others] = _sdpa(q[:, others], k[:, others // group], v[:, others // group],
-                                     _bias_of(key_bias, others), attention_mask, scale, causal)  # fmt: skip
     if bool(hidden.any()):
         hide = torch.where(hidden, -_HIDDEN, 0.0).to(q.device)[:, :, None, :]  # [B, h|1, 1, Nk]
         bias_h = hide if bias_h is None else bias_h + hide
     passed, lse = _sdpa(q_h, k_h, v_h, bias_h, attention_mask, scale, causal, lse=True)  # [B, Nq, h, Dv], [B, h, Nq]
-    if output is None:
-        output = passed
-    else:
+    output = passed
+    if h < Hq:  # the other heads, plainly
+        others = torch.ones(Hq, dtype=torch.bool, device=q.device).index_fill_(0, heads, False).nonzero().flatten()
+        output = q.new_empty(B, Nq, Hq, Dv)
         output[:, :, heads] = passed
+        output[:, :, others] = _sdpa(q[:, others], k[:, others // group], v[:, others // group],
+                                     _bias_of(key_bias, others), attention_mask, scale, causal)  # fmt: skip
     chosen = hidden.expand(B, h, Nk)
     count = max(1, int(chosen.sum(dim=-1).max()))  # one column at least, unseen when nothing is hidden
     keys = chosen.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :count]  # [B, h, S] hidden first
@@ -229,12 +225,12 @@ def _moved_from_sources(q, k, v, edit, heads, attention_mask, scale, causal, row
         passes = [rows]
     else:
         missed = (source[:, rows.heads] & ~rows.hidden).any(dim=-1).any(dim=0)  # [h]
-        passes = [rows.of(~missed) if missed.any() else rows]
+        passes = [rows]
         if missed.any():
             again = rows.heads[missed]
             own = _row_pass(q[:, again], k[:, again // group], v[:, again // group], torch.arange(again.numel()),
                             source[:, again], None, attention_mask, scale, causal)  # fmt: skip
-            passes.append(replace(own, heads=again))
+            passes = [rows.of(~missed), replace(own, heads=again)]
     out = rows.output
     p_move = torch.as_tensor(rd.p_move, dtype=torch.float32).reshape(-1).expand(Hq)
     for part in passes:
@@ -513,14 +509,14 @@ def _counterfactual(p: torch.Tensor, seen: torch.Tensor, cf: Counterfactual, gen
     """`p` `[B, Hq, rows, Nk]` with each row's probabilities on the visible keys of `cf.keys` replaced by the
     counterfactual map of the same total (`Counterfactual`)."""
     member = seen.expand_as(p) if cf.keys is None else seen & cf.keys[:, None, None, :]  # [B, Hq, rows, Nk]
-    on = torch.where(member, p, 0.0)
-    mass = on.sum(dim=-1, keepdim=True)  # [B, Hq, rows, 1]
     if cf.kind == "shuffle":  # members in a random order, written back at the members' places in key order
         index = torch.arange(p.shape[-1], device=p.device) / p.shape[-1]  # in [0, 1): sorts after no random number
         random = torch.rand(p.shape, generator=generator, device=p.device)
         drawn = torch.where(member, random, 2 + index).argsort(dim=-1)
         places = torch.where(member, index, 2 + index).argsort(dim=-1)
         return p.scatter(-1, places, p.gather(-1, drawn))
+    on = torch.where(member, p, 0.0)
+    mass = on.sum(dim=-1, keepdim=True)  # [B, Hq, rows, 1]
     if cf.kind == "uniform":
         weight = member.to(p.dtype)
     elif cf.kind == "random":
