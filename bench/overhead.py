@@ -45,6 +45,7 @@ VLM_VARIANTS = {
     "pai + contrast (cfg_gamma=1.1, + no-image branch)": ("pai", {"cfg_gamma": 1.1}),
     "vcd (defaults, + distorted-image branch)": ("vcd", {}),
     "causalmm (defaults, + counterfactual branch)": ("causalmm", {}),
+    "causalmm where=vision (+ counterfactual-features branch)": ("causalmm", {"where": "vision"}),
 }
 PHOTOS = Path(intervene.__file__).parent / "evals" / "data" / "pope-photos"
 REAL_SHAPES = {  # Llama configs of real sizes, for `--random`: what a GPU's timings are about

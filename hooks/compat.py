@@ -40,6 +40,7 @@ __all__ = [
     "fall_through",
     "find_cache",
     "follow_reorders",
+    "image_feature_source",
     "implementation",
     "is_image_text_to_text",
     "layer_inputs",
@@ -55,6 +56,7 @@ __all__ = [
     "register",
     "set_implementation",
     "unimplemented_keywords",
+    "vision_attention",
     "watch_image_encoding",
     "with_layer_inputs",
     "with_output_hidden",
@@ -287,6 +289,48 @@ def encode_images_like(model: nn.Module, encoding: dict, encoded: dict, input_id
     if repeat == 1:
         return {"image": output}
     return model._expand_multimodal_outputs(input_ids[::repeat], {"image": output}, expand_size=repeat)
+
+
+def image_feature_source(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """For a LLaVA-style VLM (a CLIP/SigLIP tower whose hidden states at `config.vision_feature_layer` go to a
+    `multi_modal_projector`): the attention module of the vision layer that outputs those hidden states, and the
+    projector. None for other VLMs."""
+    base = model.base_model
+    tower, projector = getattr(base, "vision_tower", None), getattr(base, "multi_modal_projector", None)
+    chosen = getattr(model.config, "vision_feature_layer", None)
+    if not isinstance(tower, nn.Module) or not isinstance(projector, nn.Module) or type(chosen) is not int:
+        return None
+    layers = getattr(getattr(getattr(tower, "vision_model", tower), "encoder", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        return None
+    index = chosen - 1 if chosen > 0 else len(layers) + chosen  # hidden_states[0] is the embeddings, [i] layer i - 1's
+    if not 0 <= index < len(layers):
+        return None
+    attention = getattr(layers[index], "self_attn", None)
+    parts = ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads", "head_dim", "scale")
+    return (attention, projector) if all(hasattr(attention, part) for part in parts) else None
+
+
+def vision_attention(module: nn.Module, args: tuple, kwargs: dict, output) -> torch.Tensor:
+    """The probabilities `[B, H, N, N]` (fp32) of a call of a CLIP/SigLIP attention `module` (from a forward hook:
+    its inputs and `output`), made from its projections and checked against what it returned."""
+    hidden = args[0] if args else kwargs["hidden_states"]  # [B, N, D]
+    B, N, _ = hidden.shape
+
+    def heads(projection: nn.Module) -> torch.Tensor:
+        return projection(hidden).view(B, N, -1, module.head_dim).transpose(1, 2).float()  # [B, H, N, d]
+
+    q, k, v = heads(module.q_proj), heads(module.k_proj), heads(module.v_proj)
+    probabilities = torch.softmax(q @ k.transpose(-1, -2) * module.scale, dim=-1)  # [B, H, N, N]
+    made = module.out_proj((probabilities @ v).transpose(1, 2).reshape(B, N, -1).to(hidden.dtype))  # [B, N, D]
+    returned = output[0] if isinstance(output, tuple) else output
+    tolerance = 1e-4 if hidden.dtype == torch.float32 else 2e-2
+    if not torch.allclose(made.float(), returned.float(), rtol=tolerance, atol=tolerance):
+        raise UnsupportedModelError(
+            f"{type(module).__name__} computes its attention otherwise than a softmax of its own q_proj and k_proj "
+            "(a mask, a rotary embedding): its attention map cannot be read from its projections"
+        )
+    return probabilities
 
 
 def real_tokens(mask, past: int, earlier: torch.Tensor | None) -> torch.Tensor | None:

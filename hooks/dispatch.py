@@ -68,6 +68,7 @@ class Dispatcher:
             layer_kinds=self.probe.layer_kinds,
             model_class=type(model).__name__,
             learned_sinks=self.probe.learned_sinks,
+            image_feature_map=compat.image_feature_source(model) is not None,
         )
         # id(attention module) -> its layer. By module, not by config: models may share one config object.
         self.layers = {id(module): layer for layer, module in self.probe.layers.items()}
@@ -304,29 +305,57 @@ class Dispatcher:
             self.in_branch, self._observe, self.branch_attention = False, None, None
         return compat.output_hidden(outputs), cache
 
-    def _run_model(self, call: tuple, *, cache=None, images: Callable | None = None, attention: Callable | None = None):
+    def _run_model(
+        self, call: tuple, *, cache=None, images: Callable | None = None, attention: Callable | None = None,
+        vision: Callable | None = None,
+    ):  # fmt: skip
         """`Forward.run_model`: the VLM's call `call` again, with the branch's `cache` (a new one when the call had a
         cache and this is the branch's first) and, where the call carries images, `images(pixel_values)` in place
-        of them, no intervention acting (but `attention(call)`, an edit of each attention call of its language
-        model, when given). Returns `(logits [B, V] of the last position, cache)`."""
+        of them and the image features `vision(map, features)` makes, no intervention acting (but
+        `attention(call)`, an edit of each attention call of its language model, when given). Returns `(logits
+        [B, V] of the last position, cache)`."""
         args, kwargs = call
         kwargs = dict(kwargs)
-        if images is not None and kwargs.get("mm_encoder_outputs"):  # `generate` encoded the call's images before it
-            encoding = {**self._encoding, "pixel_values": images(self._encoding["pixel_values"])}
-            kwargs["mm_encoder_outputs"] = compat.encode_images_like(
-                self._model(), encoding, kwargs["mm_encoder_outputs"], kwargs["input_ids"]
-            )
-        elif images is not None and kwargs.get("pixel_values") is not None:
-            kwargs["pixel_values"] = images(kwargs["pixel_values"])
-        held = next((name for name in compat.CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
-        if held is not None:
-            cache = kwargs[held] = compat.DynamicCache() if cache is None else cache
+        hooks = [] if vision is None else self._reweight_image_features(vision)
         self.in_branch, self.branch_attention = True, attention
         try:
+            if (images is not None or vision is not None) and kwargs.get("mm_encoder_outputs"):  # encoded by `generate`
+                pixels = self._encoding["pixel_values"]
+                encoding = {**self._encoding, "pixel_values": pixels if images is None else images(pixels)}
+                kwargs["mm_encoder_outputs"] = compat.encode_images_like(
+                    self._model(), encoding, kwargs["mm_encoder_outputs"], kwargs["input_ids"]
+                )
+            elif images is not None and kwargs.get("pixel_values") is not None:
+                kwargs["pixel_values"] = images(kwargs["pixel_values"])
+            held = next((name for name in compat.CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
+            if held is not None:
+                cache = kwargs[held] = compat.DynamicCache() if cache is None else cache
             outputs = self._model()(*args, **kwargs)
         finally:
             self.in_branch, self.branch_attention = False, None
+            for hook in hooks:
+                hook.remove()
         return compat.output_logits(outputs, kwargs)[:, -1], cache
+
+    def _reweight_image_features(self, vision: Callable) -> list:
+        """Hooks handing the projector `vision(map, features)` in place of the image features, `map` the
+        probabilities of the vision layer that made them."""
+        source = compat.image_feature_source(self._model())
+        if source is None:
+            raise UnsupportedModelError(
+                f"{self.spec.label} does not take its image features from one vision layer's output before a "
+                "multi_modal_projector (LLaVA-style): its vision attention map cannot reweight them"
+            )
+        attention, projector = source
+        maps = []
+
+        def read(module, args, kwargs, output):
+            maps.append(compat.vision_attention(module, args, kwargs, output))  # [B', H, n, n]
+
+        def reweight(module, args):
+            return (vision(maps.pop(), args[0]), *args[1:])
+
+        return [attention.register_forward_hook(read, with_kwargs=True), projector.register_forward_pre_hook(reweight)]
 
     # -- per layer --------------------------------------------------------------------------------
 

@@ -39,6 +39,9 @@ class ModelSpec:
     layer_kinds: tuple[str, ...] = ()  # a hybrid's declared kind of every layer (config.layer_types)
     model_class: str = ""  # for messages
     learned_sinks: bool = False  # its attention takes learned sink logits (`s_aux`: gpt-oss)
+    # LLaVA-style VLMs: its image features are one vision layer's output, before a projector, and a branch may reweight
+    # them by that layer's attention map (`Forward.run_model(vision=...)`)
+    image_feature_map: bool = False
 
     def __post_init__(self):
         if self.attention_layers is None:
@@ -76,8 +79,10 @@ class Forward:
     to_logits: Callable | None = None
     # Runs the whole VLM again on this forward's own call, no intervention acting: `run_model(cache=None | a
     # branch's cache, images=None | fn(pixel values as the processor made them) -> other pixel values,
-    # attention=None | fn(LayerCall) -> AttentionEdit)` returns `(logits [B, V] of the last position, the branch's
-    # cache)`. None when the VLM itself was not called.
+    # attention=None | fn(LayerCall) -> AttentionEdit, vision=None | fn(attention map [B', H, n, n] of the vision
+    # layer whose output the image features are, those features [B', P, D]) -> other features, where the model has
+    # `ModelSpec.image_feature_map`)` returns `(logits [B, V] of the last position, the branch's cache)`. None when
+    # the VLM itself was not called.
     run_model: Callable | None = None
 
     @property

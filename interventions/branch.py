@@ -75,20 +75,21 @@ class ModelBranch:
     ran: bool = False  # whether the prompt ran through it
 
     def advance(
-        self, forward: Forward, method: str, images: Callable | None = None, attention: Callable | None = None
-    ) -> torch.Tensor | None:
+        self, forward: Forward, method: str, images: Callable | None = None, attention: Callable | None = None,
+        vision: Callable | None = None,
+    ) -> torch.Tensor | None:  # fmt: skip
         """The branch's next-token logits `[B, V]` for this forward, `images(pixel_values)` replacing the prompt's
-        images and `attention(call)` editing its language model's attention calls; None when the main pass's prompt
-        ran before the intervention was enabled (there is nothing to follow)."""
+        images, `vision(map, features)` its image features (`Forward.run_model`) and `attention(call)` editing its
+        language model's attention calls; None when the main pass's prompt ran before the intervention was enabled
+        (there is nothing to follow)."""
         if forward.run_model is None:
             raise ValueError(f"{method} needs the VLM itself to be called (it runs the whole model again)")
         if forward.prefill:
             self.cache, self.ran = None, True
         elif not self.ran:
             return None
-        logits, self.cache = forward.run_model(
-            cache=self.cache, images=images if forward.prefill else None, attention=attention
-        )
+        prompt = {"images": images, "vision": vision} if forward.prefill else {}
+        logits, self.cache = forward.run_model(cache=self.cache, attention=attention, **prompt)
         return logits
 
     def reorder(self, rows: torch.Tensor) -> None:

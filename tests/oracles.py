@@ -6,7 +6,10 @@ element at a time, with the padding cut off first. They share nothing with inter
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
@@ -96,7 +99,9 @@ class OfficialVLM:
         return implementation(self.model.config.get_text_config()) == self.name
 
     def _read_prompt(self, module, args, kwargs):
-        ids = kwargs["input_ids"]
+        ids = kwargs.get("input_ids")
+        if ids is None:  # a prompt given as embeddings: its image positions are unknown
+            ids = torch.full(kwargs["inputs_embeds"].shape[:2], -1)
         if self.active:
             assert ids.shape[0] == 1, "the official codes run batch 1"
             if ids.shape[1] > 1:  # a prompt
@@ -318,3 +323,37 @@ class OfficialCausalMMAttention(OfficialVLM):
 
 
 OfficialCausalMM = OfficialVCD  # causalmm_sm.py's step is vcd_sample.py's, with gamma and epsilon for alpha and beta
+
+
+def official_causalmm_vision(model, inputs: dict, image_token: int, method: str, generator: torch.Generator) -> dict:
+    """The-Martyr/CausalMM `cf_encoder.py`'s counterfactual image features for a LLaVA (batch 1, its vision tower
+    run with eager attention so that it returns its maps): the attention map of the select layer is edited
+    (`edit_attention`, random numbers from `generator`), resized bilinearly to the patch grid, averaged over heads,
+    and multiplies the patch features; the projector maps them to the image tokens' embeddings. Returns the model's
+    inputs with those embeddings in place of the image (`llava_arch_cf.py`'s counterfactual embeddings)."""
+    select = model.config.vision_feature_layer
+    with torch.no_grad():
+        out = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True, output_attentions=True)
+        image_features = out.hidden_states[select][:, 1:]
+        attention_maps = out.attentions[select]
+        batch_size, num_heads, height, width = attention_maps.shape
+        if method == "random":
+            edited = torch.rand(batch_size, num_heads, height, width, generator=generator) * 2
+        elif method == "uniform":
+            edited = torch.mean(attention_maps, dim=(2, 3), keepdim=True).expand(batch_size, num_heads, height, width)
+        elif method == "reverse":  # the official "reversed"
+            max_value_height, _ = torch.max(attention_maps, dim=2, keepdim=True)
+            max_value, _ = torch.max(max_value_height, dim=3, keepdim=True)
+            edited = max_value - attention_maps
+        else:
+            edited = attention_maps.clone()
+            for i in range(num_heads):
+                order = torch.randperm(height * width, generator=generator).expand(batch_size, -1)
+                edited[:, i] = edited[:, i].view(batch_size, -1).gather(1, order).view(batch_size, height, width)
+        side = int(math.sqrt(image_features.shape[1]))
+        resized = F.interpolate(edited, size=(side, side), mode="bilinear", align_corners=False)
+        averaged = torch.mean(resized, dim=1).view(batch_size, -1, 1).expand(-1, -1, image_features.shape[-1])
+        weighted = model.model.multi_modal_projector(image_features * averaged)
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        embeds[inputs["input_ids"] == image_token] = weighted.reshape(-1, embeds.shape[-1])
+    return {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"]}

@@ -269,7 +269,7 @@ def test_methods_lists_the_builtins_and_register_adds_one(batch, monkeypatch):
         ("vcd", {"noise_step": 1000}, r"vcd: noise_step=1000 is out of range; it must lie in \[0, 999\]"),
         ("vcd", {"noise_step": 2.5}, r"vcd: noise_step must be a whole number of diffusion steps, got 2.5"),
         ("causalmm", {"counterfactual": "mirror"}, r"counterfactual='mirror' is not one of uniform, reverse, random"),
-        ("causalmm", {"where": "vision"}, r"where='vision' needs the vision counterfactual, .* use where='llm'"),
+        ("causalmm", {"where": "ViT"}, r"causalmm: where='ViT' is not one of llm, vision, both"),
         ("causalmm", {"epsilon": 0}, r"causalmm: epsilon=0 is out of range"),
         ("vcd", {}, r"vcd acts on image tokens, and .* is a text-only model"),
     ],

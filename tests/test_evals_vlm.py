@@ -408,11 +408,15 @@ def test_eval_end_to_end_on_a_saved_tiny_vlm(tmp_path, tiny_vlm_dir):
 
 @pytest.mark.parametrize(
     "method, params",
-    [("var", ()), ("pai", ()), ("pai", ("cfg_gamma=1.1",)), ("vcd", ()), ("vcd", ("alpha=0.5",)), ("causalmm", ())],
-)
+    [
+        ("var", ()), ("pai", ()), ("pai", ("cfg_gamma=1.1",)), ("vcd", ()), ("vcd", ("alpha=0.5",)), ("causalmm", ()),
+        ("causalmm", ("where=vision",)),
+    ],
+)  # fmt: skip
 def test_vlm_methods_end_to_end_on_a_saved_tiny_vlm(tmp_path, tiny_vlm_dir, method, params):
     document, _ = eval_tiny_vlm(tmp_path, tiny_vlm_dir, method, "pope-photos", params)
     assert document["results"]["pope-photos"]["acc"]["n"] == 4
     for param in params:  # the contrast's settings are recorded with the method's
         name, value = param.split("=")
-        assert document["intervention"]["params"][name] == float(value)
+        recorded = document["intervention"]["params"][name]
+        assert recorded == (value if isinstance(recorded, str) else float(value))

@@ -13,6 +13,7 @@ from transformers import LogitsProcessorList
 
 import intervene
 from intervene.hooks.compat import implementation
+from intervene.interventions.causalmm import edited_map
 from intervene.interventions.var import discover_sink_dims
 
 import oracles
@@ -275,11 +276,98 @@ def test_causalmm_equals_the_official_counterfactual_step(family):
 
 
 @pytest.mark.parametrize(
+    "where, counterfactual", [("vision", "uniform"), ("vision", "reverse"), ("vision", "shuffle"), ("both", "reverse")]
+)
+def test_causalmm_vision_equals_the_official_counterfactual_features(where, counterfactual):
+    # The branch's image features are cf_encoder.py's, from a twin whose vision tower returns its attention maps;
+    # with where="both" the twin's language model also runs the official reversed attention.
+    vlm = TinyVLM("llava")
+    twin = TinyVLM("llava").model
+    twin.set_attn_implementation({"vision_config": "eager"})
+    if where == "both":
+        oracles.OfficialCausalMMAttention(twin, "official_causalmm_both", IMAGE_TOKEN)
+        twin.set_attn_implementation({"text_config": "official_causalmm_both"})
+    params = {"where": where, "counterfactual": counterfactual, "gamma": 0.7, "epsilon": 0.05, "seed": 3}
+
+    def ours(inputs):
+        with intervene.apply(vlm.model, "causalmm", **params):
+            return generate(vlm.model, inputs)
+
+    def official(inputs):
+        generator = torch.Generator().manual_seed(3)
+        counterfactual_inputs = oracles.official_causalmm_vision(twin, inputs, IMAGE_TOKEN, counterfactual, generator)
+        step = oracles.OfficialCausalMM(twin, counterfactual_inputs, alpha=0.7, beta=0.05)
+        return generate(vlm.model, inputs, processor=step)
+
+    check_against_official(vlm, official, ours)
+
+
+def test_causalmm_vision_random_maps_are_the_official_draws():
+    # Random maps are drawn for the whole batch at once: one image at a time, the same generator draws the same map.
+    vlm = TinyVLM("llava")
+    twin = TinyVLM("llava").model
+    twin.set_attn_implementation({"vision_config": "eager"})
+    for row, sample in enumerate(prompts(vlm)):
+        inputs = vlm.inputs([sample], image_seeds=[row])
+        with intervene.apply(vlm.model, "causalmm", where="vision", counterfactual="random", seed=row):
+            tokens, logits = generate(vlm.model, inputs)
+        generator = torch.Generator().manual_seed(row)
+        counterfactual_inputs = oracles.official_causalmm_vision(twin, inputs, IMAGE_TOKEN, "random", generator)
+        step = oracles.OfficialCausalMM(twin, counterfactual_inputs, alpha=1.0, beta=0.6)
+        expected_tokens, expected = generate(vlm.model, inputs, processor=step)
+        torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-5)
+        assert torch.equal(tokens, expected_tokens)
+
+
+def test_causalmm_vision_maps_are_their_definitions():
+    attention = torch.rand(2, 3, 5, 5).softmax(dim=-1)  # [B, H, n, n]
+
+    def generator():
+        return torch.Generator().manual_seed(0)
+
+    uniform = edited_map(attention, "uniform", generator())
+    assert torch.allclose(uniform, torch.full_like(attention, 1 / 5))  # rows sum to 1: the mean is 1 / n
+    reverse = edited_map(attention, "reverse", generator())
+    assert torch.equal(reverse + attention, attention.amax(dim=(2, 3), keepdim=True).expand_as(attention))
+    random = edited_map(attention, "random", generator())
+    assert random.shape == attention.shape and random.min() >= 0 and random.max() < 2
+    shuffle = edited_map(attention, "shuffle", generator()).flatten(2)  # [B, H, n²]
+    assert torch.equal(shuffle.sort(dim=-1).values, attention.flatten(2).sort(dim=-1).values)  # a permutation
+    order = (shuffle[..., None] == attention.flatten(2)[..., None, :]).float().argmax(dim=-1)  # where each came from
+    assert torch.equal(order[0], order[1])  # the same for every image
+    assert not torch.equal(order[0, 0], order[0, 1])  # and its own for each head
+
+
+def test_causalmm_vision_refuses_an_attention_it_cannot_read():
+    # The map is made from the layer's projections and checked against what the layer returned: a layer that
+    # computes otherwise (here a hook doubling its output) is refused rather than misread.
+    vlm = TinyVLM("llava")
+    layer = vlm.model.model.vision_tower.encoder.layers[-1].self_attn  # vision_feature_layer=-1
+    layer.register_forward_hook(lambda module, args, output: (output[0] * 2, *output[1:]))
+    refused = pytest.raises(intervene.UnsupportedModelError, match="CLIPAttention computes its attention otherwise")
+    with intervene.apply(vlm.model, "causalmm", where="vision"), refused:
+        generate(vlm.model, vlm.inputs(prompts(vlm)))
+
+
+def test_causalmm_vision_on_llava_onevision_is_each_sample_run_alone():
+    # Any-resolution tiles, SigLIP without a CLS token ("full" features): each tile's map weights its own features,
+    # and each sample of a padded batch is what it is alone.
+    vlm = TinyVLM("llava_onevision")
+
+    def run(inputs):
+        with intervene.apply(vlm.model, "causalmm", where="vision", counterfactual="reverse", epsilon=1e-4):
+            return generate(vlm.model, inputs)
+
+    check_against_official(vlm, run, run)
+
+
+@pytest.mark.parametrize(
     "method, params",
     [
         ("pai", {"alpha": 0.5, "cfg_gamma": 1.5, "cfg_cutoff": 1e-4}),
         ("vcd", {"beta": 1e-4}),
         ("causalmm", {"counterfactual": "reverse", "epsilon": 1e-4}),
+        ("causalmm", {"counterfactual": "shuffle", "where": "vision", "epsilon": 1e-4}),
     ],
 )
 def test_contrast_beam_search_scores_each_beam_as_its_own_run(method, params):
@@ -415,6 +503,9 @@ def test_vlm_methods_refuse_text_models_and_unsupported_vlms():
     )  # fmt: skip
     with pytest.raises(intervene.UnsupportedModelError, match=r"paligemma.*supported families: llava"):
         intervene.apply(paligemma, "pai")
+    qwen2_vl = TinyVLM("qwen2_vl").model
+    with pytest.raises(ValueError, match=r"where='vision' reweights .* Qwen2VLForConditionalGeneration is not one"):
+        intervene.apply(qwen2_vl, "causalmm", where="vision")
 
 
 def test_sink_dims_are_discovered_where_massive_activations_live():
