@@ -143,6 +143,13 @@ def evaluate(
     seed: Annotated[
         int, typer.Option(help="Seed for the bootstrap, and for sampling where a task samples (each batch seeded).")
     ] = 1234,
+    seeds: Annotated[
+        int,
+        typer.Option(
+            help="Run each task that samples this many times, with the seeds --seed, --seed + 1, ...: its scores "
+            "pool the runs, and each seed's are listed. Greedy tasks run once."
+        ),
+    ] = 1,
     output_type: Annotated[
         str | None,
         typer.Option(help="For a plain data file: multiple_choice, classification, generate_until or pope."),
@@ -184,8 +191,8 @@ def evaluate(
         tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None, include_path=include_path,
         split=split, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, device=device,
         device_map=device_map, dtype=chosen["dtype"], add_bos_token=chosen["add_bos_token"], output_path=output_path,
-        seed=seed, file_fields={name: value for name, value in fields.items() if value is not None}, resume=resume,
-        plot=plot,
+        seed=seed, seeds=seeds, file_fields={name: value for name, value in fields.items() if value is not None},
+        resume=resume, plot=plot,
     )  # fmt: skip
     try:
         document = run(spec, say=lambda text: typer.echo(text, err=True))

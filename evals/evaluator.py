@@ -46,6 +46,7 @@ class EvalSpec:
     add_bos_token: bool = False
     output_path: str | Path = "intervene_results"  # a folder for the run's folder, or the results' .json file
     seed: int = 1234
+    seeds: int = 1  # runs of each task that samples, with the seeds seed, seed + 1, ...
     file_fields: dict = field(default_factory=dict)  # how to read a plain data file: output_type, doc_to_*, ...
     resume: str | Path | None = None  # the folder of an interrupted run, to continue
     plot: bool = False
@@ -74,6 +75,7 @@ def run(spec: EvalSpec | dict, say=lambda text: print(text, file=sys.stderr)) ->
     check_placement(spec.device, spec.device_map, spec.dtype)
     if lm_eval_tasks := _lm_eval_tasks(spec.tasks, spec.include_path):
         refused = {"--resume": spec.resume, "--plot": spec.plot, "--device-map": spec.device_map}
+        refused |= {"--seeds": spec.seeds != 1}
         refused |= {"--split": spec.split != "test"} | {
             f"--{k.replace('_', '-')}": v for k, v in spec.file_fields.items()
         }
@@ -95,7 +97,7 @@ def _run_own(spec: EvalSpec) -> dict:
     from . import report, runner
     from .inspect import require_matplotlib
     from .model import is_vision_language, smoke_test_warning, starts_with_bos
-    from .tasks import builtin_tasks, check_modality
+    from .tasks import builtin_tasks, check_modality, check_seeds
 
     if spec.resume is not None:  # read before the model loads: a folder that is no run fails at once
         try:
@@ -112,6 +114,7 @@ def _run_own(spec: EvalSpec) -> dict:
     if spec.num_fewshot is not None:  # as lm-eval's --num_fewshot: over each task's own
         chosen = [replace(task, num_fewshot=spec.num_fewshot) for task in chosen]
     check_modality(chosen, spec.model, vision)
+    check_seeds(spec.seeds, chosen)
     for task in chosen:  # fail on a broken task or a missing image before loading anything heavy
         task.items(spec.split, spec.limit)
     method = intervention(spec)
@@ -137,7 +140,7 @@ def _run_own(spec: EvalSpec) -> dict:
         "tasks": [t.name for t in chosen], "task_settings": {t.name: t.settings() for t in chosen},
         "split": spec.split, "limit": spec.limit, "batch_size": spec.batch_size, "seed": spec.seed,
         "dtype": str(model.dtype).removeprefix("torch."), "add_bos_token": starts_with_bos(tokenizer),
-    }  # fmt: skip
+    } | ({"seeds": spec.seeds} if spec.seeds > 1 else {})  # fmt: skip
     settings = json.loads(json.dumps(settings))  # as it reads back from the file
     stamp = _stamp()
     if spec.resume is not None:
@@ -157,7 +160,7 @@ def _run_own(spec: EvalSpec) -> dict:
     try:
         results, timing = runner.evaluate(
             model, tokenizer, handle, chosen, samples_dir=run_dir, split=spec.split, limit=spec.limit,
-            batch_size=spec.batch_size, seed=spec.seed, resume=spec.resume is not None,
+            batch_size=spec.batch_size, seed=spec.seed, seeds=spec.seeds, resume=spec.resume is not None,
         )  # fmt: skip
     except KeyboardInterrupt:
         raise Interrupted(
@@ -181,6 +184,7 @@ def _run_own(spec: EvalSpec) -> dict:
         "intervention": _intervention_record(handle, spec.config),
         "versions": report.versions(),
         "seed": spec.seed,
+        **({"seeds": spec.seeds} if spec.seeds > 1 else {}),
         "timing": timing,
         "date": stamp,
     }  # fmt: skip
@@ -230,6 +234,7 @@ def _run_lm_eval(spec: EvalSpec, names: list[str], manager) -> dict:
         "intervention": _intervention_record(lm.intervention, spec.config),
         "versions": report.versions(),
         "seed": spec.seed,
+        **({"seeds": spec.seeds} if spec.seeds > 1 else {}),
         "timing": timing,
         "date": run_dir.name,
     }  # fmt: skip

@@ -39,8 +39,9 @@ def markdown(results: dict, timing: dict, warning: str | None = None) -> str:
         t = timing[task]
         speed = f"{t['baseline_s_per_item']:.3f} → {t['intervened_s_per_item']:.3f}"
         for name, m in metrics.items():
+            runs = f" ({len(m['seeds'])} seeds)" if "seeds" in m else ""
             lines.append(
-                f"| {task} | {name} | {m['n']} | {m['baseline']:.4f} | {m['intervened']:.4f} | {m['delta']:+.4f} "
+                f"| {task}{runs} | {name} | {m['n']} | {m['baseline']:.4f} | {m['intervened']:.4f} | {m['delta']:+.4f} "
                 f"| [{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}] | {_p(m['p_value'])} | {speed} |"
             )
     return "\n".join(lines)

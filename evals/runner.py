@@ -39,11 +39,13 @@ def processes(device: str | None = None):
 
 
 def evaluate(
-    model, tokenizer, handle, tasks, *, samples_dir, split="test", limit=None, batch_size=16, seed=0, resume=False
-):
+    model, tokenizer, handle, tasks, *, samples_dir, split="test", limit=None, batch_size=16, seed=0, seeds=1,
+    resume=False,
+):  # fmt: skip
     """`(results, timing)`: `results[task][metric]` with both scores, the paired delta, its bootstrap 95% CI,
     McNemar's p and n; `timing[task]` in seconds per item, summed over the processes (process-seconds per
     item: W processes take about 1/W of it in wall time) and over the runs that a resumed run continues.
+    A task that samples runs `seeds` times, with the seeds `seed`, `seed + 1`, ... (`_metrics` pools them).
     Per-sample logs go to `samples_dir`; with `resume`, items already logged there are not scored again.
     In a run of several processes each one calls this; rank 0 gets the results, the others `({}, {})`."""
     main = PartialState().is_main_process  # as `processes` set it up; one process if nothing did
@@ -51,12 +53,20 @@ def evaluate(
     with progress_bar(disable=not main) as progress:
         for task in tasks:
             items = task.items(split, limit)
-            log = Path(samples_dir) / f"samples_{task.name}.jsonl"
-            scored, seconds, timed = _run_task(
-                task, items, model, tokenizer, handle, batch_size, log, progress, resume, seed
-            )
+            drawn = [seed + k for k in range(seeds)] if task.samples else [seed]
+            runs, seconds, timed = [], {"baseline": 0.0, "intervened": 0.0}, 0
+            for run_seed in drawn:
+                name = task.name if len(drawn) == 1 else f"{task.name}.seed{run_seed}"
+                log = Path(samples_dir) / f"samples_{name}.jsonl"
+                scored, spent, count = _run_task(
+                    task, items, model, tokenizer, handle, batch_size, log, progress, resume, run_seed
+                )
+                if main:
+                    runs.append(scored)
+                    seconds = {variant: seconds[variant] + spent[variant] for variant in seconds}
+                    timed += count
             if main:
-                results[task.name] = _metrics(task, scored, seed)
+                results[task.name] = _metrics(task, runs, seed, drawn)
                 timing[task.name] = {
                     "items": len(items),
                     "baseline_s_per_item": seconds["baseline"] / max(1, timed),
@@ -75,7 +85,7 @@ def _run_task(task, items, model, tokenizer, handle, batch_size, log, progress, 
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     done = _logged_batches(log, task, items, batches) if resume else {}  # {batch number: its records}
     # each batch's seconds go to timing_<task>.jsonl, apart from the samples (whose bytes must not vary)
-    clock = log.with_name(f"timing_{task.name}.jsonl")
+    clock = log.with_name(log.name.replace("samples_", "timing_", 1))
     timed = {n: entry for n, entry in _logged_seconds(clock).items() if n in done} if resume else {}
     ranks.wait_for_everyone()  # every rank has read the logs before rank 0 rewrites them
     if ranks.is_main_process:
@@ -89,7 +99,9 @@ def _run_task(task, items, model, tokenizer, handle, batch_size, log, progress, 
     live, live_clock = (path.with_name(f"{path.stem}{rank}.jsonl") for path in (log, clock))
     scored_here, timed_here = {}, {}
     already = sum(map(len, done.values()))
-    bar = progress.add_task(task.name, total=already + sum(len(batches[number]) for number in mine))  # rank 0's share
+    bar = progress.add_task(
+        log.stem.removeprefix("samples_"), total=already + sum(len(batches[number]) for number in mine)
+    )  # rank 0's share
     progress.advance(bar, already)
     with open(live, "a") as sink, open(live_clock, "a") as clock_sink:
         for number in mine:
@@ -182,32 +194,46 @@ def _logged_batches(log: Path, task, items, batches) -> dict[int, list[dict]]:
     return {number: [found[i] for i in batch] for number, batch in enumerate(batches) if all(i in found for i in batch)}
 
 
-def _metrics(task, scored, seed) -> dict:
+def _metrics(task, runs: list[list[dict]], seed: int, seeds: list[int]) -> dict:
     """Each metric on all items, before and after, with the paired bootstrap CI of the change; McNemar's p
-    where the metric is a mean of per-item 0/1 outcomes (None elsewhere)."""
+    where the metric is a mean of per-item 0/1 outcomes (None elsewhere). A task run with several `seeds` (one
+    run each) is scored on each item's counts averaged over its runs (a mean of the runs' accuracies, the F1 of
+    their pooled counts), its CI over items; McNemar's p needs one outcome per item (None), and each seed's scores
+    are listed."""
     kind = task.output_type
-    fields, n = scorers.counts(kind), len(scored)
-    counts = {v: np.array([[s[v][f] for f in fields] for s in scored], dtype=float) for v in ("baseline", "intervened")}
-    totals = {v: scorers.corpus_metrics(kind, c.sum(axis=0), n) for v, c in counts.items()}
+    fields, n = scorers.counts(kind), len(runs[0])
+    counts = {  # [runs, items, fields]
+        v: np.array([[[s[v][f] for f in fields] for s in run] for run in runs], dtype=float)
+        for v in ("baseline", "intervened")
+    }
+    totals = {v: scorers.corpus_metrics(kind, c.mean(axis=0).sum(axis=0), n) for v, c in counts.items()}
     binary = scorers.PAIRED_BINARY.get(kind, scorers.METRICS[kind])
     metrics = {}
     for name in task.metrics:  # those its metric_list names, else all that its scorer computes
         low, high = stats.paired_bootstrap_ci(
-            counts["baseline"],
-            counts["intervened"],
+            counts["baseline"].mean(axis=0),
+            counts["intervened"].mean(axis=0),
             statistic=lambda sums, n, name=name: scorers.corpus_metrics(kind, sums, n)[name],
             seed=seed,
         )
         before, after = float(totals["baseline"][name]), float(totals["intervened"][name])
-        paired = [[s[v][name] for s in scored] for v in ("baseline", "intervened")] if name in binary else None
+        paired = name in binary and len(runs) == 1
+        outcomes = [[s[v][name] for s in runs[0]] for v in ("baseline", "intervened")] if paired else None
         metrics[name] = {
             "baseline": before,
             "intervened": after,
             "delta": after - before,
             "ci95": [low, high],
-            "p_value": stats.mcnemar_p(*paired) if paired else None,
+            "p_value": stats.mcnemar_p(*outcomes) if paired else None,
             "n": n,
         }
+        if len(runs) > 1:
+            metrics[name]["seeds"] = {
+                str(run_seed): {
+                    v: float(scorers.corpus_metrics(kind, c[k].sum(axis=0), n)[name]) for v, c in counts.items()
+                }
+                for k, run_seed in enumerate(seeds)
+            }
     return metrics
 
 

@@ -212,6 +212,11 @@ class Task:
             settings |= {name: kwargs[name] for name in SAMPLING if name in kwargs}
         return settings
 
+    @property
+    def samples(self) -> bool:
+        """Whether the task generates by sampling (its answers then vary with the seed)."""
+        return self.output_type in MAX_GEN_TOKS and self.generation()["do_sample"]
+
     def settings(self) -> dict:
         """What decides the task's numbers besides its data, and nothing else: how a prompt, its choices and its
         target are read, the context before the prompt, the generation settings the scorer uses, the metrics."""
@@ -898,3 +903,16 @@ def check_modality(tasks: list[Task], model: str, vision: bool) -> None:
                 f"task {task.name!r} needs images, but model {model!r} is text-only; give --model a "
                 "vision-language checkpoint directory (e.g. a LLaVA one), or --model tiny-llava for a smoke test"
             )
+
+
+def check_seeds(seeds: int, tasks: list[Task]) -> None:
+    """`--seeds` repeats the tasks that sample: a count below 1, or one above 1 where no task samples, is refused."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise TaskError(f"--seeds {seeds!r}: give how many seeds each task that samples runs with, 1 or more")
+    if seeds > 1 and not any(task.samples for task in tasks):
+        names = ", ".join(task.name for task in tasks)
+        raise TaskError(
+            f"--seeds {seeds} repeats the tasks that sample, and none of {names} samples (greedy decoding gives the "
+            "same answers with any seed): drop --seeds, or give a task whose generation_kwargs sample "
+            "(do_sample: true)"
+        )

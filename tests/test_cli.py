@@ -86,6 +86,32 @@ def test_eval_on_a_local_checkpoint_with_builtin_and_user_tasks(tmp_path, tiny_c
         assert document["results"]["unanswerable_qa"]["hallucination"]["n"] == 3
 
 
+def test_eval_runs_a_task_that_samples_with_several_seeds(tmp_path, tiny_checkpoint):
+    records = [{"q": f"Language of country {n}?", "answer": "French"} for n in range(3)]
+    (tmp_path / "langs.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    (tmp_path / "langs.yaml").write_text(
+        "task: langs\ndata_files: {test: langs.jsonl}\noutput_type: generate_until\ndoc_to_text: q\n"
+        "doc_to_target: answer\ngeneration_kwargs: {do_sample: true, temperature: 2.0, max_gen_toks: 4}\n"
+    )
+    common = ["eval", "--model", tiny_checkpoint, "--method", "zerotuning", "--param", "gamma=2", "--limit", 3]
+    result = invoke(
+        *common, "--tasks", f"{tmp_path / 'langs.yaml'},cldr_language", "--seed", 5, "--seeds", 2,
+        "--output-path", tmp_path / "out",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    document, run_dir = results_of(tmp_path / "out")
+    assert document["seed"] == 5 and document["seeds"] == 2
+    assert set(document["results"]["langs"]["acc"]["seeds"]) == {"5", "6"}
+    assert "seeds" not in document["results"]["cldr_language"]["acc"]  # greedy: one run
+    logs = {path.name for path in run_dir.glob("samples_*.jsonl")}
+    assert logs == {"samples_langs.seed5.jsonl", "samples_langs.seed6.jsonl", "samples_cldr_language.jsonl"}
+    assert "| langs (2 seeds) | acc | 3 |" in result.output
+    result = invoke(*common, "--tasks", "cldr_language", "--seeds", 2, "--output-path", tmp_path / "greedy")
+    assert result.exit_code == 2 and "--seeds 2 repeats the tasks that sample, and none of cldr_language" in (
+        result.output
+    )
+
+
 def test_lm_evals_underscore_spellings_are_the_same_options(tmp_path, tiny_checkpoint):
     runs = {}
     for spelling in ("-", "_"):

@@ -8,7 +8,7 @@ import torch
 
 import intervene
 from intervene.evals import runner, scorers, stats
-from intervene.evals.tasks import Item, Task, TaskError, builtin_tasks, resolve_task
+from intervene.evals.tasks import Item, Task, TaskError, builtin_tasks, check_seeds, resolve_task
 
 from conftest import build
 
@@ -217,6 +217,60 @@ def test_a_sampling_task_samples_with_its_settings_and_pairs_the_two_passes(toke
     assert all(baseline == intervened for baseline, intervened in first)
     assert outputs(0, "again") == first
     assert outputs(1, "other") != first
+
+
+def test_several_seeds_pool_the_runs_each_seed_alone_would_make(tokenizer, tiny, tmp_path):
+    # A task that samples runs once per seed, each run what a run with that one seed makes (the same samples and
+    # scores); the pooled scores are the mean of the runs' (accuracy: a mean of per-item outcomes), with a CI over
+    # items, and no McNemar p (an item has several outcomes). A greedy task runs once.
+    sampled = {"do_sample": True, "temperature": 5.0, "top_k": 0, "max_new_tokens": 4, "until": []}
+
+    def tasks(records: list[dict]) -> tuple[Task, Task]:
+        data = {"test": str(write_jsonl(tmp_path / "t.jsonl", records))}
+        return (
+            Task(name="t", output_type="generate_until", data_files=data, generation_kwargs=sampled),
+            Task(name="g", output_type="generate_until", data_files=data, generation_kwargs={"max_new_tokens": 4}),
+        )
+
+    def run(folder: str, seed: int, seeds: int, chosen: tuple) -> dict:
+        (tmp_path / folder).mkdir()
+        with intervene.apply(tiny, "zerotuning", gamma=3.0) as handle:
+            results, _ = runner.evaluate(
+                tiny, tokenizer, handle, list(chosen), samples_dir=tmp_path / folder, batch_size=4, seed=seed,
+                seeds=seeds,
+            )  # fmt: skip
+        return results
+
+    # a random model answers nothing right: the answers are what seed 7's baseline says, so the scores vary by seed
+    queries = [{"query": f"Language of country {n}?", "gold": "French"} for n in range(6)]
+    run("probe", 7, 1, tasks(queries)[:1])
+    logged = [json.loads(line) for line in (tmp_path / "probe" / "samples_t.jsonl").open()]
+    said = {record["index"]: record["baseline"]["output"].split() for record in logged}
+    task, greedy = tasks([{**q, "gold": (said[i] or ["French"])[0]} for i, q in enumerate(queries)])
+    pooled = run("pooled", 7, 3, (task, greedy))
+    alone = {seed: run(f"alone{seed}", seed, 1, (task,))["t"] for seed in (7, 8, 9)}
+    for seed in (7, 8, 9):
+        logged = (tmp_path / "pooled" / f"samples_t.seed{seed}.jsonl").read_text()
+        assert logged == (tmp_path / f"alone{seed}" / "samples_t.jsonl").read_text()
+    for name, metric in pooled["t"].items():
+        for variant in ("baseline", "intervened"):
+            each = [alone[seed][name][variant] for seed in (7, 8, 9)]
+            assert [metric["seeds"][str(seed)][variant] for seed in (7, 8, 9)] == each
+            assert metric[variant] == pytest.approx(np.mean(each), abs=1e-12)
+        assert metric["p_value"] is None and metric["n"] == 6
+        assert metric["ci95"][0] <= metric["delta"] <= metric["ci95"][1]
+    assert len({tuple(alone[seed]["acc"][v] for v in ("baseline", "intervened")) for seed in alone}) > 1  # draws differ
+    assert "seeds" not in pooled["g"]["acc"] and (tmp_path / "pooled" / "samples_g.jsonl").exists()
+    assert not list((tmp_path / "pooled").glob("samples_g.seed*"))
+
+
+def test_seeds_are_refused_where_no_task_samples():
+    greedy = Task(name="g", output_type="generate_until")
+    with pytest.raises(TaskError, match=r"--seeds 3 repeats the tasks that sample, and none of g samples"):
+        check_seeds(3, [greedy])
+    with pytest.raises(TaskError, match=r"--seeds 0: give how many seeds .* 1 or more"):
+        check_seeds(0, [greedy])
+    check_seeds(1, [greedy])
 
 
 @pytest.mark.parametrize(

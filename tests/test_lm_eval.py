@@ -162,6 +162,8 @@ def test_intervene_eval_pairs_an_lm_eval_task_whose_baseline_is_lm_evals_own(
 
     result = CliRunner().invoke(app, [*args, "--resume", str(run)])
     assert result.exit_code == 2 and "--resume: not for lm-eval tasks" in result.output
+    result = CliRunner().invoke(app, [*args, "--seeds", "3"])
+    assert result.exit_code == 2 and "--seeds: not for lm-eval tasks" in result.output
     result = CliRunner().invoke(app, [*args[:5], "--tasks", "no_such_task", "--include-path", str(task_dir)])
     assert result.exit_code == 2 and "unknown task 'no_such_task': not a built-in task" in result.output
     result = CliRunner().invoke(app, [*args[:5], "--tasks", f"cldr_language,{TASK}", "--include-path", str(task_dir)])
