@@ -57,7 +57,7 @@ class TargetOnly:
 
 
 triton.runtime.driver.set_active(TargetOnly(90))  # before the kernels are decorated (see get_benchmarker)
-from intervene.kernels import AttentionEdit, KeyGain, Redistribute, fused  # noqa: E402
+from intervene.kernels import AttentionEdit, Counterfactual, KeyGain, Redistribute, fused  # noqa: E402
 
 
 class CompileOnly:
@@ -121,6 +121,8 @@ def launches(head_dim: int, n: int = 4096, heads: int = 32, kv_heads: int = 8):
         "key gain (PAI)": AttentionEdit(key_gain=KeyGain(image[:, 0], 0.2)),
         "redistribution": AttentionEdit(redistribute=Redistribute(sinks, image, 0.4)),
         "head scale": AttentionEdit(head_scale=torch.full((1, heads), 2.0)),
+        "counterfactual uniform (CausalMM)": AttentionEdit(counterfactual=Counterfactual("uniform")),
+        "counterfactual reverse (CausalMM)": AttentionEdit(counterfactual=Counterfactual("reverse")),
         "learned sinks and soft-capping (the model's)": AttentionEdit(),
     }
     for name, edit in edits.items():

@@ -74,11 +74,17 @@ def modified_attention(
     are learned sink logits, `softcap` the cap of the logits (see the module's docstring). `rows`: what
     `column_stats_and_rows` computed on the same q, k, v, which the CPU path reuses where it can."""
     edit, sinks = _checked(q, k, v, edit or AttentionEdit(), attention_mask, sinks, softcap)
-    if edit.counterfactual is not None and backend == "auto":
-        backend = "reference"  # the one backend that runs counterfactual attention
+    unfused = None if edit.counterfactual is None else _unfused_counterfactual(edit, sinks)
+    if unfused is not None and backend == "auto":
+        backend = "reference"  # the one backend that runs every counterfactual map
     chosen = _backend(q, v, backend)
     if edit.counterfactual is not None and chosen is not reference:
-        raise NotImplementedError(f"counterfactual attention runs in the reference backend, not {backend!r}")
+        unfused = "any map" if backend == "flex" else unfused
+        if unfused is not None:
+            raise NotImplementedError(
+                f"the {backend!r} backend does not run counterfactual attention with {unfused}: use "
+                "backend='reference' (or 'auto', which picks it)"
+            )
     reused = {"rows": rows} if chosen is reference else {}
     return chosen.attention(
         q,
@@ -283,6 +289,21 @@ def _check_edit_tensor(name: str, t: torch.Tensor, layout: str, sizes: dict[str,
         raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
     if name not in _FLOATING and t.dtype != torch.bool:
         raise TypeError(f"{name} must be bool, got {t.dtype}: pass `{name.rsplit('.', 1)[-1]}.bool()`")
+
+
+def _unfused_counterfactual(edit: AttentionEdit, sinks) -> str | None:
+    """Why the Triton backend cannot run `edit`'s counterfactual exactly (None when it can): it fuses the uniform and
+    reversed maps over every visible key, alone or after a key gain, a soft cap or a head scale; a key bias could
+    hide a visible key, learned sinks hold mass outside the keys, a redistribution needs its probabilities."""
+    cf = edit.counterfactual
+    reasons = {
+        f"a {cf.kind!r} map (random numbers per probability)": cf.kind not in ("uniform", "reverse"),
+        "a key set (counterfactual.keys)": cf.keys is not None,
+        "a key bias": edit.key_bias is not None,
+        "a redistribution": edit.redistribute is not None,
+        "learned sinks": sinks is not None,
+    }
+    return next((reason for reason, present in reasons.items() if present), None)
 
 
 def _backend(q: torch.Tensor, v: torch.Tensor | None, backend: str):

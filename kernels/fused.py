@@ -37,6 +37,9 @@ _LN2: tl.constexpr = tl.constexpr(math.log(2.0))
 _SOURCE: tl.constexpr = tl.constexpr(Redistribute.SOURCE)  # the bits of a key's group code
 _TARGET: tl.constexpr = tl.constexpr(Redistribute.TARGET)
 _GATE: tl.constexpr = tl.constexpr(Redistribute.GATE)
+_COUNTERFACTUALS = {None: 0, "uniform": 1, "reverse": 2}  # the counterfactual maps `_forward` computes
+_UNIFORM: tl.constexpr = tl.constexpr(_COUNTERFACTUALS["uniform"])
+_REVERSE: tl.constexpr = tl.constexpr(_COUNTERFACTUALS["reverse"])
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # as kernels/__init__ reads it (triton.knobs is 3.4+)
 
 
@@ -231,7 +234,7 @@ def _weighted_values(p, v, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     return tl.dot(p.to(v.dtype), v)
 
 
-@_autotuned("HAS_MASK", "HAS_BIAS", "BIAS_ROWS", "HAS_GAIN", "HAS_GROUPS", "HAS_SOFTCAP")
+@_autotuned("HAS_MASK", "HAS_BIAS", "BIAS_ROWS", "HAS_GAIN", "HAS_GROUPS", "HAS_SOFTCAP", "COUNTERFACTUAL")
 @triton.jit
 def _forward(
     Q,
@@ -306,6 +309,7 @@ def _forward(
     HAS_SINKS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     STORE_LSE: tl.constexpr,
+    COUNTERFACTUAL: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -313,6 +317,10 @@ def _forward(
     BLOCK_D: tl.constexpr,
     D: tl.constexpr,
 ):
+    """Each row's attention over its visible keys, or with COUNTERFACTUAL (`_COUNTERFACTUALS`) CausalMM's
+    counterfactual of it: uniform (the mean of the visible values, summed in the same pass) or reversed (weights
+    `max_j p_j - p_i`, that is `1 - exp(s_i - max_j s_j)` once the row's max is known: a second pass over the keys;
+    a row whose keys all weigh the same keeps its attention)."""
     start_m = tl.program_id(0)
     b = (tl.program_id(1) // Hq).to(tl.int64)  # batch offsets pass 2**31 elements at 32k tokens and B >= 16
     h = tl.program_id(1) % Hq
@@ -327,6 +335,8 @@ def _forward(
     )  # fmt: skip
     m_i, l_i = _start(Sinks, b * ssb + h * ssh, HAS_SINKS, BLOCK_M)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    seen_count = tl.zeros([BLOCK_M], tl.float32)  # uniform: visible keys and the sum of their values
+    seen_values = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     end = Nk
     if CAUSAL:
         end = tl.minimum(Nk, (start_m + 1) * BLOCK_M + Nk - Nq)
@@ -345,8 +355,34 @@ def _forward(
         l_i = l_i * rescale + tl.sum(p, 1)
         v = tl.load(values + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=k_mask, other=0.0)
         acc = acc * rescale[:, None] + _weighted_values(p, v, UPCAST, IEEE)
+        if COUNTERFACTUAL == _UNIFORM:
+            visible = tl.where(qk > float("-inf"), 1.0, 0.0)
+            seen_count += tl.sum(visible, 1)
+            seen_values += _weighted_values(visible, v, UPCAST, IEEE)
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    if COUNTERFACTUAL == _UNIFORM:
+        out = seen_values / tl.where(seen, seen_count, 1.0)[:, None]
+    if COUNTERFACTUAL == _REVERSE:
+        top = tl.where(seen, m_i, 0.0)
+        weights = tl.zeros([BLOCK_M], tl.float32)
+        reversed_values = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(start, end, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k_offsets = offs_n[:, None] * skn + offs_d[None, :] * skd
+            k_mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < D)
+            qk = _scores(
+                q, keys, k_offsets, k_mask, offs_m, offs_n, Nq, Nk, qk_scale, softcap, b, h,
+                Mask, smb, smm, smn, Bias, sbb, sbh, sbm, sbn, GainKeys, sgkb, sgkn, GainRows, sgrb, sgrm, gain,
+                Codes, scb, sch, scn, GroupBias, sgb_b, sgb_h, sgb_m,
+                CAUSAL, HAS_MASK, HAS_BIAS, BIAS_ROWS, HAS_GAIN, GAIN_ROWS, HAS_GROUPS, HAS_SOFTCAP, UPCAST, IEEE,
+            )  # fmt: skip
+            w = tl.where(qk > float("-inf"), 1.0 - tl.exp2(qk - top[:, None]), 0.0)  # l * (max_j p_j - p_i)
+            weights += tl.sum(w, 1)
+            v = tl.load(values + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=k_mask, other=0.0)
+            reversed_values += _weighted_values(w, v, UPCAST, IEEE)
+        turned = weights > 0
+        out = tl.where(turned[:, None], reversed_values / tl.where(turned, weights, 1.0)[:, None], out)
     if HAS_HEAD_SCALE:
         out = out * tl.load(HeadScale + b * shb + h * shh).to(tl.float32)
     tl.store(
@@ -773,7 +809,8 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
     head_scale = None
     if edit.head_scale is not None:
         head_scale = edit.head_scale.to(device=q.device, dtype=torch.float32).expand(B, Hq)
-    if Nq == 1:
+    counterfactual = _COUNTERFACTUALS[None if edit.counterfactual is None else edit.counterfactual.kind]
+    if Nq == 1 and not counterfactual:  # a counterfactual decodes as a prompt of one row: its map is per row
         out, lse = _decode(q, k, v, inputs, edit.redistribute)
         if head_scale is not None:
             out = out * head_scale[:, None, :, None]
@@ -796,7 +833,8 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
         HAS_BIAS=inputs.bias.given, BIAS_ROWS=inputs.bias_rows, HAS_GAIN=inputs.gain_keys.given,
         GAIN_ROWS=inputs.gain_rows.given, HAS_GROUPS=codes.given, HAS_HEAD_SCALE=head_scale.given,
         HAS_SINKS=inputs.sinks.given, HAS_SOFTCAP=inputs.softcap != 0, STORE_LSE=return_lse,
-        UPCAST=inputs.upcast, IEEE=inputs.ieee, BLOCK_D=_tile_width(D), D=D, **_FIXED_TILE,
+        COUNTERFACTUAL=counterfactual, UPCAST=inputs.upcast, IEEE=inputs.ieee, BLOCK_D=_tile_width(D), D=D,
+        **_FIXED_TILE,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 

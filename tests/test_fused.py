@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from intervene import kernels
-from intervene.kernels import AttentionEdit, KeyGain, MassGate, Redistribute
+from intervene.kernels import AttentionEdit, Counterfactual, KeyGain, MassGate, Redistribute
 
 from conftest import build, left_padded, positions, prompt
 
@@ -87,6 +87,49 @@ def test_every_edit_matches_the_reference_in_fp32(backend, shape, padded):
         )
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
         torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("padded", [False, True])
+def test_counterfactual_maps_match_the_reference_in_fp32(shape, padded):
+    # The uniform and reversed maps over every visible key, alone and after a key gain and with a head scale;
+    # a decoding row runs as a prompt of one row. Rows that see one key have nothing to reverse.
+    nq, nk, hq, hkv, d = SHAPES[shape]
+    q, k, v, g = tensors(nq, nk, hq, hkv, d)
+    mask = padded_mask(2, nq, nk, [0, 3]) if padded else None
+    gain = KeyGain(torch.rand(2, nk, generator=g) < 0.4, 0.7)
+    counterfactuals = {
+        "uniform": AttentionEdit(counterfactual=Counterfactual("uniform")),
+        "reverse": AttentionEdit(counterfactual=Counterfactual("reverse")),
+        "reverse after a key gain, head scale": AttentionEdit(
+            key_gain=gain, counterfactual=Counterfactual("reverse"), head_scale=torch.tensor([[0.5, 1.0, 2.0, -1.0]])
+        ),
+    }
+    plain = kernels.modified_attention(q, k, v, attention_mask=mask, scale=0.3, backend="triton")
+    for name, edit in counterfactuals.items():
+        expected, expected_lse = kernels.modified_attention(
+            q, k, v, edit, attention_mask=mask, scale=0.3, return_lse=True, backend="reference"
+        )
+        out, lse = kernels.modified_attention(
+            q, k, v, edit, attention_mask=mask, scale=0.3, return_lse=True, backend="triton"
+        )
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+        assert not torch.allclose(out, plain, atol=1e-3), name
+
+
+def test_counterfactual_maps_the_kernels_do_not_fuse_are_refused_by_name():
+    q, k, v, _ = tensors(7, 7, 4, 2, 16)
+    refused = {
+        "a 'shuffle' map": AttentionEdit(counterfactual=Counterfactual("shuffle")),
+        "a key set": AttentionEdit(counterfactual=Counterfactual("uniform", keys=torch.ones(2, 7, dtype=torch.bool))),
+        "a key bias": AttentionEdit(key_bias=torch.zeros(2, 4, 7, 7), counterfactual=Counterfactual("reverse")),
+    }
+    for reason, edit in refused.items():
+        with pytest.raises(NotImplementedError, match=f"'triton' backend does not run counterfactual .* {reason}"):
+            kernels.modified_attention(q, k, v, edit, scale=0.3, backend="triton")
+    with pytest.raises(NotImplementedError, match="'flex' backend does not run counterfactual attention with any"):
+        kernels.modified_attention(q, k, v, refused["a key bias"], scale=0.3, backend="flex")
 
 
 def test_the_edits_do_something_and_redistribution_keeps_the_lse():
@@ -352,8 +395,9 @@ def test_real_sizes_in_bf16_on_the_gpu(n):
     torch.testing.assert_close(decode, prefill[:, -1:], atol=2e-2, rtol=0)
 
 
-def gpu_edits(n: int, Hq: int, g) -> dict:
-    """Every edit at real size on the GPU: 4 sink keys, an image span of 1000 keys, biases per key."""
+def gpu_edits(n: int, Hq: int, g, sinks: bool) -> dict:
+    """Every edit at real size on the GPU: 4 sink keys, an image span of 1000 keys, biases per key; the fused
+    counterfactual maps where the model has no learned sinks."""
     source = torch.zeros(1, 1, n, dtype=torch.bool, device="cuda")
     source[:, :, :4] = True
     image = torch.zeros_like(source)
@@ -368,7 +412,10 @@ def gpu_edits(n: int, Hq: int, g) -> dict:
             redistribute=Redistribute(source, image, 0.5, mass_gate=MassGate(image[:, 0], 0.05, 0.9))
         ),
         "head scale": AttentionEdit(head_scale=torch.linspace(0.5, 2.0, Hq, device="cuda")[None]),
-    }
+    } | ({} if sinks else {
+        "counterfactual uniform (CausalMM)": AttentionEdit(counterfactual=Counterfactual("uniform")),
+        "counterfactual reverse (CausalMM)": AttentionEdit(counterfactual=Counterfactual("reverse")),
+    })  # fmt: skip
 
 
 def last_rows(edit: AttentionEdit, rows: int) -> AttentionEdit:
@@ -400,7 +447,7 @@ def test_every_edit_at_real_sizes_in_bf16_on_the_gpu(n, model):
         mask = kwargs.get("attention_mask")
         return {**kwargs, "attention_mask": mask[:, :, -rows:]} if mask is not None else kwargs
 
-    for name, edit in gpu_edits(n, Hq, g).items():
+    for name, edit in gpu_edits(n, Hq, g, sinks="sinks" in kwargs).items():
         ours = kernels.modified_attention(q, k, v, edit, backend="triton", **kwargs)[:, -ROWS:].float()
         tail = q[:, :, -ROWS:].float()
         exact = kernels.modified_attention(
