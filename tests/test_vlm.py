@@ -275,6 +275,30 @@ def test_causalmm_equals_the_official_counterfactual_step(family):
     check_against_official(vlm, official, ours)
 
 
+@pytest.mark.parametrize("where", ["llm", "vision"])
+def test_causalmm_samples_as_the_official_sampler(where):
+    # The official code contrasts while sampling (causalmm_sm.py): seeded, it draws the same tokens from the same
+    # distributions, batch 1, with the counterfactual in the language model or in the vision tower.
+    vlm = TinyVLM("llava")
+    twin = TinyVLM("llava").model
+    if where == "llm":
+        oracles.OfficialCausalMMAttention(twin, "official_causalmm_sampled", IMAGE_TOKEN)
+        twin.set_attn_implementation({"text_config": "official_causalmm_sampled"})
+    else:
+        twin.set_attn_implementation({"vision_config": "eager"})
+    for row, sample in enumerate(prompts(vlm)):
+        inputs = vlm.inputs([sample], image_seeds=[row])
+        with intervene.apply(vlm.model, "causalmm", where=where, counterfactual="reverse", epsilon=0.01):
+            tokens, logits = generate(vlm.model, inputs, sample_seed=row)
+        branch = inputs
+        if where == "vision":
+            branch = oracles.official_causalmm_vision(twin, inputs, IMAGE_TOKEN, "reverse", torch.Generator())
+        step = oracles.OfficialCausalMM(twin, branch, alpha=1.0, beta=0.01)
+        expected_tokens, expected = generate(vlm.model, inputs, processor=step, sample_seed=row)
+        torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-5)
+        assert torch.equal(tokens, expected_tokens)
+
+
 @pytest.mark.parametrize(
     "where, counterfactual", [("vision", "uniform"), ("vision", "reverse"), ("vision", "shuffle"), ("both", "reverse")]
 )
