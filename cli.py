@@ -263,7 +263,17 @@ def calibrate(
     ] = None,
     split: Annotated[str, typer.Option(help="The split to calibrate on; never the one you report.")] = "calib",
     granularity: Annotated[str, typer.Option(help="Candidates: layer, head_index (across layers) or head.")] = "layer",
-    select: Annotated[str, typer.Option(help="min_delta=D, top_k=K or top_fraction=F.")] = "min_delta=0.0",
+    select: Annotated[
+        str,
+        typer.Option(
+            help="min_delta=D, top_k=K, top_fraction=F, or no_regress=T: only candidates, and unions of them, under "
+            "which no calibration task loses more than T."
+        ),
+    ] = "min_delta=0.0",
+    objective: Annotated[
+        str,
+        typer.Option(help="What a candidate gains: mean (the change of the tasks' mean) or worst (its worst task's)."),
+    ] = "mean",
     gammas: Annotated[
         str | None, typer.Option(help="zerotuning: comma-separated gammas tried on the selection.")
     ] = None,
@@ -312,9 +322,10 @@ def calibrate(
 
     _checked(check_placement, device, device_map, dtype)
     try:
-        if rule not in engine.RULES or granularity not in engine.GRANULARITIES:
+        if rule not in engine.RULES or granularity not in engine.GRANULARITIES or objective not in engine.OBJECTIVES:
             raise ValueError(
-                f"--select takes {', '.join(engine.RULES)} and --granularity {', '.join(engine.GRANULARITIES)}"
+                f"--select takes {', '.join(engine.RULES)}, --granularity {', '.join(engine.GRANULARITIES)} and "
+                f"--objective {', '.join(engine.OBJECTIVES)}"
             )
         vision = is_vision_language(model)
         default = [name for name, t in builtin_tasks().items() if t.needs_images == vision and split in t.data_files]
@@ -340,8 +351,8 @@ def calibrate(
         else:
             artifact = engine.calibrate(
                 loaded, tokenizer, method, params, chosen, granularity=granularity, rule=rule, value=value,
-                gammas=gamma_grid, gamma_by=gamma_by, split=split, limit=limit, batch_size=batch_size, seed=seed,
-                output=output_path, say=say,
+                objective=objective, gammas=gamma_grid, gamma_by=gamma_by, split=split, limit=limit,
+                batch_size=batch_size, seed=seed, output=output_path, say=say,
             )  # fmt: skip
     except (TaskError, ValueError, OSError) as error:
         raise _fail(str(error)) from None

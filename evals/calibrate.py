@@ -3,8 +3,11 @@
 The engine of methods-llm §8.6: the baseline is scored once on a `calib` split; then each candidate
 (one layer, one head index across layers, or one (layer, head)) gets the intervention alone and is
 scored on the same items. A selection rule keeps the candidates that helped; for ZeroTuning a grid of
-gammas is then tried on the selected heads. The objective is the mean, over tasks, of each task's
-first metric (accuracy).
+gammas is then tried on the selected heads. A candidate's worth is the change it makes to the mean, over
+tasks, of each task's first metric (accuracy), or (`objective="worst"`) its smallest per-task change.
+`no_regress=t` keeps only candidates under which no calibration task loses more than `t`, and adds them
+best first only while their union still keeps every task within `t` and gains: a head that helps one
+task by hurting another is not bought.
 
 Every finished candidate is appended to `profile.jsonl` in the output folder, so a run that is
 interrupted and restarted with the same arguments skips what it already did and ends with the same
@@ -28,7 +31,9 @@ from .report import write_atomic
 from .runner import progress_bar
 
 GRANULARITIES = ("layer", "head_index", "head")
-RULES = ("min_delta", "top_k", "top_fraction")
+RULES = ("min_delta", "top_k", "top_fraction", "no_regress")
+OBJECTIVES = ("mean", "worst")
+AGGREGATES = ("objective", "entropy")  # the keys of `objective`'s scores that are not tasks
 
 
 def candidates(granularity: str, layers: list[int], num_heads: int) -> list[dict]:
@@ -43,23 +48,43 @@ def candidates(granularity: str, layers: list[int], num_heads: int) -> list[dict
     raise ValueError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
 
 
-def select(profile: list[dict], rule: str, value: float) -> list[dict]:
-    """The candidates a rule keeps, best first; never one whose delta is <= 0.
+def task_deltas(scores: dict, baseline: dict) -> dict[str, float]:
+    """Each calibration task's change of its first metric from the baseline."""
+    return {name: scores[name] - baseline[name] for name in baseline if name not in AGGREGATES}
 
-    - `min_delta`: every candidate whose delta is at least `value`;
+
+def worth(scores: dict, baseline: dict, objective: str) -> float:
+    """What a configuration gains: the change of the mean over tasks, or its smallest per-task change."""
+    if objective == "mean":
+        return scores["objective"] - baseline["objective"]
+    return min(task_deltas(scores, baseline).values())
+
+
+def select(profile: list[dict], rule: str, value: float, objective: str = "mean") -> list[dict]:
+    """The candidates a rule keeps, best first by their `objective` gain (`delta` or `worst`); never one that
+    gains nothing.
+
+    - `min_delta`: every candidate that gains at least `value`;
     - `top_k`: the `value` best;
-    - `top_fraction`: the best `value` fraction (rounded up).
+    - `top_fraction`: the best `value` fraction (rounded up);
+    - `no_regress`: every candidate under which no task loses more than `value` (`calibrate` then checks their
+      unions).
     """
-    ranked = sorted(profile, key=lambda c: -c["delta"])  # stable: ties keep the sweep's order
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+    key = "delta" if objective == "mean" else "worst"
+    ranked = sorted(profile, key=lambda c: -c[key])  # stable: ties keep the sweep's order
     if rule == "min_delta":
-        kept = [c for c in ranked if c["delta"] >= value]
+        kept = [c for c in ranked if c[key] >= value]
     elif rule == "top_k":
         kept = ranked[: int(value)]
     elif rule == "top_fraction":
         kept = ranked[: math.ceil(value * len(ranked))]
+    elif rule == "no_regress":
+        kept = [c for c in ranked if min(c["deltas"].values()) >= -value]
     else:
         raise ValueError(f"selection rule {rule!r} is not one of {', '.join(RULES)}")
-    return [c for c in kept if c["delta"] > 0]
+    return [c for c in kept if c[key] > 0]
 
 
 def union(chosen: list[dict]) -> dict[int, list[int]]:
@@ -70,7 +95,7 @@ def union(chosen: list[dict]) -> dict[int, list[int]]:
     return {layer: sorted(hs) for layer, hs in sorted(heads.items())}
 
 
-def objective(model, tokenizer, tasks: dict, batch_size: int, seed: int = 0) -> dict[str, float]:
+def score_tasks(model, tokenizer, tasks: dict, batch_size: int, seed: int = 0) -> dict[str, float]:
     """Each task's mean first metric on its items (`tasks`: task -> items), their mean as `objective`,
     and the mean entropy over the choices of the tasks that have choices (`entropy`, label-free). A task that
     samples draws each batch from torch's generator seeded `scorers.batch_seed(seed, batch number)`, the same
@@ -126,13 +151,16 @@ class ProfileLog:
 
 def calibrate(
     model, tokenizer, method: str, params: dict, tasks: list, *, granularity="layer", rule="min_delta",
-    value=0.0, gammas=(), gamma_by="accuracy", split="calib", limit=None, batch_size=16, seed=0, output: Path,
-    say=print,
+    value=0.0, objective="mean", gammas=(), gamma_by="accuracy", split="calib", limit=None, batch_size=16, seed=0,
+    output: Path, say=print,
 ) -> dict:  # fmt: skip
     """Profile, select and return the artifact (also written to `output/config.json`). The gamma grid
-    is judged `by` calibration accuracy, or by the lowest entropy over choices (no labels needed)."""
+    is judged `by` calibration accuracy (the `objective`'s gain; under `no_regress`, among the gammas that keep
+    every task within the tolerance), or by the lowest entropy over choices (no labels needed)."""
     import intervene
 
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
     if split == "test":
         raise ValueError("calibrating on the test split would tune on the numbers you report; use the calib split")
     if gamma_by not in ("accuracy", "entropy"):
@@ -145,15 +173,15 @@ def calibrate(
     items = {task.name: (task, task.items(split, limit)) for task in tasks}
     settings = {
         "model": spec.name_or_path, "method": method, "params": params, "tasks": sorted(items), "split": split,
-        "limit": limit, "granularity": granularity, "rule": rule, "value": value, "gammas": list(gammas),
-        "gamma_by": gamma_by, "seed": seed,
+        "limit": limit, "granularity": granularity, "rule": rule, "value": value, "objective": objective,
+        "gammas": list(gammas), "gamma_by": gamma_by, "seed": seed,
     }  # fmt: skip
     log = ProfileLog(Path(output) / "profile.jsonl", json.loads(json.dumps(settings)))
 
     def scored(config: dict):
         def run():
             with intervene.apply(model, method, **config):
-                return {"scores": objective(model, tokenizer, items, batch_size, seed)}
+                return {"scores": score_tasks(model, tokenizer, items, batch_size, seed)}
 
         return run
 
@@ -165,7 +193,7 @@ def calibrate(
         f"{(len(sweep) + len(gammas) + 2) * n_items} item scorings"
     )
     began = time.perf_counter()
-    baseline = log.get_or_run("baseline", lambda: {"scores": objective(model, tokenizer, items, batch_size, seed)})
+    baseline = log.get_or_run("baseline", lambda: {"scores": score_tasks(model, tokenizer, items, batch_size, seed)})
     baseline = baseline["scores"]
     if (elapsed := time.perf_counter() - began) > 1:  # scored now, not read back from the log
         rest = elapsed * (len(sweep) + len(gammas) + 1) / 60
@@ -175,18 +203,40 @@ def calibrate(
         bar = progress.add_task("candidates", total=len(sweep))
         for candidate in sweep:
             entry = log.get_or_run(candidate["label"], scored({**params, "heads": candidate["heads"]}))
-            delta = entry["scores"]["objective"] - baseline["objective"]
-            profile.append({**candidate, "scores": entry["scores"], "delta": delta})
+            scores = entry["scores"]
+            deltas = task_deltas(scores, baseline)
+            delta, worst = worth(scores, baseline, "mean"), worth(scores, baseline, "worst")
+            profile.append({**candidate, "scores": scores, "deltas": deltas, "delta": delta, "worst": worst})
             progress.advance(bar)
-    chosen = select(profile, rule, value)
+    chosen = select(profile, rule, value, objective)
+    unions = []
+    if rule == "no_regress":  # best first, each kept only if the union with those before it still holds
+        kept, gained = [], 0.0
+        for candidate in chosen:
+            trial = [*kept, candidate]
+            label = " + ".join(c["label"] for c in trial)
+            run = scored({**params, "heads": union(trial)})
+            scores = candidate["scores"] if not kept else log.get_or_run(f"union: {label}", run)["scores"]
+            deltas = task_deltas(scores, baseline)
+            holds = min(deltas.values()) >= -value and worth(scores, baseline, objective) > gained
+            unions.append({"union": label, "scores": scores, "deltas": deltas, "kept": holds})
+            if holds:
+                kept, gained = trial, worth(scores, baseline, objective)
+        chosen = kept
     final = {**params, "heads": union(chosen)}
     tried = []
     for gamma in gammas:  # ZeroTuning: the strength, on the selected heads
         entry = log.get_or_run(f"gamma {gamma}", scored({**final, "gamma": gamma}))
-        tried.append({"gamma": gamma, "scores": entry["scores"]})
-    if tried:
-        key, pick = ("objective", max) if gamma_by == "accuracy" else ("entropy", min)
-        final["gamma"] = pick(tried, key=lambda t: t["scores"][key])["gamma"]
+        deltas = task_deltas(entry["scores"], baseline)
+        tried.append({"gamma": gamma, "scores": entry["scores"], "deltas": deltas})
+    if tried and gamma_by == "entropy":
+        final["gamma"] = min(tried, key=lambda t: t["scores"]["entropy"])["gamma"]
+    elif tried:
+        allowed = [t for t in tried if rule != "no_regress" or min(t["deltas"].values()) >= -value]
+        if allowed:
+            final["gamma"] = max(allowed, key=lambda t: worth(t["scores"], baseline, objective))["gamma"]
+        else:  # every strength costs some task more than the tolerance: nothing is kept
+            chosen, final = [], {**params, "heads": {}}
     selected = log.get_or_run("selected", scored(final))["scores"]
 
     artifact = _artifact(
@@ -199,13 +249,16 @@ def calibrate(
             "seed": seed,
             "granularity": granularity,
             "selection": {rule: value},
+            "objective": objective,
             "profiled_with": params,
             "baseline": baseline,
             "profile": profile,
+            **({"unions": unions} if rule == "no_regress" else {}),
             "selected": [c["label"] for c in chosen],
             "gammas": tried,
             "gamma_by": gamma_by,
             "result": selected,
+            "result_deltas": task_deltas(selected, baseline),
         },
     )  # fmt: skip
     write_atomic(Path(output) / "config.json", json.dumps(artifact, indent=2) + "\n")

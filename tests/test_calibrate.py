@@ -1,6 +1,7 @@
 """Calibration: candidates, selection rules, the artifact's round trip, resuming, and never tuning on test."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,69 @@ def test_selection_rules_keep_only_candidates_that_helped(rule, value, labels):
 def test_unknown_rule_is_refused():
     with pytest.raises(ValueError, match="selection rule 'best' is not one of min_delta, top_k, top_fraction"):
         engine.select(profile(0.1), "best", 1)
+    with pytest.raises(ValueError, match="objective 'median' is not one of mean, worst"):
+        engine.select(profile(0.1), "top_k", 1, "median")
+
+
+def task_profile(*changes):
+    """Candidates with the per-task changes `changes[i]`, their mean and their worst, as `calibrate` records them."""
+    return [
+        {"label": f"c{i}", "heads": {i: [0]}, "deltas": d, "delta": sum(d.values()) / len(d), "worst": min(d.values())}
+        for i, d in enumerate(changes)
+    ]
+
+
+@pytest.mark.parametrize(
+    "rule, value, objective, labels",
+    [
+        ("top_k", 2, "mean", ["c0", "c2"]),  # the mean buys task a with task b
+        ("no_regress", 0.02, "mean", ["c2", "c1"]),  # no task loses more than 0.02
+        ("no_regress", 0.0, "mean", ["c1"]),
+        ("min_delta", 0.0, "worst", ["c1"]),  # the smallest change must be a gain
+        ("top_k", 3, "worst", ["c1"]),
+    ],
+)
+def test_rules_that_respect_every_task(rule, value, objective, labels):
+    changes = [{"a": 0.10, "b": -0.05}, {"a": 0.02, "b": 0.01}, {"a": 0.06, "b": -0.01}, {"a": -0.01, "b": -0.01}]
+    chosen = engine.select(task_profile(*changes), rule, value, objective)
+    assert [c["label"] for c in chosen] == labels
+
+
+def test_no_regress_keeps_a_candidate_only_while_the_union_holds(tiny_checkpoint, small_task, tmp_path, monkeypatch):
+    # Scores made up from the heads the candidate turns on: heads 0, 1 and 3 each help task a without hurting b, head 2
+    # costs a 0.05; heads 0 and 1 together cost b 0.10. Kept best first: head 0, not head 1 (their union hurts b), head
+    # 3 (the union of 0 and 3 keeps both tasks and gains). Every union tried is in the artifact, as are the changes.
+    from intervene.hooks.dispatch import Dispatcher
+
+    effects = {0: (0.10, 0.0), 1: (0.05, 0.0), 2: (-0.05, 0.20), 3: (0.01, 0.01)}
+
+    def made_up(model, tokenizer, items, batch_size, seed=0):
+        handles = Dispatcher.of(model).handles
+        on = {h for hs in handles[0].config.heads.values() for h in hs} if handles else set()
+        a = 0.5 + sum(effects[h][0] for h in on)
+        b = 0.5 + sum(effects[h][1] for h in on) - (0.10 if {0, 1} <= on else 0.0)
+        first, second = items
+        return {first: a, second: b, "objective": (a + b) / 2}
+
+    monkeypatch.setattr(engine, "score_tasks", made_up)
+    model, tokenizer = intervene.load_model(str(tiny_checkpoint), device="cpu")
+    artifact = engine.calibrate(
+        model, tokenizer, "zerotuning", {"gamma": 4.0}, [small_task, replace(small_task, name="mini2")],
+        granularity="head_index", rule="no_regress", value=0.02, output=tmp_path / "cal",
+    )  # fmt: skip
+    found = artifact["calibration"]
+    assert found["selection"] == {"no_regress": 0.02} and found["objective"] == "mean"
+    assert found["selected"] == ["head 0 of every layer", "head 3 of every layer"]
+    assert {layer: heads for layer, heads in artifact["params"]["heads"].items()} == {
+        layer: [0, 3] for layer in artifact["params"]["heads"]
+    }
+    assert [(u["union"], u["kept"]) for u in found["unions"]] == [
+        ("head 0 of every layer", True),
+        ("head 0 of every layer + head 1 of every layer", False),
+        ("head 0 of every layer + head 3 of every layer", True),
+    ]
+    assert found["result_deltas"] == pytest.approx({"mini": 0.11, "mini2": 0.01})
+    assert [c["deltas"] for c in found["profile"]][2] == pytest.approx({"mini": -0.05, "mini2": 0.20})
 
 
 @pytest.fixture
@@ -96,21 +160,21 @@ def test_the_artifact_replays_exactly(tiny_checkpoint, small_task, tmp_path):
 def test_an_interrupted_calibration_resumes_and_ends_the_same(tiny_checkpoint, small_task, tmp_path, monkeypatch):
     whole = run_calibration(tiny_checkpoint, small_task, tmp_path / "whole")
     calls = []
-    real_objective = engine.objective
+    real_scores = engine.score_tasks
 
     def interrupted(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:  # the baseline and one candidate finish, then Ctrl-C
             raise KeyboardInterrupt
-        return real_objective(*args, **kwargs)
+        return real_scores(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "objective", interrupted)
+    monkeypatch.setattr(engine, "score_tasks", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_calibration(tiny_checkpoint, small_task, tmp_path / "resumed")
     with open(tmp_path / "resumed" / "profile.jsonl", "a") as log:
         log.write('{"key": "head_index=1", "sco')  # and a kill while a line was written
     calls.clear()
-    monkeypatch.setattr(engine, "objective", lambda *a, **k: calls.append(1) or real_objective(*a, **k))
+    monkeypatch.setattr(engine, "score_tasks", lambda *a, **k: calls.append(1) or real_scores(*a, **k))
     resumed = run_calibration(tiny_checkpoint, small_task, tmp_path / "resumed")
     assert len(calls) == 3 + 1  # the three candidates left, then the selection: nothing is recomputed
     assert resumed == whole
@@ -217,3 +281,9 @@ def test_a_hybrid_is_calibrated_on_its_softmax_attention_layers_only(smollm2_tok
     assert artifact["model"]["attention_layers"] == [1, 3]
     with intervene.apply(model, intervene.load_config(tmp_path / "cal" / "config.json")) as handle:
         assert set(handle.config.layers) <= {1, 3}
+
+
+def test_calibrate_names_the_objectives_it_knows(tmp_path):
+    args = ["calibrate", "--method", "act", "--objective", "median", "--output-path", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "--objective mean, worst" in result.output
