@@ -234,7 +234,6 @@ def _run_lm_eval(spec: EvalSpec, names: list[str], manager) -> dict:
         "intervention": _intervention_record(lm.intervention, spec.config),
         "versions": report.versions(),
         "seed": spec.seed,
-        **({"seeds": spec.seeds} if spec.seeds > 1 else {}),
         "timing": timing,
         "date": run_dir.name,
     }  # fmt: skip

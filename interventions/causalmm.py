@@ -94,7 +94,7 @@ class CausalMM(Method):
         if side * side != features.shape[1]:
             raise ValueError(
                 f"causalmm: where={self.where!r} weights a square grid of patch features, and this model hands its "
-                f"projector {features.shape[1]} features an image: use where='llm'"
+                f"projector {features.shape[1]} features per image: use where='llm'"
             )
         edited = edited_map(attention, self.counterfactual, torch.Generator().manual_seed(self.seed))
         grid = F.interpolate(edited, size=(side, side), mode="bilinear", align_corners=False)  # [B', H, side, side]
