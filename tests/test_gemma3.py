@@ -3,12 +3,15 @@ install, so the default test command skips this file where they are missing). It
 (512 keys) five to one with full ones: prompts here are longer than the window, so cached decoding runs on
 sliding caches that have dropped their first keys."""
 
+import json
+
 import pytest
 import torch
 from typer.testing import CliRunner
 
 import intervene
 from intervene.cli import app
+from intervene.evals.model import shipped_config
 
 from conftest import positions
 
@@ -100,3 +103,19 @@ def test_eval_runs_on_gemma3(tmp_path, method):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "| cldr_language | acc | 4 |" in result.output and "| unanswerable_qa | hallucination | 4 |" in result.output
+
+
+def test_the_shipped_configs_replay_and_keep_every_calibration_task(gemma3):
+    # Calibrated with --select no_regress=0.015: no calib task lost more than one item in 72; ACT found no head that
+    # helped, so its config edits nothing and the logits stay the model's own.
+    model, tokenizer = gemma3
+    ids = tokenizer(["The capital of France is"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+    for method in ("act", "zerotuning"):
+        path = shipped_config("gemma3-270m", method)
+        found = json.loads(path.read_text())["calibration"]
+        assert found["selection"] == {"no_regress": 0.015} and min(found["result_deltas"].values()) >= -0.015
+        with torch.no_grad(), intervene.apply(model, intervene.load_config(path)):
+            edited = model(input_ids=ids).logits
+        assert torch.equal(edited, plain) == (not found["selected"]), method
