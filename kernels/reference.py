@@ -13,11 +13,13 @@ before their mask; a learned sink joins the softmax as one more logit and is dro
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .edit import AttentionEdit, Counterfactual, Redistribute
 
@@ -246,12 +248,19 @@ def _sdpa(q, k, v, key_bias, attention_mask, scale, causal, lse=False):
     added to the logits; a row that sees no key gives zero, as the explicit path does. With `lse` (CPU only),
     also the rows' log-sum-exp `[B, Hq, Nq]`, -inf on a row that sees nothing.
 
-    A finite bias that is the same on every row rides in `q @ k` as one more dimension, a weight in each query
-    against `bias / scale` in each key (`v` padded alike), so SDPA keeps the kernel it runs on a plain mask; an
-    additive float mask would make it read an `[B, Hq, Nq, Nk]` tensor. One row of biases on some heads
-    (ZeroTuning) is weight 1 on those heads and 0 on the others, keys shared as the model shares them; biases
-    that differ by head give each query head its own keys. Where the model gave a mask, a bias shared by all heads
-    joins it instead: SDPA reads a float mask of that size either way (it converts a boolean one)."""
+    On the CPU a bias that raises a few keys, the same on every row (ZeroTuning's initial token), costs no more
+    than a plain pass with its LSE: the raised keys' extra weight is added afterwards (`_with_raised_keys`).
+    Another finite bias that is the same on every row rides in `q @ k` as one more dimension, a weight in each
+    query against `bias / scale` in each key (`v` padded alike), so SDPA keeps the kernel it runs on a plain mask;
+    an additive float mask would make it read an `[B, Hq, Nq, Nk]` tensor. One row of biases on some heads is
+    weight 1 on those heads and 0 on the others, keys shared as the model shares them; biases that differ by head
+    give each query head its own keys. Where the model gave a mask, a bias shared by all heads joins it instead:
+    SDPA reads a float mask of that size either way (it converts a boolean one)."""
+    raised = _raised_keys(key_bias) if key_bias is not None and q.device.type == "cpu" else None
+    if raised is not None:
+        out, row_lse = _sdpa(q, k, v, None, attention_mask, scale, causal, lse=True)
+        _with_raised_keys(out, row_lse, q, k, v, *raised, attention_mask, scale, causal)
+        return (out, row_lse) if lse else out
     B, Hq, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
     folded = attention_mask is not None and key_bias is not None and key_bias.shape[1] == 1
@@ -268,16 +277,16 @@ def _sdpa(q, k, v, key_bias, attention_mask, scale, causal, lse=False):
         k = _with_column(k, B, kv_heads, column / scale)
         v = _with_column(v, B, kv_heads, v.new_zeros(1, 1, 1, 1))
         key_bias = None
-    mask, is_causal = None, False
+    mask, blind, is_causal = None, None, False
     if attention_mask is None and key_bias is None and (not causal or Nq == 1):
         pass  # every key visible
     elif attention_mask is None and key_bias is None and Nq == Nk:
         is_causal = True  # SDPA's own causal mask, top-left aligned, is the bottom-right one here
     else:
-        mask, additive = _mask_rows(attention_mask, 0, Nq, Nq, Nk, causal, q.device)  # [B|1, 1, Nq|1, Nk] bool
-        if additive is not None or key_bias is not None:  # a float mask carrying what is added to the logits
-            mask = _additive(mask, q.dtype) + (0.0 if additive is None else additive.to(q.dtype))
-            mask = mask + (0.0 if key_bias is None else key_bias.to(q.dtype))  # [B|1, Hq|1, Nq|1, Nk]
+        mask, blind = _sdpa_mask(attention_mask, Nq, Nk, causal, q.dtype, q.device)  # [B|1, 1, Nq|1, Nk|1]
+        if key_bias is not None:
+            mask = mask + key_bias.to(q.dtype)  # [B|1, Hq|1, Nq|1, Nk]
+            blind = ~(mask > float("-inf")).any(dim=-1, keepdim=True)  # a -inf bias may hide a row's last key
     if lse:
         out, row_lse = _flash(q, k, v, mask, is_causal, scale)
     else:
@@ -285,11 +294,91 @@ def _sdpa(q, k, v, key_bias, attention_mask, scale, causal, lse=False):
             q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
         )  # [B, Hq, Nq, Dv]
     out = out[..., :Dv]
-    if mask is not None:
-        blind = ~(mask if mask.dtype == torch.bool else mask > float("-inf")).any(dim=-1, keepdim=True)
-        out = out.masked_fill_(blind, 0.0)  # [B|1, Hq|1, Nq, 1] rows that see nothing (a fresh tensor)
+    if blind is not None and blind.shape[1] == 1:  # rows that see nothing, the same on every head: only those written
+        rows = blind[:, 0, :, 0].expand(B, Nq).nonzero(as_tuple=True)  # ([R], [R]): indices (a bool one is slower)
+        out.transpose(1, 2)[rows] = 0.0  # a fresh tensor
+        if lse:
+            row_lse.transpose(1, 2)[rows] = float("-inf")
+    elif blind is not None:
+        out = out.masked_fill_(blind, 0.0)  # [B|1, Hq, Nq, 1]
         row_lse = row_lse.masked_fill(blind[..., 0], float("-inf")) if lse else None
     return (out.transpose(1, 2), row_lse) if lse else out.transpose(1, 2)  # [B, Nq, Hq, Dv]
+
+
+_MASKS = WeakIdKeyDictionary()  # a model's mask -> (its version, {geometry: what `_sdpa_mask` derived from it})
+
+
+def _sdpa_mask(attention_mask, Nq, Nk, causal, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The visibility of `_mask_rows` as the additive mask SDPA takes, `[B|1, 1, Nq|1, Nk]` in `dtype` (contiguous:
+    torch 2.6's flash kernel misreads a transposed one), and the rows that see no key `[B|1, 1, Nq|1, 1]`. A model
+    hands every layer of a forward the same mask, so these are derived once and kept with it while it lives
+    (unless it changes in place)."""
+
+    def derive():
+        keep, additive = _mask_rows(attention_mask, 0, Nq, Nq, Nk, causal, device)  # [B|1, 1, Nq|1, Nk]
+        mask = _additive(keep, dtype) if additive is None else _additive(keep, dtype) + additive.to(dtype)
+        return mask.contiguous(), ~keep.any(dim=-1, keepdim=True)
+
+    if attention_mask is None or torch.is_inference(attention_mask):  # no version counter to tell a change
+        return derive()
+    version, derived = _MASKS.get(attention_mask, (None, None))
+    if version != attention_mask._version:
+        derived = {}
+        _MASKS[attention_mask] = (attention_mask._version, derived)
+    geometry = (Nq, Nk, causal, dtype, device)
+    if geometry not in derived:
+        derived[geometry] = derive()
+    return derived[geometry]
+
+
+_FEW_KEYS = 16  # keys a bias may raise to be added after a plain pass (`_with_raised_keys`); more ride in q @ k
+
+
+def _raised_keys(key_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For a key bias `[B|1, Hq|1, 1, Nk]` that raises a few keys (finite, at least 0, non-zero on at most
+    `_FEW_KEYS` keys of each batch row): `(keys [B|1, S], extra [B|1, Hq|1, S])`, those keys and the weight each
+    adds to its plain weight, `e^bias - 1` times it (0 on the keys that pad a row with fewer). Else None."""
+    if key_bias.shape[2] != 1:
+        return None
+    rows = key_bias[:, :, 0].float()  # [B|1, Hq|1, Nk]
+    if not bool(((rows >= 0) & (rows < float("inf"))).all()):
+        return None
+    raised = rows.ne(0).any(dim=1)  # [B|1, Nk]
+    most = int(raised.sum(dim=-1).max())
+    if most > _FEW_KEYS:
+        return None
+    keys = raised.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[:, :most]  # [B|1, S]: raised first
+    return keys, torch.expm1(rows.gather(-1, keys[:, None].expand(-1, rows.shape[1], -1)))  # [B|1, Hq|1, S]
+
+
+def _with_raised_keys(out, lse, q, k, v, keys, extra, attention_mask, scale, causal) -> None:
+    """Turns a plain pass's output `[B, Nq, Hq, Dv]` and LSE `[B, Hq, Nq]` (fp32), in place, into those of the
+    pass with the keys `keys` `[B|1, S]` weighing `1 + extra` `[B|1, Hq|1, S]` times their plain weight. With each
+    key's probability in the pass `a = exp(s - lse)`, a row becomes `(O + sum extra a v) / (1 + sum extra a)`:
+    every term positive, so nothing cancels; its LSE grows by `log(1 + sum extra a)`. Head by head, on views: only
+    the raised heads' outputs are read and written."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, S = k.shape[1], k.shape[2], keys.shape[-1]
+    group = Hq // Hkv
+    index = keys[:, None, :, None]  # [B|1, 1, S, 1]
+    k_s = k.gather(2, index.expand(B, Hkv, S, D)).float() * scale  # [B, Hkv, S, D]
+    v_s = v.gather(2, index.expand(B, Hkv, S, v.shape[3])).float()  # [B, Hkv, S, Dv]
+    seen = torch.zeros(1, 1, 1, 1, device=q.device)  # what the mask adds to the raised keys' logits
+    if attention_mask is not None:  # the pass's own mask, at the raised keys: 0, -inf or a float mask's bias
+        mask, _ = _sdpa_mask(attention_mask, Nq, Nk, causal, q.dtype, q.device)  # [B|1, 1|Hq, Nq|1, Nk]
+        seen = mask.expand(B, -1, Nq, Nk).gather(-1, keys[:, None, None, :].expand(B, mask.shape[1], Nq, S)).float()
+    elif causal:  # bottom-right
+        visible = keys[:, None, None, :] <= torch.arange(Nq, device=q.device)[:, None] + (Nk - Nq)  # [B|1, 1, Nq, S]
+        seen = torch.zeros(visible.shape, device=q.device).masked_fill_(~visible, float("-inf"))
+    for h in extra.ne(0).any(dim=-1).any(dim=0).expand(Hq).nonzero().flatten().tolist():  # the heads it raises
+        s = q[:, h].float() @ k_s[:, h // group].transpose(-1, -2) + seen[:, min(h, seen.shape[1] - 1)]  # [B, Nq, S]
+        row_lse = lse[:, h]  # [B, Nq], a view
+        a = torch.exp(s - row_lse.masked_fill(row_lse == float("-inf"), 0.0)[..., None])  # 0 on rows that see none
+        weights = a * extra[:, min(h, extra.shape[1] - 1), None, :]  # [B, Nq, S]
+        added = weights.sum(dim=-1)  # [B, Nq]
+        o = out[:, :, h]  # [B, Nq, Dv], a view
+        o.copy_((o.float() + weights @ v_s[:, h // group]) / (1.0 + added)[..., None])
+        row_lse += torch.log1p(added)
 
 
 def _additive(keep: torch.Tensor, dtype) -> torch.Tensor:
@@ -310,9 +399,10 @@ def _with_column(t, batch: int, heads: int, column) -> torch.Tensor:
 
 def _flash(q, k, v, mask, is_causal, scale) -> tuple[torch.Tensor, torch.Tensor]:
     """torch's CPU flash attention, which returns the rows' LSE: `(out [B, Hq, Nq, Dv], lse [B, Hq, Nq])` (fp32).
-    It wants as many key as query heads, one head size and an additive mask; `is_causal` is top-left aligned."""
+    It wants one head size and an additive mask, and as many key as query heads before torch 2.9; `is_causal` is
+    top-left aligned."""
     group = q.shape[1] // k.shape[1]
-    if group > 1:
+    if group > 1 and not _flash_groups_heads():
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     Dv = v.shape[-1]
     if Dv != q.shape[-1]:  # zeros in the narrower of q, k and v change no score and no output
@@ -324,6 +414,17 @@ def _flash(q, k, v, mask, is_causal, scale) -> tuple[torch.Tensor, torch.Tensor]
         q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale
     )
     return out[..., :Dv], lse
+
+
+@functools.cache
+def _flash_groups_heads() -> bool:
+    """Whether torch's CPU flash kernel gives each group of query heads its key/value head (torch 2.9 on), where an
+    older one reads k and v as if they had q's heads. Asked once, of a key/value head that is the first of two
+    (value 0, then 1), so that an older kernel reads the second rather than past the end."""
+    kv = torch.arange(2.0).view(1, 2, 1, 1).expand(1, 2, 1, 8).contiguous()  # [1, 2, 1, 8]
+    q = torch.zeros(1, 2, 1, 8)
+    out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kv[:, :1], kv[:, :1], 0.0, False, scale=1.0)
+    return bool((out == 0).all())
 
 
 def probabilities(q, k, edit: AttentionEdit, *, attention_mask, scale, causal, sinks, softcap) -> torch.Tensor:

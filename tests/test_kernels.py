@@ -541,6 +541,38 @@ def test_the_sdpa_path_of_a_key_bias_equals_the_explicit_softmax(n, nk, masked):
         torch.testing.assert_close(fast, explicit, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("n, nk", [(19, 19), (7, 19), (1, 19)])
+def test_a_bias_raising_few_keys_is_added_to_a_plain_pass(n, nk, monkeypatch):
+    """A bias that raises a few keys (ZeroTuning's initial token) runs on the CPU as a plain SDPA pass with its LSE,
+    the raised keys' extra weight added afterwards, never through the one-more-dimension path. Its output and its
+    LSE equal the explicit softmax's: per-head amounts (some heads none), a bias shared by the heads, a raised key
+    that some rows cannot see, large factors (gamma 1000), peaked scores so the raised key holds most of a row, every
+    mask (padded rows that see nothing among them), and values of another size than the keys."""
+    monkeypatch.setattr(reference, "_with_column", lambda *args: pytest.fail("a raised key took the column path"))
+    for seed in range(4):
+        q, k, v = qkv(n=n, nk=nk, seed=seed)
+        v = torch.cat([v, v[..., :3] * 2], dim=-1) if seed % 2 else v  # Dv = 11 on odd seeds
+        g = torch.Generator().manual_seed(seed)
+        per_head = torch.zeros(2, 4, 1, nk)
+        per_head[0, :3, 0, 0] = torch.tensor([0.5, 0.0, math.log(1000.0)])  # row 0: its first key
+        per_head[1, 1:, 0, 3] = torch.rand(3, generator=g) * 2  # row 1: key 3, its first real one under padding
+        per_head[1, 1:, 0, nk - 1] = 0.7  # and the last key, which only the last query sees
+        shared = torch.zeros(2, 1, 1, nk)
+        shared[:, 0, 0, 0] = math.log(2.0)
+        for mask_name, mask in _masks(n, nk).items():
+            for bias_name, bias in [("per head", per_head), ("shared", shared)]:
+                edit = AttentionEdit(key_bias=bias)
+                fast = kernels.modified_attention(q * 1.5, k * 1.5, v, edit, attention_mask=mask, scale=0.3)
+                fast_out, fast_lse = reference._sdpa(q * 1.5, k * 1.5, v, bias, mask, 0.3, True, lse=True)
+                explicit, lse = kernels.modified_attention(
+                    q * 1.5, k * 1.5, v, edit, attention_mask=mask, scale=0.3, return_lse=True
+                )
+                case = f"{bias_name}, {mask_name} mask, seed {seed}"
+                torch.testing.assert_close(fast, explicit, atol=1e-5, rtol=1e-5, msg=lambda m, c=case: f"{c}: {m}")
+                torch.testing.assert_close(fast_out, explicit, atol=1e-5, rtol=1e-5, msg=lambda m, c=case: f"{c}: {m}")
+                torch.testing.assert_close(fast_lse, lse, atol=1e-5, rtol=1e-5, msg=lambda m, c=case: f"{c}: {m}")
+
+
 def _masks(n, nk):
     """The masks the fast paths must honour, as rows `nk - n:` of a causal `nk x nk` layout: none (bottom-right
     causal), left padding (row 1 of the batch sees keys 3.. only), a sliding window of 3 keys (late rows see no
