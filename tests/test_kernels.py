@@ -573,6 +573,26 @@ def test_a_bias_raising_few_keys_is_added_to_a_plain_pass(n, nk, monkeypatch):
                 torch.testing.assert_close(fast_lse, lse, atol=1e-5, rtol=1e-5, msg=lambda m, c=case: f"{c}: {m}")
 
 
+def test_what_is_derived_from_a_mask_follows_it_when_it_changes_in_place():
+    """The CPU path derives SDPA's float mask once per mask tensor (a model hands every layer the same one); a mask
+    changed in place between calls, or a new one in the same memory, is derived again."""
+    q, k, v = qkv()
+    mask = padded_keep(2, 9, [0, 3])
+    bias = torch.zeros(1, 4, 1, 9)
+    bias[0, 1, 0, 4] = 1.0
+    for pads in ([0, 3], [2, 0], [5, 1]):
+        mask.copy_(padded_keep(2, 9, pads))
+        for edit in (AttentionEdit(), AttentionEdit(key_bias=bias)):
+            fast = kernels.modified_attention(q, k, v, edit, attention_mask=mask, scale=0.3)
+            explicit, _ = kernels.modified_attention(q, k, v, edit, attention_mask=mask, scale=0.3, return_lse=True)
+            torch.testing.assert_close(fast, explicit, atol=1e-5, rtol=1e-5, msg=lambda m, p=pads: f"pads {p}: {m}")
+    for pads in ([0, 3], [4, 4]):  # a fresh mask each time: freed ones' memory is reused
+        mask = padded_keep(2, 9, pads)
+        fast = kernels.modified_attention(q, k, v, attention_mask=mask, scale=0.3)
+        explicit, _ = kernels.modified_attention(q, k, v, attention_mask=mask, scale=0.3, return_lse=True)
+        torch.testing.assert_close(fast, explicit, atol=1e-5, rtol=1e-5)
+
+
 def _masks(n, nk):
     """The masks the fast paths must honour, as rows `nk - n:` of a causal `nk x nk` layout: none (bottom-right
     causal), left padding (row 1 of the batch sees keys 3.. only), a sliding window of 3 keys (late rows see no
