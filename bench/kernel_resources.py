@@ -146,6 +146,18 @@ def launches(head_dim: int, n: int = 4096, heads: int = 32, kv_heads: int = 8):
         "column statistics + padding mask",
         lambda: fused.column_stats(q, k, scale=head_dim**-0.5, causal=True, **{**no_edit, "attention_mask": padding}),
     )
+    act = lambda: fused.column_stats_and_rows(  # the pass with the likely sinks hidden, then column sums from its LSE
+        q,
+        k,
+        k,
+        sinks[:, 0],
+        heads=torch.arange(heads // 4),
+        attention_mask=None,
+        scale=head_dim**-0.5,
+        causal=True,
+        query_mask=None,
+    )
+    yield "prefill", "column statistics and their row pass", act
 
 
 def report(arch: int, head_dim: int) -> list[dict]:

@@ -85,7 +85,7 @@ def modified_attention(
                 f"the {backend!r} backend does not run counterfactual attention with {unfused}: use "
                 "backend='reference' (or 'auto', which picks it)"
             )
-    reused = {"rows": rows} if chosen is reference else {}
+    reused = {"rows": rows} if backend != "flex" else {}  # flex runs no pass of its own to reuse
     return chosen.attention(
         q,
         k,
@@ -175,10 +175,11 @@ def column_stats_and_rows(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, reference.RowPass | None]:
     """`column_stats` of plain attention on the query heads `heads` (`[h]` indices, default all), `[B, h, Nk]` each,
-    plus what they were computed from when the backend keeps it: on the CPU, one pass of every head of `q`, with the
-    keys `hidden` `[B, Nk]` hidden on `heads`, which `modified_attention(..., rows=)` on the same q, k, v reuses for a
-    redistribution whose sources are among those keys (ACT hides the keys likely to be its sinks) and for the other
-    heads, instead of passes of its own. Elsewhere the third value is None."""
+    plus what they were computed from when the backend keeps it: one pass of every head of `q` (torch's flash kernel
+    on the CPU, the fused forward on CUDA), with the keys `hidden` `[B, Nk]` hidden on `heads`, which
+    `modified_attention(..., rows=)` on the same q, k, v reuses for a redistribution whose sources are among those
+    keys (ACT hides the keys likely to be its sinks) and for the other heads, instead of passes of its own. Elsewhere
+    (FlexAttention, the reference on CUDA) the third value is None."""
     _checked(q, k, v, AttentionEdit(), attention_mask, None, None)
     _check_edit_tensor("hidden", hidden, "B, Nk", _sizes(q, k))
     if query_mask is not None:
@@ -188,13 +189,15 @@ def column_stats_and_rows(
     if heads.dim() != 1 or not bool(((heads >= 0) & (heads < q.shape[1])).all()):
         raise ValueError(f"heads must be [h] indices of query heads below Hq = {q.shape[1]}, got {heads.tolist()}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if _backend(q, None, backend) is not reference:
+    if backend == "flex":
         kv = (heads // (q.shape[1] // k.shape[1])).to(q.device)
         stats = column_stats(q[:, heads.to(q.device)], k[:, kv], attention_mask=attention_mask, scale=scale,
                              causal=causal, query_mask=query_mask, backend=backend)  # fmt: skip
         return (*stats, None)
-    return reference.column_stats_and_rows(q, k, v, hidden.to(q.device), heads=heads, attention_mask=attention_mask,
-                                           scale=scale, causal=causal, query_mask=query_mask)  # fmt: skip
+    return _backend(q, None, backend).column_stats_and_rows(
+        q, k, v, hidden.to(q.device), heads=heads, attention_mask=attention_mask, scale=scale, causal=causal,
+        query_mask=query_mask,
+    )  # fmt: skip
 
 
 def _checked(q, k, v, edit: AttentionEdit, attention_mask, sinks, softcap) -> tuple[AttentionEdit, torch.Tensor | None]:

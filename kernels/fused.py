@@ -7,6 +7,8 @@ N x N probabilities (design: one online-softmax loop, edits folded into the logi
   mass to the target in proportion keeps the row's normaliser, so it is exactly `log(1 - p)` on source
   keys and `log(1 + p * l_S / l_T)` on target keys;
 - column statistics reuse the statistics pass for each row's log-sum-exp, then sum `exp(s - lse)` per key;
+  ACT's take theirs from a forward with its likely sinks hidden, which its redistribution then reuses (the moved
+  rows combined from it and the sinks' columns, as on the CPU): a calibrated prompt reads K twice;
 - a model's soft-capping is computed in the tile loop (`HAS_SOFTCAP`, so models without it pay nothing), and
   its learned sinks start each row's online softmax: running max the sink's logit, sum 1, no value. Split-KV
   decoding adds them once, when the chunks are combined.
@@ -28,8 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import reference
 from .edit import AttentionEdit, Redistribute
-from .reference import visible_keys
+from .reference import RowPass, visible_keys
 
 LOG2E = math.log2(math.e)  # logits run in base 2 (exp2): natural ones are multiplied by this
 _LOG2E: tl.constexpr = tl.constexpr(LOG2E)  # the same, for the kernels
@@ -797,18 +800,26 @@ class _Inputs:
         return self.bias.given and self.bias.strides[2] != 0
 
 
-def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, return_lse, sinks, softcap):
+def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, return_lse, sinks, softcap, rows=None):
+    """`rows`: the pass `column_stats_and_rows` ran on the same q, k, v, which a redistribution from few source keys
+    reuses (`reference.moved_from_sources`: the moved rows combined from it and the sources' columns), so that a
+    calibrated prompt reads K twice (that pass and the column sums), not four times."""
     B, Hq, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
+    Nk = k.shape[2]
     if v.shape[-1] != D:  # the kernels tile q, k and v with one head size
         raise ValueError(
             f"the triton backend needs value heads of the query/key head size; got q/k head size {D} and v head "
             f"size {v.shape[-1]} (as in MLA models): use backend='reference' (or 'auto', which picks it)"
         )
-    inputs = _inputs(q, k, edit, attention_mask, scale, causal, sinks, softcap)
     head_scale = None
     if edit.head_scale is not None:
         head_scale = edit.head_scale.to(device=q.device, dtype=torch.float32).expand(B, Hq)
+    plain_rows = not return_lse and sinks is None and softcap is None and edit.counterfactual is None
+    if rows is not None and plain_rows and reference.moves_from_few_keys(edit, q):
+        heads = reference.probability_heads(edit, Hq).nonzero().flatten()
+        out = reference.moved_from_sources(q, k, v, edit, heads, attention_mask, scale, causal, rows, row_pass)
+        return out if head_scale is None else out * head_scale[:, None, :, None].to(out.dtype)
+    inputs = _inputs(q, k, edit, attention_mask, scale, causal, sinks, softcap)
     counterfactual = _COUNTERFACTUALS[None if edit.counterfactual is None else edit.counterfactual.kind]
     if Nq == 1 and not counterfactual:  # a counterfactual decodes as a prompt of one row: its map is per row
         out, lse = _decode(q, k, v, inputs, edit.redistribute)
@@ -821,7 +832,15 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
         codes = edit.redistribute.key_codes(B, Nk, q.device)
         _, *masses = _run_statistics(q, k, inputs, codes)
         group_bias = edit.redistribute.row_biases(*masses)  # [B, Hq, Nq, 2]
-    out = torch.empty(B, Nq, Hq, v.shape[-1], dtype=q.dtype, device=q.device)
+    out, lse = _run_forward(q, k, v, inputs, codes, group_bias, head_scale, counterfactual, return_lse, q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def _run_forward(q, k, v, inputs: _Inputs, codes, group_bias, head_scale, counterfactual, return_lse, out_dtype):
+    """`_forward` over every row and head: `(out [B, Nq, Hq, D] in out_dtype, lse [B, Hq, Nq] or None)`."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    out = torch.empty(B, Nq, Hq, v.shape[-1], dtype=out_dtype, device=q.device)
     lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device) if return_lse else out
     codes, group_bias, head_scale = Operand.of(codes, 3), Operand.of(group_bias, 3), Operand.of(head_scale, 2)
     _forward[lambda tile: (triton.cdiv(Nq, tile["BLOCK_M"]), B * Hq)](
@@ -836,7 +855,44 @@ def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, re
         COUNTERFACTUAL=counterfactual, UPCAST=inputs.upcast, IEEE=inputs.ieee, BLOCK_D=_tile_width(D), D=D,
         **_FIXED_TILE,
     )  # fmt: skip
-    return (out, lse) if return_lse else out
+    return out, (lse if return_lse else None)
+
+
+def row_pass(q, k, v, heads, hidden, key_bias, attention_mask, scale, causal) -> RowPass:
+    """`reference`'s row pass on the fused forward: one launch over every query head, the keys `hidden`
+    `[B, h|1, Nk]` hidden on the heads `heads` `[h]` (by the reference's -1e4 bias), output and LSE in fp32; then the
+    hidden keys' columns (`reference.hidden_columns`)."""
+    B, Hq, _, _ = q.shape
+    Nk = k.shape[2]
+    heads = heads.to(q.device)
+    bias = torch.zeros(B, Hq, 1, Nk, device=q.device)
+    bias[:, heads] = torch.where(hidden, -reference.HIDDEN, 0.0).to(q.device)[:, :, None, :]
+    if key_bias is not None:
+        bias = bias + key_bias.to(q.device, torch.float32)  # [B, Hq, Nq|1, Nk]
+    inputs = _inputs(q, k, AttentionEdit(key_bias=bias), attention_mask, scale, causal, None, None)
+    out, lse = _run_forward(q, k, v, inputs, None, None, None, 0, True, torch.float32)  # [B, Nq, Hq, D], [B, Hq, Nq]
+    return reference.hidden_columns(
+        q[:, heads], k, v, heads, hidden, key_bias, attention_mask, scale, causal, out.to(q.dtype), out[:, :, heads],
+        lse[:, heads],
+    )  # fmt: skip
+
+
+def column_stats_and_rows(q, k, v, hidden, *, heads, attention_mask, scale, causal, query_mask):
+    """`reference.column_stats_and_rows` on the kernels: the row pass over every head with the keys `hidden` `[B, Nk]`
+    hidden on the query heads `heads` `[h]` (K and V read once), whose LSE and hidden columns give each row's LSE,
+    then the column sums of `heads` from it (K read once more); the pass is kept for the redistribution. None in
+    place of the pass where the hidden keys' scores would not fit the reference's chunk budget, or where the values
+    have another head size than the keys (which the forward kernel does not run)."""
+    B, Hq, Nq, D = q.shape
+    kv = heads // (Hq // k.shape[1])
+    chosen = q[:, heads.to(q.device)], k[:, kv.to(q.device)]
+    geometry = {"attention_mask": attention_mask, "scale": scale, "causal": causal, "query_mask": query_mask}
+    too_many = B * heads.numel() * Nq * int(hidden.sum(dim=-1).max()) > reference.CHUNK_SCORES
+    if too_many or v.shape[-1] != D:
+        return (*column_stats(*chosen, key_bias=None, sinks=None, softcap=None, **geometry), None)
+    rows = row_pass(q, k, v, heads, hidden[:, None], None, attention_mask, scale, causal)
+    sums, counts = column_stats(*chosen, key_bias=None, sinks=None, softcap=None, lse=rows.row_lse(), **geometry)
+    return sums, counts, rows
 
 
 def _decode(q, k, v, inputs: _Inputs, redistribute: Redistribute | None):
@@ -894,12 +950,15 @@ def _decode(q, k, v, inputs: _Inputs, redistribute: Redistribute | None):
     return out[:, None], lse[..., None]  # [B, 1, Hq, D] fp32, [B, Hq, 1]
 
 
-def column_stats(q, k, *, attention_mask, scale, causal, query_mask, key_bias, sinks, softcap):
+def column_stats(q, k, *, attention_mask, scale, causal, query_mask, key_bias, sinks, softcap, lse=None):
+    """`lse` `[B, Hq, Nq]`: the rows' log-sum-exp when a pass already gave it, which saves the statistics pass."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     inputs = _inputs(q, k, AttentionEdit(key_bias=key_bias), attention_mask, scale, causal, sinks, softcap)
-    stats = _run_statistics(q, k, inputs, None)
-    lse = torch.where(stats[1] > 0, (stats[0] + stats[1].log2()) / LOG2E, float("-inf")).contiguous()
+    if lse is None:
+        stats = _run_statistics(q, k, inputs, None)
+        lse = torch.where(stats[1] > 0, (stats[0] + stats[1].log2()) / LOG2E, float("-inf"))
+    lse = lse.contiguous()
     sums = torch.empty(B, Hq, Nk, dtype=torch.float32, device=q.device)
     counts = torch.empty_like(sums)
     rows = None if query_mask is None else query_mask.to(device=q.device, dtype=torch.int8)

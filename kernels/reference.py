@@ -4,7 +4,7 @@ Attention whose edit needs probabilities (a key gain, a redistribution) is compu
 whose edit is at most a key bias and a head scale go through torch's SDPA, which computes the same softmax.
 
 Softmax runs in fp32 and rows are processed in chunks, so memory stays bounded by
-`_CHUNK_SCORES` scores whatever the sequence length. A row sees the keys whose final logit is finite:
+`CHUNK_SCORES` scores whatever the sequence length. A row sees the keys whose final logit is finite:
 masked keys, and keys a -inf `key_bias` hides, get probability exactly 0, and a row that sees no key
 yields a zero output and a -inf LSE (never NaN); with learned sinks such a row puts all its mass on the sink
 (zero output, the sink's logit as LSE). Logits are capped (`softcap`) before any edit, as models cap them
@@ -23,23 +23,23 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .edit import AttentionEdit, Counterfactual, Redistribute
 
-_CHUNK_SCORES = 1 << 24  # fp32 scores held at once: 64 MiB
-_HIDDEN = 1e4  # a logit bias that leaves exp() exactly 0 beside any score of a real model
+CHUNK_SCORES = 1 << 24  # fp32 scores held at once: 64 MiB
+HIDDEN = 1e4  # a logit bias that leaves exp() exactly 0 beside any score of a real model
 
 
 def attention(q, k, v, edit: AttentionEdit, *, attention_mask, scale, causal, return_lse, sinks, softcap, rows=None):
     """Heads whose edit is at most a key bias and a head scale run through torch's SDPA with the bias (the same
     softmax, at SDPA's speed: `_sdpa`). A redistribution away from a few source keys (ACT's sinks) is, on the CPU,
-    one SDPA pass with those keys hidden, combined with their columns (`_moved_from_sources`), or no pass of its own
+    one SDPA pass with those keys hidden, combined with their columns (`moved_from_sources`), or no pass of its own
     where the column statistics of the same call already ran one that hid them (`rows`); the other heads a
     gain or a redistribution touches are computed here, from their probabilities. The LSE, learned sinks and
     soft-capping take the explicit path for every head."""
     if return_lse or sinks is not None or softcap is not None:
         return _explicit(q, k, v, edit, attention_mask, scale, causal, return_lse, sinks, softcap)
-    explicit = _probability_heads(edit, q.shape[1])  # [Hq] bool
+    explicit = probability_heads(edit, q.shape[1])  # [Hq] bool
     heads = explicit.nonzero().flatten()
-    if heads.numel() and _moves_from_few_keys(edit, q):
-        out = _moved_from_sources(q, k, v, edit, heads, attention_mask, scale, causal, rows)
+    if heads.numel() and q.device.type == "cpu" and moves_from_few_keys(edit, q):
+        out = moved_from_sources(q, k, v, edit, heads, attention_mask, scale, causal, rows)
     elif bool(explicit.all()):
         return _explicit(q, k, v, edit, attention_mask, scale, causal, False, None, None)
     else:
@@ -70,7 +70,7 @@ def _explicit(q, k, v, edit: AttentionEdit, attention_mask, scale, causal, retur
     return (out, torch.cat(lses, dim=2)) if return_lse else out
 
 
-def _probability_heads(edit: AttentionEdit, num_heads: int) -> torch.Tensor:
+def probability_heads(edit: AttentionEdit, num_heads: int) -> torch.Tensor:
     """[Hq] bool: the heads whose edit needs their probabilities (a key gain or a counterfactual: all; a
     redistribution: those with a source key)."""
     if edit.key_gain is not None or edit.counterfactual is not None:
@@ -96,17 +96,17 @@ def _of_heads(edit: AttentionEdit, heads: torch.Tensor) -> AttentionEdit:
     return replace(edit, key_bias=pick(edit.key_bias, 1), redistribute=rd, head_scale=pick(edit.head_scale, 1))
 
 
-def _moves_from_few_keys(edit: AttentionEdit, q) -> bool:
-    """Whether the edit's redistribution can be carried out from its source keys' columns alone: on the CPU
-    (torch's flash kernel gives the rows' LSE there), without a gain or a mass gate, every key a source or a
-    target, and few enough sources that their scores fit the chunk budget."""
+def moves_from_few_keys(edit: AttentionEdit, q) -> bool:
+    """Whether the edit's redistribution can be carried out from a pass and its source keys' columns alone: without
+    a gain or a mass gate, every key a source or a target, and few enough sources that their scores fit the chunk
+    budget. (The pass needs the rows' LSE: torch's flash kernel gives it on the CPU, the fused forward on CUDA.)"""
     rd = edit.redistribute
-    if q.device.type != "cpu" or edit.key_gain is not None or rd is None or rd.mass_gate is not None:
+    if edit.key_gain is not None or rd is None or rd.mass_gate is not None:
         return False
     if not bool((rd.source | rd.target).all()):
         return False
     most = int(rd.source.sum(dim=-1).max())
-    return q.shape[0] * q.shape[1] * q.shape[2] * most <= _CHUNK_SCORES
+    return q.shape[0] * q.shape[1] * q.shape[2] * most <= CHUNK_SCORES
 
 
 @dataclass(frozen=True)
@@ -139,8 +139,8 @@ class RowPass:
 def _row_pass(q, k, v, heads, hidden, key_bias, attention_mask, scale, causal) -> RowPass:
     """SDPA over the query heads `heads` `[h]` of `q` with the keys `hidden` `[B, h|1, Nk]` hidden (a -1e4 logit bias),
     and over the other heads plainly; then the hidden keys' columns."""
-    B, Hq, Nq, D = q.shape
-    Nk, Dv = k.shape[2], v.shape[3]
+    B, Hq, Nq, _ = q.shape
+    Dv = v.shape[3]
     group = Hq // k.shape[1]
     h = heads.numel()
     heads = heads.to(q.device)
@@ -149,7 +149,7 @@ def _row_pass(q, k, v, heads, hidden, key_bias, attention_mask, scale, causal) -
     else:
         q_h, k_h, v_h, bias_h = q[:, heads], k[:, heads // group], v[:, heads // group], _bias_of(key_bias, heads)
     if bool(hidden.any()):
-        hide = torch.where(hidden, -_HIDDEN, 0.0).to(q.device)[:, :, None, :]  # [B, h|1, 1, Nk]
+        hide = torch.where(hidden, -HIDDEN, 0.0).to(q.device)[:, :, None, :]  # [B, h|1, 1, Nk]
         bias_h = hide if bias_h is None else bias_h + hide
     passed, lse = _sdpa(q_h, k_h, v_h, bias_h, attention_mask, scale, causal, lse=True)  # [B, Nq, h, Dv], [B, h, Nq]
     output = passed
@@ -159,6 +159,16 @@ def _row_pass(q, k, v, heads, hidden, key_bias, attention_mask, scale, causal) -
         output[:, :, heads] = passed
         output[:, :, others] = _sdpa(q[:, others], k[:, others // group], v[:, others // group],
                                      _bias_of(key_bias, others), attention_mask, scale, causal)  # fmt: skip
+    return hidden_columns(q_h, k, v, heads, hidden, key_bias, attention_mask, scale, causal, output, passed, lse)
+
+
+def hidden_columns(q_h, k, v, heads, hidden, key_bias, attention_mask, scale, causal, output, passed, lse) -> RowPass:
+    """The `RowPass` of a pass (any backend's) that hid the keys `hidden` `[B, h|1, Nk]` on the query heads `heads`
+    `[h]` (`q_h` `[B, h, Nq, D]` theirs): its output `[B, Nq, Hq, Dv]`, theirs `passed` `[B, Nq, h, Dv]` and their
+    LSE `[B, h, Nq]`, with the hidden keys' logits and values gathered here."""
+    B, h, Nq, D = q_h.shape
+    Nk, Dv = k.shape[2], v.shape[3]
+    group = output.shape[2] // k.shape[1]
     chosen = hidden.expand(B, h, Nk)
     count = max(1, int(chosen.sum(dim=-1).max()))  # one column at least, unseen when nothing is hidden
     keys = chosen.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :count]  # [B, h, S] hidden first
@@ -169,9 +179,9 @@ def _row_pass(q, k, v, heads, hidden, key_bias, attention_mask, scale, causal) -
     columns = keys[:, :, None, :].expand(B, h, Nq, count)  # [B, h, Nq, S]
     s = q_h.float() @ (k_s * scale).transpose(-1, -2)  # [B, h, Nq, S]
     if attention_mask is None:  # bottom-right causal, or every key: from the positions, no N x N mask
-        keep = columns <= torch.arange(Nq, device=q.device)[:, None] + (Nk - Nq) if causal else torch.ones_like(real)
+        keep = columns <= torch.arange(Nq, device=s.device)[:, None] + (Nk - Nq) if causal else torch.ones_like(real)
     else:
-        keep, additive = _mask_rows(attention_mask, 0, Nq, Nq, Nk, causal, q.device)  # [B|1, 1, Nq|1, Nk]
+        keep, additive = _mask_rows(attention_mask, 0, Nq, Nq, Nk, causal, s.device)  # [B|1, 1, Nq|1, Nk]
         keep = keep.expand(B, h, Nq, Nk).gather(-1, columns)
         if additive is not None:
             s += additive.expand(B, h, Nq, Nk).gather(-1, columns)
@@ -212,25 +222,27 @@ def _moved(rows: RowPass, source: torch.Tensor, p_move: torch.Tensor, gate: torc
     return o / total.masked_fill(total == 0, 1.0)[..., None]
 
 
-def _moved_from_sources(q, k, v, edit, heads, attention_mask, scale, causal, rows: RowPass | None) -> torch.Tensor:
+def moved_from_sources(q, k, v, edit, heads, attention_mask, scale, causal, rows: RowPass | None, row_pass=None):
     """`[B, Nq, Hq, Dv]`: the redistribution of `edit` (every key a source or a target) on the query heads `heads`,
     from `rows` where it covers them (a head whose sources its pass did not all hide takes a pass of its own), else
-    from an SDPA pass with the sources hidden; either way the moved rows are combined from a pass and the hidden
-    keys' columns (`_moved`), and the other heads take the pass's output."""
+    from a pass with the sources hidden; either way the moved rows are combined from a pass and the hidden keys'
+    columns (`_moved`), and the other heads take the pass's output. `row_pass`: what runs a pass (`_row_pass`'s
+    signature; default the SDPA one here)."""
+    row_pass = row_pass or _row_pass
     rd = edit.redistribute
     B, Hq, Nq, _ = q.shape
     group = Hq // k.shape[1]
     source = rd.source.expand(B, Hq, k.shape[2])
     if rows is None or edit.key_bias is not None or not bool(torch.isin(heads, rows.heads.cpu()).all()):
         hidden = rd.source if rd.source.shape[1] == 1 else rd.source[:, heads.to(rd.source.device)]  # [B, h|1, Nk]
-        rows = _row_pass(q, k, v, heads, hidden, edit.key_bias, attention_mask, scale, causal)
+        rows = row_pass(q, k, v, heads, hidden, edit.key_bias, attention_mask, scale, causal)
         passes = [rows]
     else:
         missed = (source[:, rows.heads] & ~rows.hidden).any(dim=-1).any(dim=0)  # [h]
         passes = [rows]
         if missed.any():
             again = rows.heads[missed]
-            own = _row_pass(q[:, again], k[:, again // group], v[:, again // group], torch.arange(again.numel()),
+            own = row_pass(q[:, again], k[:, again // group], v[:, again // group], torch.arange(again.numel()),
                             source[:, again], None, attention_mask, scale, causal)  # fmt: skip
             passes = [rows.of(~missed), replace(own, heads=again)]
     out = rows.output
@@ -469,7 +481,7 @@ def _column_stats_by_flash(q, k, attention_mask, scale, causal, query_mask, lse=
     """`column_stats` from two flash passes, no probabilities held: the first gives each row's LSE; in the second
     the keys ask the rows, `sum_i exp(scale q_i.k_j - lse_i)` being the LSE of key j's row of the transposed
     scores `[k_j, 1] . [scale q_i, -lse_i]` over the rows that see it. Without a mask, nothing N x N is built: a
-    row left out gets `-_HIDDEN` in that last entry, and reversing both sides makes the transposed causal
+    row left out gets `-HIDDEN` in that last entry, and reversing both sides makes the transposed causal
     pattern (key j seen by the rows at and after it) torch's own top-left causal one. `lse` `[B, Hq, Nq]`: the rows'
     LSE when already known (a `RowPass`), which saves the first pass."""
     B, Hq, Nq, _ = q.shape
@@ -488,7 +500,7 @@ def _column_stats_by_flash(q, k, attention_mask, scale, causal, query_mask, lse=
         else:
             counts = rows.sum(-1, dtype=torch.float32)[:, None].expand(B, Nk)
         counts = counts[:, None].expand(B, Hq, Nk)
-        answering = torch.cat([q * scale, (-lse).masked_fill(~rows[:, None], -_HIDDEN)[..., None].to(q.dtype)], -1)
+        answering = torch.cat([q * scale, (-lse).masked_fill(~rows[:, None], -HIDDEN)[..., None].to(q.dtype)], -1)
         answering = answering.flip(2)  # also the values, whose output is not used
         _, column_lse = _flash(asking.flip(2), answering, answering, None, causal, 1.0)
         column_lse = column_lse.flip(2)
@@ -512,7 +524,7 @@ def column_stats_and_rows(q, k, v, hidden, *, heads, attention_mask, scale, caus
     apply, and the statistics come the usual way)."""
     B, Hq, Nq, _ = q.shape
     kv = heads // (Hq // k.shape[1])
-    few = B * heads.numel() * Nq * int(hidden.sum(dim=-1).max()) <= _CHUNK_SCORES
+    few = B * heads.numel() * Nq * int(hidden.sum(dim=-1).max()) <= CHUNK_SCORES
     if q.device.type != "cpu" or _has_additive_part(attention_mask) or not few:
         stats = column_stats(q[:, heads], k[:, kv], attention_mask=attention_mask, scale=scale, causal=causal,
                              query_mask=query_mask, key_bias=None, sinks=None, softcap=None)  # fmt: skip
@@ -538,7 +550,7 @@ def _probability_rows(q, k, edit, attention_mask, scale, causal, sinks, softcap,
     Hkv, Nk = k.shape[1], k.shape[2]
     q_grouped = (q.float() * scale).view(B, Hkv, Hq // Hkv, Nq, D)
     k_t = k.float().transpose(-1, -2)  # [B, Hkv, D, Nk]
-    step = max(1, _CHUNK_SCORES // (B * Hq * Nk))
+    step = max(1, CHUNK_SCORES // (B * Hq * Nk))
     for r0 in range(0, Nq, step):
         r1 = min(Nq, r0 + step)
         rows = q_grouped[:, :, :, r0:r1].reshape(B, Hkv, -1, D)  # GQA: a KV head's query heads stacked as rows

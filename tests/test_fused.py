@@ -230,6 +230,57 @@ def test_column_statistics_match_the_reference(shape):
     assert torch.equal(counts, torch.full((2, hq, nk), float(nq)))  # every row sees every key
 
 
+class Launches:
+    """A kernel whose launches (`kernel[grid](...)`) are counted."""
+
+    def __init__(self, kernel):
+        self.kernel, self.count = kernel, 0
+
+    def __getitem__(self, grid):
+        self.count += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_calibrated_prompt_reads_the_keys_twice(padded, monkeypatch):
+    """ACT's prefill on the kernels: the column statistics' pass (every head, the likely sinks hidden on the calibrated
+    ones: K and V read once) and the column sums from its LSE (K once more) are all that is launched when the sinks
+    are among the hidden keys; the redistribution combines its rows from that pass and the sinks' columns, with no
+    statistics pass and no second forward. Statistics and output equal the reference's; a head with a source the
+    pass did not hide takes one pass of its own, and the output is still the reference's."""
+    from intervene.kernels import fused
+
+    nq, nk, hq, hkv, d = SHAPES["prefill"]
+    q, k, v, g = tensors(nq, nk, hq, hkv, d)
+    mask = padded_mask(2, nq, nk, [0, 3]) if padded else None
+    hidden = torch.zeros(2, nk, dtype=torch.bool)
+    hidden[0, 0], hidden[1, 3], hidden[:, 5], hidden[:, -2:] = True, True, True, True  # first real keys, key 5, last 2
+    heads = torch.tensor([1, 2, 3])  # the calibrated heads
+    launches = {name: Launches(getattr(fused, name)) for name in ("_forward", "_statistics", "_column_sums")}
+    for name, counted in launches.items():
+        monkeypatch.setattr(fused, name, counted)
+    geometry = {"attention_mask": mask, "scale": 0.3}
+    sums, counts, rows = kernels.column_stats_and_rows(q, k, v, hidden, heads=heads, backend="triton", **geometry)
+    expected_sums, expected_counts, _ = kernels.column_stats_and_rows(
+        q, k, v, hidden, heads=heads, backend="reference", **geometry
+    )
+    torch.testing.assert_close(sums, expected_sums, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(counts, expected_counts)
+    source = torch.zeros(2, hq, nk, dtype=torch.bool)
+    source[:, 1:] = hidden[:, None] & (torch.rand(2, 3, nk, generator=g) < 0.7)  # sinks among the hidden keys
+    source[:, 1:, 5] = True
+    p_move = torch.tensor([0.0, 0.3, 0.6, 1.0])
+    for missed in (False, True):
+        if missed:
+            source[:, 2, 8] = True  # head 2: a source the pass did not hide
+        edit = AttentionEdit(redistribute=Redistribute(source, ~source, p_move), head_scale=torch.full((1, hq), 1.5))
+        out = kernels.modified_attention(q, k, v, edit, rows=rows, backend="triton", **geometry)
+        expected = kernels.modified_attention(q, k, v, edit, backend="reference", **geometry)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        counted = {name: launches[name].count for name in launches}
+        assert counted == {"_forward": 2 if missed else 1, "_statistics": 0, "_column_sums": 1}, counted
+
+
 def test_a_model_gives_the_same_logits_through_either_backend(monkeypatch):
     import intervene
 
@@ -460,6 +511,16 @@ def test_every_edit_at_real_sizes_in_bf16_on_the_gpu(n, model):
     ref_sums, ref_counts = kernels.column_stats(q.float(), k.float(), backend="reference", **kwargs)
     assert (sums - ref_sums).norm() / ref_sums.norm() < 5e-3, model
     assert torch.equal(counts, ref_counts.expand_as(counts)), model
+    if "sinks" not in kwargs:  # ACT's prefill: the statistics' pass, reused by the redistribution (K read twice)
+        edit = gpu_edits(n, Hq, g, sinks=False)["redistribution (ACT)"]
+        hidden = edit.redistribute.source[:, 0]  # [B, Nk]: the sinks, as the guess of them
+        sums, _, rows = kernels.column_stats_and_rows(q, k, v, hidden, backend="triton", **kwargs)
+        assert rows is not None and (sums - ref_sums).norm() / ref_sums.norm() < 5e-3, model
+        ours = kernels.modified_attention(q, k, v, edit, rows=rows, backend="triton", **kwargs)[:, -ROWS:].float()
+        exact = kernels.modified_attention(
+            q[:, :, -ROWS:].float(), k.float(), v.float(), edit, backend="reference", **last(ROWS)
+        )
+        assert (ours - exact).norm() / exact.norm() < 5e-3, (model, "reusing the statistics' pass")
 
 
 MODELS = {  # a model's own attention around the edits: learned sinks (gpt-oss), soft-capping (Gemma-2), both

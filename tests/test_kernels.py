@@ -210,7 +210,7 @@ def test_row_chunking_does_not_change_results(monkeypatch):
     )
     whole, lse = kernels.modified_attention(q, k, v, edit, scale=0.3, return_lse=True)
     sums, counts = kernels.column_stats(q, k, scale=0.3)
-    monkeypatch.setattr(reference, "_CHUNK_SCORES", 2 * 4 * 33 * 5)  # 5 rows at a time
+    monkeypatch.setattr(reference, "CHUNK_SCORES", 2 * 4 * 33 * 5)  # 5 rows at a time
     chunked, chunked_lse = kernels.modified_attention(q, k, v, edit, scale=0.3, return_lse=True)
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(chunked_lse, lse, atol=1e-6, rtol=1e-6)
