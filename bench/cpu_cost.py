@@ -3,11 +3,14 @@
     python bench/cpu_cost.py                          # the default model, 300 tokens x 8 and 2k tokens x 1
     python bench/cpu_cost.py --lengths 300,1000,4000 --batch-sizes 8,1,1 --repeats 7
     python bench/cpu_cost.py --model smollm2-llava    # PAI and VAR: SmolLM2 behind a random CLIP, a photo a prompt
+    python bench/cpu_cost.py --task mmlu_dev          # also an eval task's scoring, in seconds per item
 
 For each prompt length, the variants run interleaved, round after round, on the same left-padded batch of real
 text; the first round warms up and is dropped. The table gives the median milliseconds of one forward and its
 ratio to the unwrapped model's median (machines are noisy: compare ratios, taken in one run). The shipped
-configs are those `intervene eval --method <m>` uses for the model.
+configs are those `intervene eval --method <m>` uses for the model. With `--task`, each variant also scores the
+built-in task's test items batch by batch as `intervene eval` batches them (longest first, 16 a batch), the variants
+interleaved on each batch after one batch of warm-up: seconds per item and their ratios.
 """
 
 from __future__ import annotations
@@ -69,13 +72,37 @@ def image_batch_of(processor, length: int, size: int) -> dict:
     return dict(image_batch(processor, texts))
 
 
+def task_cost(model, tokenizer, chosen: dict, task_name: str, batch_size: int = 16) -> dict[str, float]:
+    """Seconds per item of each variant scoring the task's test items, batch by batch, interleaved."""
+    from intervene.evals import scorers, tasks
+
+    task = tasks.resolve_task(task_name)
+    items = task.items("test")
+    order = sorted(items, key=lambda item: -len(item.query))  # as `intervene eval` batches them
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    seconds = dict.fromkeys(chosen, 0.0)
+    for number, batch in enumerate([batches[0], *batches]):  # the first round warms up
+        for name, variant in chosen.items():
+            handle = intervene.apply(model, variant[0], **variant[1]) if variant else None
+            began = time.perf_counter()
+            scorers.score(task, batch, model, tokenizer)
+            elapsed = time.perf_counter() - began
+            if handle:
+                handle.remove()
+            seconds[name] += elapsed if number else 0.0
+    return {name: spent / len(items) for name, spent in seconds.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--lengths", default="300,2000", help="prompt lengths in tokens")
     parser.add_argument("--batch-sizes", default="8,1", help="a batch size for each length")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--task", help="a built-in text task (e.g. mmlu_dev) whose scoring is timed too")
     args = parser.parse_args()
+    if args.task and args.model == "smollm2-llava":
+        parser.error("--task times a text model's scoring; smollm2-llava's variants need images")
 
     if args.model == "smollm2-llava":
         from overhead import smollm2_llava
@@ -85,8 +112,8 @@ def main() -> None:
     else:
         model, tokenizer = intervene.load_model(args.model, device="cpu")
         batch_of_length = lambda length, size: batch_of(tokenizer, length, size)
-    lengths = [int(n) for n in args.lengths.split(",")]
-    sizes = [int(n) for n in args.batch_sizes.split(",")]
+    lengths = [int(n) for n in args.lengths.split(",") if n]  # none: only --task
+    sizes = [int(n) for n in args.batch_sizes.split(",") if n]
     chosen = variants(args.model)
     print(f"model {args.model}, CPU, {torch.get_num_threads()} threads; median of {args.repeats} forwards\n")
     print("| tokens x batch | " + " | ".join(chosen) + " |")
@@ -110,6 +137,10 @@ def main() -> None:
                  for name in chosen]  # fmt: skip
         tokens = batch["attention_mask"].sum(-1)
         print(f"| {int(tokens.max())} x {size} (shortest {int(tokens.min())}) | " + " | ".join(cells) + " |")
+    if args.task:
+        per_item = task_cost(model, tokenizer, chosen, args.task)
+        cells = [f"{per_item[name]:.3f} s ({per_item[name] / per_item['unwrapped']:.2f}x)" for name in chosen]
+        print(f"| {args.task}, s/item | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
